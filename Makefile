@@ -1,0 +1,22 @@
+# Set-up and checks. Every target creates the virtual environment it needs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: test demo clean
+
+$(VENV)/.installed: setup.py requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+## test: create the venv, install the project with its test extras, run the whole suite
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+## demo: the main job on the sample model
+demo: $(VENV)/.installed
+	$(PY) samples/demo.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,194 @@
+"""Checkpoints: rmt-edge's own ``model.pt`` and import of the reference RMT code's state dicts.
+
+An rmt-edge checkpoint is a dict of plain values and tensors, nothing executable:
+``{"format": "rmt-edge/checkpoint", "version": 1, "config": <JSON text>, "state_dict": {...}}``.
+Every load goes through ``torch.load(weights_only=True)``, so a pickle that would run
+code is refused before any of it runs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from .config import RMTConfig
+from .errors import CheckpointError, ConfigError
+from .model import RMTBase, build_model
+
+CHECKPOINT_FORMAT = "rmt-edge/checkpoint"
+CHECKPOINT_VERSION = 1
+
+# Buffers older transformers releases saved in GPT-2 state dicts; they hold no weights
+# (the causal mask and a constant) and today's modules rebuild them.
+_LEGACY_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+# Buffers the reference encoder registers next to its backbone (ids, not weights).
+_REFERENCE_ENCODER_BUFFERS = ("mem_token_ids", "cls_token", "sep_token", "eos_token", "bos_token")
+
+
+def read_torch_file(path: str | os.PathLike) -> Any:
+    """``torch.load(weights_only=True)`` with every failure turned into a CheckpointError."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, expected a checkpoint file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
+        text = str(exc)
+        if "Weights only load failed" in text or "Unsupported global" in text or "UnpicklingError" in type(exc).__name__:
+            raise CheckpointError(
+                f"{path}: refused: the file holds pickled objects beyond tensors and plain values "
+                "(loading them could run code); expected a state dict or an rmt-edge checkpoint") from None
+        first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
+
+
+def save_checkpoint(model: RMTBase, path: str | os.PathLike) -> Path:
+    """Write ``model`` (config + weights) to ``path`` atomically; return the path."""
+    path = Path(path)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "config": json.dumps(model.config.to_dict(), sort_keys=True),
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> RMTBase:
+    """Rebuild the model saved by ``save_checkpoint`` from the file alone (eval mode)."""
+    payload = read_torch_file(path)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        if isinstance(payload, dict) and any(str(k).startswith(("memory_cell.", "model.")) for k in payload):
+            raise CheckpointError(
+                f"{path}: this is a state dict of the reference RMT code, not an rmt-edge checkpoint; "
+                "import it with its backbone config.json, num_mem_tokens and segment_size")
+        raise CheckpointError(f"{path}: not an rmt-edge checkpoint (expected a dict with "
+                              f"format={CHECKPOINT_FORMAT!r})")
+    version = payload.get("version")
+    if version != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {version!r} is not supported "
+                              f"(this rmt-edge reads version {CHECKPOINT_VERSION})")
+    try:
+        config = RMTConfig.from_dict(json.loads(payload["config"]))
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: checkpoint config is unreadable ({exc})") from None
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: checkpoint config is invalid: {exc}") from None
+    state_dict = payload.get("state_dict")
+    if not isinstance(state_dict, dict):
+        raise CheckpointError(f"{path}: checkpoint has no state_dict")
+    model = build_model(config)
+    _load_strict(model, state_dict, str(path))
+    return model
+
+
+def _load_strict(model: RMTBase, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """Load every weight, refusing missing, unexpected or mis-shaped keys by name."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mis_shaped = [f"{k} {tuple(state_dict[k].shape)} (expected {tuple(v.shape)})"
+                  for k, v in expected.items()
+                  if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    if mis_shaped:
+        problems.append(f"wrong shapes {mis_shaped[:5]}{' ...' if len(mis_shaped) > 5 else ''}")
+    if problems:
+        raise CheckpointError(f"{source}: state dict does not fit the {model.config.family} "
+                              f"{model.config.kind} RMT: " + "; ".join(problems))
+    model.load_state_dict(state_dict, strict=True)
+
+
+def import_reference_checkpoint(state_dict_path: str | os.PathLike,
+                                backbone_config_path: str | os.PathLike, *,
+                                num_mem_tokens: int, segment_size: int,
+                                kind: str = "decoder", **encoder_ids: int) -> RMTBase:
+    """Load a state dict saved by the reference RMT code.
+
+    Decoder: RecurrentWrapper keys ``memory_cell.memory`` and ``memory_cell.model.<backbone>``.
+    Encoder: RMTEncoderForSequenceClassification keys ``model.<backbone>`` (word embeddings
+    already widened by M memory rows), plus its id buffers, which are dropped.
+    ``backbone_config_path`` is the base model's config.json (e.g. GPT-2's).
+    ``encoder_ids``: cls_token_id, sep_token_id, pad_token_id for an encoder.
+    """
+    raw = read_torch_file(state_dict_path)
+    if isinstance(raw, dict) and raw.get("format") == CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{state_dict_path}: this is an rmt-edge checkpoint; load it directly")
+    if isinstance(raw, dict) and isinstance(raw.get("model_state_dict"), dict):
+        raw = raw["model_state_dict"]  # the reference trainer's wrapping
+    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+        raise CheckpointError(f"{state_dict_path}: expected a state dict (names -> tensors)")
+    backbone = _read_backbone_config(backbone_config_path)
+    try:
+        config = RMTConfig(kind=kind, backbone=backbone, num_mem_tokens=num_mem_tokens,
+                           segment_size=segment_size, **encoder_ids)
+    except (ConfigError, TypeError) as exc:
+        raise CheckpointError(f"{state_dict_path}: {exc}") from None
+    model = build_model(config)
+    state_dict = _reference_to_native(raw, kind, set(model.state_dict()))
+    _load_strict(model, state_dict, str(state_dict_path))
+    return model
+
+
+def _read_backbone_config(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: backbone config.json not found")
+    try:
+        backbone = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not a JSON backbone config ({exc})") from None
+    if not isinstance(backbone, dict) or "model_type" not in backbone:
+        raise CheckpointError(f"{path}: a backbone config.json needs a 'model_type' "
+                              "(as Hugging Face writes it)")
+    return backbone
+
+
+def _reference_to_native(raw: Mapping[str, torch.Tensor], kind: str,
+                         native_keys: set[str]) -> dict[str, torch.Tensor]:
+    """Rename reference keys to this package's; drop buffers that carry no weights."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in raw.items():
+        if kind == "decoder":
+            if key == "memory_cell.memory":
+                out["memory"] = value
+                continue
+            if not key.startswith("memory_cell.model."):
+                out[key] = value  # reported as unexpected by the strict load
+                continue
+            name = key[len("memory_cell."):]
+        else:
+            if key in _REFERENCE_ENCODER_BUFFERS:
+                continue
+            name = key
+        if name.endswith(_LEGACY_BUFFER_SUFFIXES) and name not in native_keys:
+            continue
+        out[name] = value
+    # A tied LM head may be saved under one name only.
+    if "model.lm_head.weight" in native_keys and "model.lm_head.weight" not in out:
+        for tied in ("model.transformer.wte.weight", "model.model.embed_tokens.weight",
+                     "model.gpt_neox.embed_in.weight"):
+            if tied in out and "model.lm_head.weight" not in out:
+                out["model.lm_head.weight"] = out[tied]
+    return out

@@ -1,0 +1,143 @@
+"""The RMT configuration: everything needed to rebuild a model from a checkpoint alone."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import ConfigError
+
+Kind = Literal["decoder", "encoder"]
+KINDS = ("decoder", "encoder")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+
+# Special tokens around an encoder segment: [CLS] mem.. [SEP] tokens.. [SEP].
+ENCODER_SPECIAL_SLOTS = 3
+
+
+@dataclass(frozen=True)
+class RMTConfig:
+    """Geometry of a Recurrent Memory Transformer around a Hugging Face backbone.
+
+    ``backbone`` is the backbone's config as a plain dict (``PretrainedConfig.to_dict()``,
+    including ``model_type``), so a checkpoint carries everything needed to rebuild it.
+    For an encoder, ``backbone['vocab_size']`` is the base vocabulary; the M memory token
+    ids ``vocab_size .. vocab_size + M - 1`` are added on top, as the reference code does.
+    """
+
+    kind: Kind
+    backbone: dict[str, Any]
+    num_mem_tokens: int
+    segment_size: int
+    attn_implementation: str = "sdpa"
+    # Encoder only: the ids that frame each segment ([CLS] mem [SEP] tokens [SEP] pad..).
+    cls_token_id: int | None = None
+    sep_token_id: int | None = None
+    pad_token_id: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.backbone, dict):
+            # Normalise through JSON (int dict keys become strings) so that a config equals
+            # itself after a checkpoint round trip.
+            object.__setattr__(self, "backbone", json.loads(json.dumps(self.backbone)))
+        self.validate()
+
+    # ---- derived geometry -------------------------------------------------------------
+    @property
+    def family(self) -> str:
+        """The backbone family, as Hugging Face names it (``gpt2``, ``llama``, ``bert``...)."""
+        return str(self.backbone["model_type"])
+
+    @property
+    def hidden_size(self) -> int:
+        """D: the width of every memory token."""
+        for key in ("hidden_size", "n_embd", "d_model"):
+            if key in self.backbone and self.backbone[key] is not None:
+                return int(self.backbone[key])
+        raise ConfigError(f"backbone config of family {self.family!r} names no hidden size "
+                          "(expected one of hidden_size, n_embd, d_model)")
+
+    @property
+    def vocab_size(self) -> int:
+        """The vocabulary that user token ids must fall in (without memory token ids)."""
+        return int(self.backbone["vocab_size"])
+
+    @property
+    def max_positions(self) -> int | None:
+        """The backbone's position table size, or None where it declares none."""
+        for key in ("n_positions", "max_position_embeddings"):
+            if self.backbone.get(key) is not None:
+                return int(self.backbone[key])
+        return None
+
+    @property
+    def positions_needed(self) -> int:
+        """Positions one full segment occupies in the backbone, memory slots included."""
+        if self.kind == "decoder":
+            return self.segment_size + 2 * self.num_mem_tokens
+        return self.segment_size + self.num_mem_tokens + ENCODER_SPECIAL_SLOTS
+
+    @property
+    def num_labels(self) -> int:
+        """Encoder only: the classifier's number of classes."""
+        if "num_labels" in self.backbone:
+            return int(self.backbone["num_labels"])
+        return len(self.backbone.get("id2label") or {0: 0, 1: 1})
+
+    # ---- checks ------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ConfigError naming the first field that cannot build a model."""
+        if self.kind not in KINDS:
+            raise ConfigError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if not isinstance(self.backbone, dict) or "model_type" not in self.backbone:
+            raise ConfigError("backbone must be a Hugging Face config dict with a 'model_type' key")
+        if not isinstance(self.num_mem_tokens, int) or self.num_mem_tokens < 1:
+            raise ConfigError(f"num_mem_tokens must be an integer >= 1, got {self.num_mem_tokens!r}")
+        if not isinstance(self.segment_size, int) or self.segment_size < 1:
+            raise ConfigError(f"segment_size must be an integer >= 1, got {self.segment_size!r}")
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ConfigError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, "
+                              f"got {self.attn_implementation!r}")
+        if self.kind == "encoder":
+            missing = [name for name in ("cls_token_id", "sep_token_id", "pad_token_id")
+                       if getattr(self, name) is None]
+            if missing:
+                raise ConfigError(f"an encoder RMT needs {', '.join(missing)} "
+                                  "(the ids framing each segment: [CLS] mem [SEP] tokens [SEP] pad)")
+        self.hidden_size  # noqa: B018 - raises when the backbone names no width
+        limit = self.max_positions
+        if limit is not None and self.positions_needed > limit:
+            if self.kind == "decoder":
+                layout = f"segment_size {self.segment_size} + 2 x {self.num_mem_tokens} memory tokens"
+            else:
+                layout = (f"segment_size {self.segment_size} + {self.num_mem_tokens} memory tokens "
+                          f"+ {ENCODER_SPECIAL_SLOTS} special tokens")
+            raise ConfigError(f"{layout} = {self.positions_needed} positions, but the {self.family} "
+                              f"backbone has only {limit}; use a smaller segment_size "
+                              f"(at most {self.segment_size - (self.positions_needed - limit)})")
+
+    # ---- serialisation -----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict; ``from_dict`` rebuilds the same config."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RMTConfig":
+        """Rebuild a config from ``to_dict``'s output; unknown keys are an error."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"an RMT config must be a dict, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown RMT config field(s) {unknown}; expected only {sorted(known)}")
+        missing = sorted(name for name in ("kind", "backbone", "num_mem_tokens", "segment_size")
+                         if name not in data)
+        if missing:
+            raise ConfigError(f"RMT config is missing field(s) {missing}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> "RMTConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)

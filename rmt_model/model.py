@@ -1,0 +1,247 @@
+"""The Recurrent Memory Transformer: a memory cell around a Hugging Face backbone.
+
+``step`` runs ONE segment (token ids + memory in, logits + new memory out); it is the
+function export/ traces, so it holds no Python branching on tensor values and takes no
+cache objects. ``forward`` is the segment loop over a long input: the reference for every
+parity test and the training loop. Semantics follow the authors' MemoryCell /
+RecurrentWrapper (decoder) and RMTEncoderForSequenceClassification (encoder); see
+docs/RMT_SEMANTICS.md for the two deliberate, documented refinements (explicit positions
+for padded rows; rows without tokens keep their memory).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .backbone import build_backbone
+from .config import RMTConfig
+from .errors import ConfigError
+
+
+@dataclass
+class RMTOutput:
+    """What the segment loop returns.
+
+    logits: decoder [B, T, vocab] (every input position); encoder [B, labels] (last segment).
+    memory: the memory after the last segment, [B, M, D].
+    loss: the training loss when labels were given.
+    """
+
+    logits: torch.Tensor
+    memory: torch.Tensor
+    loss: torch.Tensor | None = None
+
+
+def _check_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+    if attention_mask is None:
+        return torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must equal "
+                         f"input_ids shape {tuple(input_ids.shape)}")
+    return attention_mask
+
+
+class RMTBase(nn.Module):
+    """What both kinds share: config, backbone, the segment loop's bookkeeping."""
+
+    config: RMTConfig
+
+    def __init__(self, config: RMTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.num_mem_tokens = config.num_mem_tokens
+        self.segment_size = config.segment_size
+
+    def initial_memory(self, batch_size: int) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+             memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    @staticmethod
+    def _keep_memory_of_empty_rows(attention_mask: torch.Tensor, memory: torch.Tensor,
+                                   new_memory: torch.Tensor) -> torch.Tensor:
+        """A row with no tokens in this segment (its input ended) keeps its memory."""
+        has_tokens = attention_mask.sum(dim=1, keepdim=True).unsqueeze(-1) > 0  # [B, 1, 1]
+        return torch.where(has_tokens, new_memory, memory)
+
+    @staticmethod
+    def _detach_every(memory: torch.Tensor, segment_index: int, bptt_depth: int | None) -> torch.Tensor:
+        """Truncated backprop through time: cut the graph after every ``bptt_depth`` segments."""
+        if bptt_depth is not None and (segment_index + 1) % bptt_depth == 0:
+            return memory.detach()
+        return memory
+
+
+class RMTDecoder(RMTBase):
+    """Decoder RMT over any causal LM that accepts ``inputs_embeds``.
+
+    Each segment's input is ``[mem, embed(tokens), mem]``; new memory is the final
+    (post final norm) hidden state at the M write slots; logits are sliced to the tokens.
+    """
+
+    def __init__(self, config: RMTConfig) -> None:
+        if config.kind != "decoder":
+            raise ConfigError(f"RMTDecoder needs kind='decoder', got {config.kind!r}")
+        super().__init__(config)
+        self.model = build_backbone(config)
+        embeddings = self.model.get_input_embeddings()
+        std = embeddings.weight.detach().std()
+        # As the reference: randn * std(word embeddings).
+        self.memory = nn.Parameter(torch.randn(config.num_mem_tokens, config.hidden_size) * std)
+
+    def initial_memory(self, batch_size: int) -> torch.Tensor:
+        """The learned initial memory repeated over the batch: [B, M, D]."""
+        return self.memory.unsqueeze(0).expand(batch_size, -1, -1)
+
+    def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+             memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One segment: ids [B, L], mask [B, L], memory [B, M, D] -> logits [B, L, V], memory."""
+        m = self.num_mem_tokens
+        token_embeds = self.model.get_input_embeddings()(input_ids)           # [B, L, D]
+        memory = memory.to(token_embeds.dtype)
+        inputs_embeds = torch.cat([memory, token_embeds, memory], dim=1)      # [B, 2M+L, D]
+        ones = torch.ones(input_ids.shape[0], m, dtype=attention_mask.dtype, device=input_ids.device)
+        full_mask = torch.cat([ones, attention_mask, ones], dim=1)            # [B, 2M+L]
+        # Positions as the row would get alone: write slots right after its last real
+        # token. Without padding this is 0..2M+L-1, the backbone's own default.
+        position_ids = (full_mask.cumsum(dim=1) - 1).clamp(min=0)
+        out = self.model(inputs_embeds=inputs_embeds, attention_mask=full_mask,
+                         position_ids=position_ids, output_hidden_states=True, use_cache=False)
+        new_memory = out.hidden_states[-1][:, -m:]                            # [B, M, D]
+        logits = out.logits[:, m:-m]                                          # [B, L, V]
+        new_memory = self._keep_memory_of_empty_rows(attention_mask, memory, new_memory)
+        return logits, new_memory
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                memory: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                bptt_depth: int | None = None) -> RMTOutput:
+        """The segment loop over [B, T] right-padded input, in left-aligned segments.
+
+        labels: [B, T] next-token targets as the reference takes them (shifted inside);
+        positions whose attention_mask is 0, or label -100, do not count.
+        bptt_depth: detach memory every k segments (None: backprop through all).
+        """
+        attention_mask = _check_ids(input_ids, attention_mask)
+        if memory is None:
+            memory = self.initial_memory(input_ids.shape[0])
+        all_logits = []
+        for index, start in enumerate(range(0, input_ids.shape[1], self.segment_size)):
+            end = start + self.segment_size
+            logits, memory = self.step(input_ids[:, start:end], attention_mask[:, start:end], memory)
+            all_logits.append(logits)
+            memory = self._detach_every(memory, index, bptt_depth)
+        logits = torch.cat(all_logits, dim=1)
+        loss = None
+        if labels is not None:
+            targets = labels[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                   targets.reshape(-1), ignore_index=-100)
+        return RMTOutput(logits=logits, memory=memory, loss=loss)
+
+
+class RMTEncoder(RMTBase):
+    """Encoder RMT for sequence classification over BERT-style backbones.
+
+    Each segment is ``[CLS] mem_1..mem_M [SEP] tokens [SEP] pad..``; memory token ids
+    are ``vocab .. vocab+M-1`` and from the second segment on their embeddings are
+    replaced by the previous segment's last hidden states at positions 1..M. The
+    classifier reads the last segment's [CLS]. Samples of a batch end together.
+    """
+
+    def __init__(self, config: RMTConfig) -> None:
+        if config.kind != "encoder":
+            raise ConfigError(f"RMTEncoder needs kind='encoder', got {config.kind!r}")
+        super().__init__(config)
+        self.model = build_backbone(config, vocab_size=config.vocab_size + config.num_mem_tokens)
+        self.register_buffer(
+            "mem_token_ids",
+            torch.arange(config.vocab_size, config.vocab_size + config.num_mem_tokens),
+            persistent=False)
+
+    def initial_memory(self, batch_size: int) -> torch.Tensor:
+        """The memory tokens' word embeddings repeated over the batch: [B, M, D]."""
+        memory = self.model.get_input_embeddings()(self.mem_token_ids)
+        return memory.unsqueeze(0).expand(batch_size, -1, -1)
+
+    def _frame(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ids and mask of ``[CLS] mem [SEP] tokens [SEP] pad..`` per row: [B, M+3+L]."""
+        cfg, m = self.config, self.num_mem_tokens
+        batch, length = input_ids.shape
+        column = torch.ones(batch, 1, dtype=input_ids.dtype, device=input_ids.device)
+        mem_ids = self.mem_token_ids.to(input_ids.dtype).unsqueeze(0).expand(batch, -1)
+        tokens = torch.where(attention_mask > 0, input_ids, torch.full_like(input_ids, cfg.pad_token_id))
+        ids = torch.cat([column * cfg.cls_token_id, mem_ids, column * cfg.sep_token_id, tokens,
+                         column * cfg.pad_token_id], dim=1)
+        positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)     # [1, M+3+L]
+        closing_sep = (m + 2 + attention_mask.sum(dim=1, keepdim=True)).to(positions.dtype)
+        ids = torch.where(positions == closing_sep, torch.full_like(ids, cfg.sep_token_id), ids)
+        mask = (positions <= closing_sep).to(attention_mask.dtype)
+        return ids, mask
+
+    def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+             memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One segment: ids [B, L], mask [B, L], memory [B, M, D] -> logits [B, labels], memory."""
+        m = self.num_mem_tokens
+        ids, mask = self._frame(input_ids, attention_mask)
+        embeds = self.model.get_input_embeddings()(ids)                            # [B, M+3+L, D]
+        memory = memory.to(embeds.dtype)
+        inputs_embeds = torch.cat([embeds[:, :1], memory, embeds[:, m + 1:]], dim=1)
+        out = self.model(inputs_embeds=inputs_embeds, attention_mask=mask,
+                         token_type_ids=torch.zeros_like(ids), output_hidden_states=True)
+        new_memory = out.hidden_states[-1][:, 1:m + 1]                             # [B, M, D]
+        new_memory = self._keep_memory_of_empty_rows(attention_mask, memory, new_memory)
+        return out.logits, new_memory
+
+    def segments(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Right-aligned segments of each row (the first may be short), rows ending together."""
+        lengths = attention_mask.sum(dim=1).tolist()
+        if min(lengths) < 1:
+            raise ValueError("every row of an encoder input needs at least one token")
+        size = self.segment_size
+        counts = [-(-n // size) for n in lengths]
+        total = max(counts)
+        out = []
+        for index in range(total):
+            ids = torch.zeros(len(lengths), size, dtype=input_ids.dtype)
+            mask = torch.zeros(len(lengths), size, dtype=attention_mask.dtype)
+            for row, (n, count) in enumerate(zip(lengths, counts)):
+                own = index - (total - count)         # this row's own segment number
+                if own < 0:
+                    continue
+                tokens = input_ids[row, attention_mask[row] > 0]
+                end = n - (count - 1 - own) * size
+                start = max(0, end - size)
+                ids[row, :end - start] = tokens[start:end]
+                mask[row, :end - start] = 1
+            width = int(mask.sum(dim=1).max())
+            out.append((ids[:, :width].to(input_ids.device), mask[:, :width].to(input_ids.device)))
+        return out
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                memory: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                bptt_depth: int | None = None) -> RMTOutput:
+        """The segment loop: classify [B, T] right-padded token ids (no special tokens)."""
+        attention_mask = _check_ids(input_ids, attention_mask)
+        if memory is None:
+            memory = self.initial_memory(input_ids.shape[0])
+        logits = None
+        for index, (ids, mask) in enumerate(self.segments(input_ids, attention_mask)):
+            logits, memory = self.step(ids, mask, memory)
+            memory = self._detach_every(memory, index, bptt_depth)
+        loss = None if labels is None else F.cross_entropy(logits.float(), labels)
+        return RMTOutput(logits=logits, memory=memory, loss=loss)
+
+
+def build_model(config: RMTConfig) -> RMTBase:
+    """A randomly initialised RMT of ``config.kind``, in eval mode."""
+    model_class = RMTDecoder if config.kind == "decoder" else RMTEncoder
+    return model_class(config).eval()

@@ -1,0 +1,34 @@
+"""One distribution, rmt-edge, holding three import packages.
+
+The folders rmt_model/, export/ and runtime/ install as ``rmt_model``, ``rmt_export`` and
+``rmt_runtime`` so that no generic top-level name (``runtime``, ``export``) lands in
+site-packages. The runtime needs only numpy (and click for its CLI); torch and the
+export stack are the ``export`` extra.
+"""
+from setuptools import setup
+
+EXPORT = [
+    "torch>=2.6",  # dev/test requirements pin the CPU build: see requirements-dev.txt
+    "transformers>=5.0,<6",
+    "onnx>=1.18",
+    "onnxscript>=0.5",
+    "onnxruntime>=1.22",
+]
+
+setup(
+    name="rmt-edge",
+    version="0.1.0",
+    description="Export Recurrent Memory Transformers to ONNX/TensorRT and run them segment by segment",
+    python_requires=">=3.10",
+    packages=["rmt_model", "rmt_export", "rmt_runtime"],
+    package_dir={"rmt_model": "rmt_model", "rmt_export": "export", "rmt_runtime": "runtime"},
+    install_requires=["numpy>=1.24", "click>=8.1"],
+    extras_require={
+        "export": EXPORT,
+        "ort": ["onnxruntime>=1.22"],
+        "gpu": ["onnxruntime-gpu>=1.22"],
+        "trt": ["tensorrt>=10.3", "cuda-python>=12.6"],
+        "dev": ["pytest>=8", "hypothesis>=6.100"],
+    },
+    entry_points={"console_scripts": []},
+)

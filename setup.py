@@ -30,5 +30,7 @@ setup(
         "trt": ["tensorrt>=10.3", "cuda-python>=12.6"],
         "dev": ["pytest>=8", "hypothesis>=6.100"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": [
+        "rmt-export=rmt_export.cli:main",
+    ]},
 )

@@ -100,9 +100,16 @@ class RMTDecoder(RMTBase):
         """The learned initial memory repeated over the batch: [B, M, D]."""
         return self.memory.unsqueeze(0).expand(batch_size, -1, -1)
 
-    def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-             memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One segment: ids [B, L], mask [B, L], memory [B, M, D] -> logits [B, L, V], memory."""
+    def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, memory: torch.Tensor,
+             logits: str = "all") -> tuple[torch.Tensor, torch.Tensor]:
+        """One segment: ids [B, L], mask [B, L], memory [B, M, D] -> (logits, new memory [B, M, D]).
+
+        logits="all": [B, L, V], every segment position (the reference's ``logits[:, M:-M]``).
+        logits="last": [B, V], only at each row's last real token; the LM head runs on one
+        position per row instead of all (what reading long context needs).
+        """
+        if logits not in ("all", "last"):
+            raise ValueError(f"logits must be 'all' or 'last', got {logits!r}")
         m = self.num_mem_tokens
         token_embeds = self.model.get_input_embeddings()(input_ids)           # [B, L, D]
         memory = memory.to(token_embeds.dtype)
@@ -112,12 +119,17 @@ class RMTDecoder(RMTBase):
         # Positions as the row would get alone: write slots right after its last real
         # token. Without padding this is 0..2M+L-1, the backbone's own default.
         position_ids = (full_mask.cumsum(dim=1) - 1).clamp(min=0)
+        extra = {"logits_to_keep": 1} if logits == "last" else {}
         out = self.model(inputs_embeds=inputs_embeds, attention_mask=full_mask,
-                         position_ids=position_ids, output_hidden_states=True, use_cache=False)
-        new_memory = out.hidden_states[-1][:, -m:]                            # [B, M, D]
-        logits = out.logits[:, m:-m]                                          # [B, L, V]
-        new_memory = self._keep_memory_of_empty_rows(attention_mask, memory, new_memory)
-        return logits, new_memory
+                         position_ids=position_ids, output_hidden_states=True, use_cache=False, **extra)
+        final_hidden = out.hidden_states[-1]                                  # [B, 2M+L, D], post final norm
+        new_memory = self._keep_memory_of_empty_rows(attention_mask, memory, final_hidden[:, -m:])
+        if logits == "all":
+            return out.logits[:, m:-m], new_memory                           # [B, L, V]
+        last = (m + attention_mask.sum(dim=1) - 1).clamp(min=0)               # [B]
+        index = last.view(-1, 1, 1).expand(-1, 1, final_hidden.shape[-1])
+        last_hidden = final_hidden.gather(1, index).squeeze(1)                # [B, D]
+        return self.model.get_output_embeddings()(last_hidden), new_memory   # [B, V]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 memory: torch.Tensor | None = None, labels: torch.Tensor | None = None,

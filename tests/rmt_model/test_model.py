@@ -175,3 +175,19 @@ def test_training_loss_decreases(make_model):
         optimiser.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] * 0.9
+
+
+@pytest.mark.parametrize("family", DECODER_FAMILIES)
+def test_last_logits_equal_full_logits_at_each_rows_last_token(make_model, family):
+    model = make_model(family, segment_size=8)
+    ids = random_ids(model, 3, 8)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    mask[2, 1:] = 0
+    memory = model.initial_memory(3)
+    with torch.no_grad():
+        full, memory_full = model.step(ids, mask, memory)
+        last, memory_last = model.step(ids, mask, memory, logits="last")
+    expected = torch.stack([full[0, 7], full[1, 4], full[2, 0]])
+    torch.testing.assert_close(last, expected, rtol=0, atol=1e-6)
+    assert torch.equal(memory_full, memory_last)

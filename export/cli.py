@@ -1,0 +1,108 @@
+"""``rmt-export``: a thin click layer over ``rmt_export.exporter.export_bundle``."""
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from rmt_runtime.bundle import BundleError
+
+from .errors import ExportError
+
+
+def _fail(message: str, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({"ok": False, "error": message}))
+    raise click.ClickException(message)
+
+
+def _run_guarded(verbose: bool, as_json: bool, work):
+    """Library errors become one clear line (exit 1); others too, with the traceback on --verbose."""
+    try:
+        return work()
+    except (ExportError, BundleError) as exc:
+        if verbose:
+            traceback.print_exc()
+        _fail(str(exc), as_json)
+    except KeyboardInterrupt:
+        click.echo("interrupted: nothing was written", err=True)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence for the CLI
+        if verbose:
+            traceback.print_exc()
+        _fail(f"unexpected {type(exc).__name__}: {exc} (rerun with --verbose for the traceback)", as_json)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--ckpt", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="rmt-edge checkpoint (model.pt), or a reference RMT state dict with --backbone-config.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Bundle directory to write [default: <ckpt name>-<precision> beside the checkpoint].")
+@click.option("--fp16", is_flag=True, help="fp16 weights and compute inside the graphs; memory I/O stays float32.")
+@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (18..20).")
+@click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
+@click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime vs PyTorch validation (not recommended).")
+@click.option("--segments", type=click.IntRange(min=2), default=32, show_default=True,
+              help="Chained segments the validation runs.")
+@click.option("--tokenizer", "tokenizer_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=None, help="Directory of tokenizer files to ship in the bundle.")
+@click.option("--backbone-config", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Reference checkpoints: the backbone's config.json (e.g. GPT-2's).")
+@click.option("--num-mem-tokens", type=click.IntRange(min=1), default=None, help="Reference checkpoints: M.")
+@click.option("--segment-size", type=click.IntRange(min=1), default=None,
+              help="Reference checkpoints: tokens per segment.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable result on stdout.")
+@click.option("--verbose", is_flag=True, help="Show tracebacks.")
+def main(ckpt, out, fp16, opset, force, no_validate, segments, tokenizer_dir, backbone_config,
+         num_mem_tokens, segment_size, as_json, verbose):
+    """Export an RMT checkpoint to a validated bundle holding single-segment ONNX graphs.
+
+    \b
+    Examples:
+      rmt-export --ckpt model.pt
+      rmt-export --ckpt model.pt --fp16 --out bundles/model-fp16 --force
+      rmt-export --ckpt rmt_gpt2.bin --backbone-config gpt2/config.json \\
+                 --num-mem-tokens 16 --segment-size 512
+
+    The bundle holds step.onnx (ids + memory -> logits + new memory), ingest.onnx (the
+    same without per-token logits), memory_init.npy and manifest.json (geometry, I/O
+    spec, hashes, and the validation report). Validation runs ONNX Runtime CPU against
+    PyTorch over chained segments and fails the export on any miss.
+    """
+    from .exporter import ExportOptions, ReferenceLayout, export_bundle
+    from .validate import ValidationPlan, summary_lines
+
+    precision = "fp16" if fp16 else "fp32"
+    layout_given = [backbone_config is not None, num_mem_tokens is not None, segment_size is not None]
+    if any(layout_given) and not all(layout_given):
+        _fail("--backbone-config, --num-mem-tokens and --segment-size go together (reference checkpoints)",
+              as_json)
+    reference = ReferenceLayout(backbone_config, num_mem_tokens, segment_size) if all(layout_given) else None
+    if out is None:
+        out = ckpt.with_name(f"{ckpt.stem}-{precision}")
+    options = ExportOptions(precision=precision, opset=opset, validate=not no_validate, force=force,
+                            plan=ValidationPlan(segments=segments), tokenizer_dir=tokenizer_dir)
+
+    def progress(stage: str, detail: str) -> None:
+        click.echo(f"[{stage}] {detail}", err=True)
+
+    result = _run_guarded(verbose, as_json, lambda: export_bundle(ckpt, out, options, reference, progress))
+    report = result.manifest["validation"]
+    if as_json:
+        click.echo(json.dumps({
+            "ok": True, "bundle": str(result.path), "precision": precision, "seconds": result.seconds,
+            "files": result.manifest["files"], "validated": report is not None,
+            "validation": None if report is None else {
+                name: {"worst": g["worst"], "argmax_agreement": g.get("argmax_agreement")}
+                for name, g in report["graphs"].items()},
+        }, indent=2))
+        return
+    if report is not None:
+        for line in summary_lines(report):
+            click.echo(f"  {line}", err=True)
+    else:
+        click.echo("  validation skipped (--no-validate)", err=True)
+    click.echo(str(result.path))

@@ -1,0 +1,252 @@
+"""Checkpoint -> validated, self-describing bundle, written atomically.
+
+Stages: load (checkpoint), trace (every graph of the step spec to ONNX), validate
+(ONNX Runtime CPU vs PyTorch over many chained segments), save (memory_init.npy,
+tokenizer files, manifest.json with hashes and the validation report). Everything is
+written into a hidden sibling directory that is renamed into place only when complete,
+so an interrupted or failed export leaves nothing that looks like a bundle.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from rmt_model import CheckpointError, ConfigError, RMTBase, import_reference_checkpoint, load_checkpoint
+from rmt_runtime.bundle import MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, MEMORY_INIT_NAME, PRECISIONS, write_manifest
+from rmt_runtime.spec import SPEC_VERSION, step_specs
+
+from .errors import ExportError, ValidationError
+from .graphs import DEFAULT_OPSET, SUPPORTED_OPSETS, export_graph, model_in_precision
+from .validate import ValidationPlan, validate_graphs
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model")
+
+Progress = Callable[[str, str], None]
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How to export: precision, opset, validation, overwrite, tokenizer to ship."""
+
+    precision: str = "fp32"
+    opset: int = DEFAULT_OPSET
+    validate: bool = True
+    force: bool = False
+    plan: ValidationPlan = field(default_factory=ValidationPlan)
+    tokenizer_dir: Path | None = None
+
+    def check(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ExportError(f"precision {self.precision!r} is not supported (expected one of {PRECISIONS})")
+        if self.opset not in SUPPORTED_OPSETS:
+            raise ExportError(f"opset {self.opset} is not supported: use {SUPPORTED_OPSETS.start}.."
+                              f"{SUPPORTED_OPSETS.stop - 1} (dynamo writes invalid graphs below 18; "
+                              "TensorRT 10 parses up to 20)")
+        if self.tokenizer_dir is not None:
+            if not Path(self.tokenizer_dir).is_dir():
+                raise ExportError(f"tokenizer directory {self.tokenizer_dir} does not exist")
+            if not any((Path(self.tokenizer_dir) / name).is_file() for name in TOKENIZER_FILES):
+                raise ExportError(f"{self.tokenizer_dir} holds no tokenizer files (expected one of {TOKENIZER_FILES})")
+
+
+@dataclass(frozen=True)
+class ReferenceLayout:
+    """What a state dict of the reference RMT code needs besides its weights."""
+
+    backbone_config: Path
+    num_mem_tokens: int
+    segment_size: int
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    manifest: dict[str, Any]
+    seconds: dict[str, float]
+
+
+def _producer() -> dict[str, str]:
+    from importlib import metadata
+
+    versions = {}
+    for name in ("rmt-edge", "torch", "transformers", "onnx", "onnxruntime", "onnxscript"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def check_destination(out: Path, force: bool) -> None:
+    """Refuse before any work: an existing --out without force, a file, or a non-bundle."""
+    if out.exists():
+        if not out.is_dir():
+            raise ExportError(f"--out {out} is an existing file; expected a directory path for the bundle")
+        if not force:
+            raise ExportError(f"--out {out} already exists; pass --force to replace it")
+        if any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+            raise ExportError(f"--out {out} exists and is not a bundle (no {MANIFEST_NAME}); "
+                              "refusing to replace it even with --force")
+    parent = out.parent if str(out.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise ExportError(f"--out {out}: {parent} is not a directory")
+
+
+def load_model(ckpt: str | os.PathLike, reference: ReferenceLayout | None = None) -> RMTBase:
+    """The model to export: an rmt-edge checkpoint, or a reference state dict + its layout."""
+    try:
+        if reference is None:
+            return load_checkpoint(ckpt)
+        return import_reference_checkpoint(ckpt, reference.backbone_config,
+                                           num_mem_tokens=reference.num_mem_tokens,
+                                           segment_size=reference.segment_size)
+    except CheckpointError as exc:
+        message = str(exc)
+        if "reference RMT code" in message:
+            message += " (rmt-export: pass --backbone-config, --num-mem-tokens and --segment-size)"
+        raise ExportError(message) from None
+    except ConfigError as exc:
+        raise ExportError(f"{ckpt}: {exc}") from None
+
+
+def export_bundle(ckpt: str | os.PathLike, out: str | os.PathLike, options: ExportOptions = ExportOptions(),
+                  reference: ReferenceLayout | None = None, progress: Progress | None = None) -> ExportResult:
+    """Load ``ckpt`` and export it to the bundle directory ``out`` (see ``export_model``)."""
+    options.check()
+    out = Path(out)
+    check_destination(out, options.force)
+    if not Path(ckpt).is_file():
+        raise ExportError(f"--ckpt {ckpt}: no such file")
+    started = time.perf_counter()
+    model = load_model(ckpt, reference)
+    seconds = {"load": time.perf_counter() - started}
+    if progress:
+        progress("load", f"{model.config.family} {model.config.kind} RMT, M={model.config.num_mem_tokens}, "
+                         f"segment {model.config.segment_size} ({seconds['load']:.1f}s)")
+    result = export_model(model, out, options, progress)
+    result.seconds = {**seconds, **result.seconds}
+    return result
+
+
+def export_model(model: RMTBase, out: str | os.PathLike, options: ExportOptions = ExportOptions(),
+                 progress: Progress | None = None) -> ExportResult:
+    """Trace, validate and write the bundle for ``model``; atomic: all of it or nothing."""
+    options.check()
+    out = Path(out)
+    check_destination(out, options.force)
+    config = model.config
+    model = model.eval()
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+    except OSError as exc:
+        raise ExportError(f"--out {out}: cannot write into {parent} ({exc.strerror})") from None
+    seconds: dict[str, float] = {}
+    try:
+        specs = step_specs(config.kind, config.num_mem_tokens, config.hidden_size, config.vocab_size,
+                           config.num_labels if config.kind == "encoder" else None)
+        metadata = {f"rmt.{k}": str(v) for k, v in dict(
+            kind=config.kind, family=config.family, num_mem_tokens=config.num_mem_tokens,
+            segment_size=config.segment_size, hidden_size=config.hidden_size,
+            vocab_size=config.vocab_size, precision=options.precision).items()}
+        started = time.perf_counter()
+        traced = model_in_precision(model, options.precision)
+        graphs = {}
+        for name, spec in specs.items():
+            path = staging / f"{name}.onnx"
+            export_graph(traced, spec, options.precision, options.opset, path, metadata)
+            graphs[name] = (path, spec)
+        del traced
+        seconds["trace"] = time.perf_counter() - started
+        if progress:
+            progress("trace", f"{', '.join(f'{n}.onnx' for n in graphs)} ({seconds['trace']:.1f}s)")
+
+        report = None
+        if options.validate:
+            started = time.perf_counter()
+            report = validate_graphs(model, graphs, options.precision, options.plan)
+            seconds["validate"] = time.perf_counter() - started
+            if progress:
+                progress("validate", f"{options.plan.segments} chained segments, batch {options.plan.batch}: "
+                                     f"passed ({seconds['validate']:.1f}s)")
+
+        started = time.perf_counter()
+        memory_init = model.initial_memory(1)[0].detach().float().numpy()
+        np.save(staging / MEMORY_INIT_NAME, memory_init)
+        files = [MEMORY_INIT_NAME]
+        for name, (path, _) in graphs.items():
+            files.append(path.name)
+            if (staging / f"{path.name}.data").exists():
+                files.append(f"{path.name}.data")
+        tokenizer = None
+        if options.tokenizer_dir is not None:
+            tokenizer = []
+            for name in TOKENIZER_FILES:
+                source = Path(options.tokenizer_dir) / name
+                if source.is_file():
+                    shutil.copyfile(source, staging / name)
+                    tokenizer.append(name)
+            files += tokenizer
+        manifest: dict[str, Any] = {
+            "schema_version": MANIFEST_SCHEMA_VERSION, "spec_version": SPEC_VERSION,
+            "kind": config.kind, "family": config.family, "num_mem_tokens": config.num_mem_tokens,
+            "segment_size": config.segment_size, "hidden_size": config.hidden_size,
+            "vocab_size": config.vocab_size, "precision": options.precision, "opset": options.opset,
+            "graphs": {name: {"file": path.name, "spec": spec.to_dict()} for name, (path, spec) in graphs.items()},
+            "memory_init": MEMORY_INIT_NAME, "files": {name: "" for name in files},
+            "producer": _producer(), "validation": report, "tokenizer": tokenizer,
+            "rmt_config": config.to_dict(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        if config.kind == "encoder":
+            manifest["num_labels"] = config.num_labels
+            manifest["encoder_ids"] = {"cls": config.cls_token_id, "sep": config.sep_token_id,
+                                       "pad": config.pad_token_id}
+        for path in staging.iterdir():
+            _fsync(path)
+        write_manifest(staging, manifest)
+        _replace_directory(staging, out)
+        seconds["save"] = time.perf_counter() - started
+        if progress:
+            size = sum(p.stat().st_size for p in out.iterdir())
+            progress("save", f"{out} ({size / 1e6:.1f} MB, {len(files) + 1} files) ({seconds['save']:.1f}s)")
+        manifest = _read_manifest(out)
+        return ExportResult(path=out, manifest=manifest, seconds=seconds)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _replace_directory(staging: Path, out: Path) -> None:
+    """Move the finished staging directory to ``out``; an old bundle is removed only after."""
+    if out.exists():
+        retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, retired / out.name)
+        os.replace(staging, out)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staging, out)
+
+
+def _read_manifest(out: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads((out / MANIFEST_NAME).read_text())
+
+
+__all__ = ["ExportOptions", "ReferenceLayout", "ExportResult", "export_bundle", "export_model",
+           "load_model", "check_destination", "ExportError", "ValidationError"]

@@ -1,0 +1,351 @@
+"""CPU-side TensorRT gate: does an exported step graph parse and build with TensorRT?
+
+Uses TensorRT-RTX (PyPI ``tensorrt-rtx-cu12``, import name ``tensorrt_rtx``), whose
+builder works without a GPU ("CPU-only AOT"): it parses the ONNX file, builds one
+optimisation profile from the graph's spec and serialises an engine. The engine is never
+deserialised (that needs a GPU). RTX engines target RTX GPUs (Ampere and later; Turing
+only on request), not Jetson, so this is a CI gate for "TensorRT can take this graph", not
+the deployment build: deployment engines are built on the target.
+
+RTX networks are always strongly typed: precision comes from the ONNX graph itself (an
+fp16 export is an fp16 graph), there are no FP16/INT8 builder flags.
+
+Torch-free. ``tensorrt_rtx`` is imported lazily; without it :func:`check_graph` raises a
+:class:`RuntimeError` that names the package to install.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from rmt_runtime.spec import BATCH, SEQ, GraphSpec
+
+PACKAGE = "tensorrt-rtx-cu12"
+_MODULE = "tensorrt_rtx"
+
+# The numpy dtype names of the spec, as TensorRT names them.
+_TRT_DTYPES = {"float32": "FLOAT", "float16": "HALF", "bfloat16": "BF16", "int64": "INT64",
+               "int32": "INT32", "int8": "INT8", "uint8": "UINT8", "bool": "BOOL"}
+
+# TensorRT ignores a new builder's logger while another builder is alive (it warns and
+# keeps the first), so one collecting logger serves every call; the lock keeps concurrent
+# calls' messages (and the stderr capture) apart.
+_LOCK = threading.Lock()
+
+
+@dataclass
+class TrtGateResult:
+    """What TensorRT made of one graph."""
+
+    graph: str
+    onnx_file: str
+    precision: str  # "fp16" or "fp32" as read from the graph ("bf16"; "unknown" if unreadable)
+    built: bool = False
+    engine_bytes: int = 0
+    unsupported_nodes: list[dict[str, Any]] = field(default_factory=list)  # node, op_type, reason
+    errors: list[str] = field(default_factory=list)
+    build_seconds: float = 0.0
+    trt_version: str = ""
+    warnings: list[str] = field(default_factory=list)
+    profile: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = field(
+        default_factory=dict)  # input -> (min, opt, max)
+
+    @property
+    def ok(self) -> bool:
+        """Built, with no unsupported node and no error (spec mismatches included)."""
+        return self.built and not self.unsupported_nodes and not self.errors
+
+    def summary(self) -> str:
+        if self.ok:
+            return (f"{self.graph}: TensorRT {self.trt_version} built {self.precision} engine "
+                    f"({self.engine_bytes} bytes, {self.build_seconds:.1f} s)")
+        lines = [f"{self.graph}: TensorRT {self.trt_version} gate FAILED ({self.onnx_file})"]
+        lines += [f"  unsupported node {n['node']} ({n['op_type']}): {n['reason']}"
+                  for n in self.unsupported_nodes]
+        lines += [f"  {e}" for e in self.errors]
+        return "\n".join(lines)
+
+
+def _import_trt():
+    try:
+        import tensorrt_rtx as trt  # noqa: PLC0415 (lazy on purpose)
+    except (ImportError, OSError):
+        return None
+    return trt
+
+
+def trt_available() -> str | None:
+    """The TensorRT-RTX version if ``tensorrt_rtx`` imports, else None."""
+    trt = _import_trt()
+    return None if trt is None else str(trt.__version__)
+
+
+def _require_trt():
+    trt = _import_trt()
+    if trt is None:
+        raise RuntimeError(f"the TensorRT gate needs TensorRT-RTX (module {_MODULE!r}): "
+                           f"pip install {PACKAGE}")
+    return trt
+
+
+@functools.lru_cache(maxsize=1)
+def _logger():
+    """The process's one collecting logger (built lazily: it subclasses trt.ILogger)."""
+    trt = _require_trt()
+    severity = trt.ILogger.Severity
+
+    class CollectingLogger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.sink: list[tuple[Any, str]] | None = None
+
+        def log(self, sev, msg):  # called by TensorRT for every message, verbose included
+            if self.sink is not None and sev <= severity.WARNING:
+                self.sink.append((sev, msg))
+
+    return CollectingLogger()
+
+
+def graph_precision(onnx_path: str) -> str:
+    """``fp16`` if any initializer, constant, cast or typed tensor of the graph is float16,
+    else ``fp32`` (``bf16`` likewise); ``unknown`` if the file cannot be read as ONNX."""
+    try:
+        import onnx  # noqa: PLC0415
+        from onnx import TensorProto  # noqa: PLC0415
+        model = onnx.load(onnx_path, load_external_data=False)
+    except Exception:  # noqa: BLE001 (an unreadable graph is reported, not raised)
+        return "unknown"
+    graph = model.graph
+    types = {t.data_type for t in graph.initializer}
+    for info in [*graph.input, *graph.output, *graph.value_info]:
+        types.add(info.type.tensor_type.elem_type)
+    for node in graph.node:
+        for attr in node.attribute:
+            if node.op_type == "Cast" and attr.name == "to":
+                types.add(attr.i)
+            elif attr.type == onnx.AttributeProto.TENSOR:
+                types.add(attr.t.data_type)
+    if TensorProto.FLOAT16 in types:
+        return "fp16"
+    if TensorProto.BFLOAT16 in types:
+        return "bf16"
+    return "fp32"
+
+
+@contextlib.contextmanager
+def _captured_stderr(lines: list[str]):
+    """Catch what native code writes straight to file descriptor 2 (Myelin prints its
+    internal errors there, around the logger) into ``lines``, keeping the build quiet."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no real stderr: nothing to catch
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read().decode("utf-8", "replace")
+            lines += [line for line in text.splitlines() if line.strip()]
+
+
+def _profile_shapes(spec: GraphSpec, segment_size: int, max_batch: int, opt_batch: int
+                    ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """min/opt/max of every spec input: batch 1/opt_batch/max_batch, seq 1/segment/segment."""
+    return {t.name: (t.shape(1, 1), t.shape(opt_batch, segment_size),
+                     t.shape(max_batch, segment_size)) for t in spec.inputs}
+
+
+def _check_io(network, spec: GraphSpec) -> tuple[list[str], bool]:
+    """Spec vs the parsed network: names, dtypes, ranks and fixed dims.
+
+    Returns the problems and whether one of them leaves no profile that fits the graph.
+    """
+    problems: list[str] = []
+    fatal = False
+    inputs = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
+    outputs = {network.get_output(i).name: network.get_output(i)
+               for i in range(network.num_outputs)}
+    for kind, tensors, specs in (("input", inputs, spec.inputs), ("output", outputs, spec.outputs)):
+        for extra in sorted(set(tensors) - {t.name for t in specs}):
+            problems.append(f"graph {kind} {extra!r} is not in the spec")
+        for t in specs:
+            tensor = tensors.get(t.name)
+            if tensor is None:
+                problems.append(f"spec {kind} {t.name!r} is not in the graph")
+                fatal |= kind == "input"
+                continue
+            want = _TRT_DTYPES.get(t.dtype, t.dtype.upper())
+            if tensor.dtype.name != want:
+                problems.append(f"{kind} {t.name!r}: graph dtype {tensor.dtype.name}, "
+                                f"spec {t.dtype}")
+            shape = tuple(tensor.shape)
+            if len(shape) != len(t.dims):
+                problems.append(f"{kind} {t.name!r}: graph rank {len(shape)} {shape}, "
+                                f"spec {t.dims}")
+                fatal |= kind == "input"
+                continue
+            for axis, (have, dim) in enumerate(zip(shape, t.dims)):
+                if dim in (BATCH, SEQ):
+                    # A fixed graph dim where the spec wants a dynamic one cannot take the profile.
+                    if kind == "input" and have != -1:
+                        problems.append(f"input {t.name!r}: axis {axis} is fixed at {have} in the "
+                                        f"graph, spec says {dim!r}")
+                        fatal = True
+                elif have not in (-1, int(dim)):
+                    problems.append(f"{kind} {t.name!r}: axis {axis} is {have} in the graph, "
+                                    f"spec says {dim}")
+                    fatal |= kind == "input"
+    return problems, fatal
+
+
+def _parser_errors(parser, result: TrtGateResult) -> None:
+    """Every parser error: node-level ones become unsupported_nodes, the rest errors."""
+    for i in range(parser.num_errors):
+        error = parser.get_error(i)
+        code = getattr(error.code(), "name", str(error.code()))
+        desc = error.desc()
+        where = error.func()
+        reason = f"{desc} [{code}" + (f" in {where}]" if where else "]")
+        index = error.node()
+        if index >= 0 or error.node_name():
+            entry = {"node": error.node_name() or f"#{index}", "op_type": error.node_operator(),
+                     "reason": reason, "index": index}
+            stack = list(error.local_function_stack() or [])
+            if stack:
+                entry["function_stack"] = stack
+            result.unsupported_nodes.append(entry)
+        else:
+            result.errors.append(f"parse: {reason}")
+
+
+def check_graph(onnx_path: str | os.PathLike, graph_spec: GraphSpec, segment_size: int,
+                max_batch: int = 8, workspace_mb: int = 1024, *, opt_batch: int = 1,
+                compute_capabilities: Sequence[str] | None = None) -> TrtGateResult:
+    """Parse ``onnx_path`` with TensorRT-RTX and build a serialized engine on the CPU.
+
+    One optimisation profile covers the spec: ``batch`` 1..max_batch (tuned for
+    ``opt_batch``, 1 by default: one stream per step is the edge case), ``seq``
+    1..segment_size (tuned for full segments), ints fixed. ``compute_capabilities``
+    (e.g. ``["SM86"]``; ``"SM75"`` for Turing) overrides RTX's default targets (Ampere and
+    later). Failures (unsupported nodes, unreadable files, spec mismatches, failed builds)
+    are reported in the result, never raised; only a missing ``tensorrt_rtx`` raises.
+    """
+    trt = _require_trt()
+    if segment_size < 1 or max_batch < 1 or not 1 <= opt_batch <= max_batch:
+        raise ValueError(f"need segment_size >= 1 and 1 <= opt_batch <= max_batch, got "
+                         f"segment_size={segment_size}, opt_batch={opt_batch}, "
+                         f"max_batch={max_batch}")
+    path = os.fspath(onnx_path)
+    result = TrtGateResult(graph=graph_spec.name, onnx_file=path,
+                           precision=graph_precision(path), trt_version=str(trt.__version__))
+    if not os.path.isfile(path):
+        result.errors.append(f"ONNX file not found: {path}")
+        return result
+    logger = _logger()
+    phases: dict[str, list[tuple[Any, str]]] = {"parse": [], "build": []}
+    stderr: list[str] = []
+    with _LOCK:
+        logger.sink = phases["parse"]
+        try:
+            with _captured_stderr(stderr):
+                _parse_and_build(trt, logger, path, graph_spec, segment_size, max_batch,
+                                 opt_batch, workspace_mb, compute_capabilities, result, phases)
+        finally:
+            logger.sink = None
+    # The parser's logged errors repeat its structured ones (kept above) line by line.
+    parse_errors_known = bool(result.errors or result.unsupported_nodes)
+    for phase, messages in phases.items():
+        for sev, msg in messages:
+            if sev > trt.ILogger.Severity.ERROR:
+                result.warnings.append(msg)
+            elif phase == "build" or not parse_errors_known:
+                result.errors.append(f"TensorRT {phase}: {msg}")
+    # Usually a repeat of a logged error; the only word on a failure when nothing was logged.
+    failed_silently = not result.built and not result.errors and not result.unsupported_nodes
+    (result.errors if failed_silently else result.warnings).extend(
+        f"stderr: {line}" for line in stderr)
+    if not result.built and not result.errors and not result.unsupported_nodes:
+        result.errors.append("no engine was built")
+    return result
+
+
+def _parse_and_build(trt, logger, path, spec, segment_size, max_batch, opt_batch, workspace_mb,
+                     compute_capabilities, result, phases) -> None:
+    builder = trt.Builder(logger)
+    if builder is None:
+        result.errors.append("could not create a TensorRT builder")
+        return
+    # Strongly typed is the only mode of RTX networks; asking for it is harmless.
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    if network is None:
+        result.errors.append("could not create a TensorRT network")
+        return
+    parser = trt.OnnxParser(network, logger)
+    if parser is None:
+        result.errors.append("could not create the TensorRT ONNX parser")
+        return
+    parsed = parser.parse_from_file(path)
+    logger.sink = phases["build"]
+    _parser_errors(parser, result)
+    if not parsed:
+        if not result.errors:
+            result.errors.append(f"parse failed: {len(result.unsupported_nodes)} node(s) "
+                                 "TensorRT cannot take")
+        return
+    io_problems, fatal = _check_io(network, spec)
+    result.errors += io_problems
+    if fatal:
+        result.errors.append("build skipped: no optimisation profile fits this graph")
+        return
+    config = builder.create_builder_config()
+    if config is None:
+        result.errors.append("could not create a TensorRT builder config")
+        return
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
+    if compute_capabilities:
+        try:
+            targets = [getattr(trt.ComputeCapability, str(c).upper()) for c in compute_capabilities]
+        except AttributeError as exc:
+            names = [n for n in trt.ComputeCapability.__members__ if n.startswith("SM")]
+            result.errors.append(f"unknown compute capability ({exc}); known: {names}")
+            return
+        config.num_compute_capabilities = len(targets)
+        for i, target in enumerate(targets):
+            config.set_compute_capability(target, i)
+    profile = builder.create_optimization_profile()
+    result.profile = _profile_shapes(spec, segment_size, max_batch, opt_batch)
+    try:
+        for name, (low, opt, high) in result.profile.items():
+            profile.set_shape(name, low, opt, high)
+    except (ValueError, TypeError) as exc:
+        result.errors.append(f"optimisation profile rejected: {exc}")
+        return
+    if config.add_optimization_profile(profile) < 0:
+        result.errors.append("optimisation profile rejected by the builder config")
+        return
+    start = time.perf_counter()
+    engine = builder.build_serialized_network(network, config)
+    result.build_seconds = time.perf_counter() - start
+    if engine is None:
+        if not any(sev <= trt.ILogger.Severity.ERROR for sev, _ in phases["build"]):
+            result.errors.append("build_serialized_network returned no engine")
+        return
+    result.engine_bytes = int(engine.nbytes)
+    result.built = result.engine_bytes > 0
+    if not result.built:
+        result.errors.append("build_serialized_network returned an empty engine")

@@ -1,0 +1,215 @@
+"""Validation of exported graphs against the PyTorch model over many chained segments.
+
+Two comparisons per graph, per output, per segment:
+- teacher-forced: each segment gets PyTorch's memory, so the difference is the graph's
+  own error; this is what the tolerances judge;
+- chained: the graph's memory is fed back, as deployed. A recurrent model can amplify
+  rounding noise by itself, so chained drift is judged against the model's own
+  sensitivity, measured in the same run: PyTorch against PyTorch with its initial memory
+  perturbed at rounding level.
+A miss anywhere raises one ValidationError listing every miss with its numbers.
+See docs/VALIDATION.md for why the tolerances are what they are.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from rmt_model import RMTBase
+from rmt_runtime.spec import GraphSpec
+
+from .errors import ValidationError
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Bound on |graph - PyTorch| for one output: atol + rtol * max|PyTorch| (per segment).
+
+    sensitivity_factor: chained drift may also be this many times the model's own drift
+    under a ``perturbation`` (relative, rounding level) of its initial memory.
+    """
+
+    atol: float
+    rtol: float
+    perturbation: float
+    sensitivity_factor: float = 10.0
+
+    def bound(self, scale: float) -> float:
+        return self.atol + self.rtol * scale
+
+
+TOLERANCES = {
+    # ORT CPU fp32 differs from PyTorch by ~1e-7..1e-6 relative (different kernels).
+    "fp32": Tolerance(atol=1e-4, rtol=1e-4, perturbation=1e-6),
+    # fp16 weights and activations: ~1e-3 relative per segment (fp16 epsilon ~1e-3).
+    "fp16": Tolerance(atol=2e-2, rtol=2e-2, perturbation=1e-3),
+}
+
+
+@dataclass(frozen=True)
+class ValidationPlan:
+    """Seeded random inputs: ``segments`` segments of batch ``batch``; the last is short
+    and its second row padded (so the padding path is checked)."""
+
+    segments: int = 32
+    batch: int = 2
+    seed: int = 0
+
+    def inputs(self, vocab_size: int, segment_size: int, low: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+        if self.segments < 2 or self.batch < 2:
+            raise ValueError("validation needs at least 2 segments and batch 2")
+        rng = np.random.default_rng(self.seed)
+        out = []
+        for index in range(self.segments):
+            last = index == self.segments - 1
+            length = max(1, segment_size // 2 + 1) if last else segment_size
+            ids = rng.integers(low, vocab_size, size=(self.batch, length), dtype=np.int64)
+            mask = np.ones_like(ids)
+            if last:
+                mask[1:, max(1, length // 2):] = 0
+            out.append((ids, mask))
+        return out
+
+
+def _ort_session(path: str):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    if session.get_providers()[0] != "CPUExecutionProvider":
+        raise RuntimeError(f"validation asked for ONNX Runtime CPU, got {session.get_providers()}")
+    return session
+
+
+def _pytorch_rollout(model: RMTBase, segments, memory: torch.Tensor) -> list[dict[str, np.ndarray]]:
+    """PyTorch fp32, chained: per segment the full logits, last-token logits and memory."""
+    steps = []
+    with torch.no_grad():
+        for ids, mask in segments:
+            ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
+            logits, new_memory = model.step(ids_t, mask_t, memory)
+            record = {"memory_in": memory.numpy().copy(), "new_memory": new_memory.numpy().copy()}
+            if model.config.kind == "decoder":
+                last = np.maximum(mask.sum(axis=1) - 1, 0)
+                record["logits"] = logits.numpy().copy()
+                record["last_logits"] = record["logits"][np.arange(len(last)), last]
+            else:
+                record["logits"] = logits.numpy().copy()
+            steps.append(record)
+            memory = new_memory
+    return steps
+
+
+def _sig(x: float) -> float:
+    return float(f"{x:.3g}")
+
+
+def _argmax_agreement(got: np.ndarray, ref: np.ndarray, valid: np.ndarray, bound: float) -> tuple[float, float, int]:
+    """(agreement over valid rows, agreement where ref's top-2 margin > 2 * bound, decisive count)."""
+    ref_sorted = np.sort(ref, axis=-1)
+    margin = ref_sorted[..., -1] - ref_sorted[..., -2]
+    same = got.argmax(-1) == ref.argmax(-1)
+    decisive = valid & (margin > 2 * bound)
+    overall = float(same[valid].mean()) if valid.any() else 1.0
+    decisive_rate = float(same[decisive].mean()) if decisive.any() else 1.0
+    return overall, decisive_rate, int(decisive.sum())
+
+
+def validate_graphs(model: RMTBase, graphs: dict[str, tuple[str, GraphSpec]], precision: str,
+                    plan: ValidationPlan = ValidationPlan()) -> dict[str, Any]:
+    """Compare every graph with ``model`` (fp32 PyTorch); return the report or raise ValidationError."""
+    config = model.config
+    tolerance = TOLERANCES[precision]
+    low = 4 if config.kind == "encoder" else 0
+    segments = plan.inputs(config.vocab_size, config.segment_size, low)
+    memory0 = model.initial_memory(plan.batch).detach().float().clone()
+    reference = _pytorch_rollout(model, segments, memory0)
+
+    generator = torch.Generator().manual_seed(plan.seed + 1)
+    noise = torch.randn(memory0.shape, generator=generator)
+    perturbed = _pytorch_rollout(model, segments, memory0 * (1 + tolerance.perturbation * noise))
+    sensitivity = {name: [float(np.abs(p[name] - r[name]).max()) for p, r in zip(perturbed, reference)]
+                   for name in reference[0] if name != "memory_in"}
+
+    report: dict[str, Any] = {
+        "precision": precision, "segments": plan.segments, "batch": plan.batch, "seed": plan.seed,
+        "segment_lengths": [int(ids.shape[1]) for ids, _ in segments],
+        "tolerance": asdict(tolerance),
+        "sensitivity": {k: [_sig(v) for v in values] for k, values in sensitivity.items()},
+        "graphs": {}, "misses": [],
+    }
+    misses: list[str] = report["misses"]
+    for name, (path, spec) in graphs.items():
+        session = _ort_session(str(path))
+        outputs = spec.output_names
+        result: dict[str, Any] = {}
+        for mode in ("teacher_forced", "chained"):
+            errors = {o: {"max_abs": [], "max_rel": [], "bound": []} for o in outputs}
+            memory = memory0.numpy()
+            agreement: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+            for index, ((ids, mask), ref) in enumerate(zip(segments, reference)):
+                feed_memory = ref["memory_in"] if mode == "teacher_forced" else memory
+                got = dict(zip(outputs, session.run(outputs, {"input_ids": ids, "attention_mask": mask,
+                                                               "memory": feed_memory.astype(np.float32)})))
+                memory = got["new_memory"]
+                for output in outputs:
+                    expected = ref[output]
+                    scale = float(np.abs(expected).max())
+                    err = float(np.abs(got[output].astype(np.float64) - expected).max())
+                    if not np.isfinite(got[output]).all():
+                        err = float("inf")
+                    bound = tolerance.bound(scale)
+                    if mode == "chained":
+                        bound += tolerance.sensitivity_factor * sensitivity[output][index]
+                    errors[output]["max_abs"].append(_sig(err))
+                    errors[output]["max_rel"].append(_sig(err / scale if scale else err))
+                    errors[output]["bound"].append(_sig(bound))
+                    if not err <= bound:
+                        misses.append(f"{name}.{output} {mode} segment {index}: max abs {err:.3g} > bound {bound:.3g} "
+                                      f"(max |ref| {scale:.3g}, sensitivity {sensitivity[output][index]:.3g})")
+                logits_name = "last_logits" if "last_logits" in outputs else "logits" if "logits" in outputs else None
+                if logits_name:
+                    valid = mask.astype(bool) if got[logits_name].ndim == 3 else mask.any(axis=1)
+                    agreement.append((got[logits_name], ref[logits_name], valid))
+            result[mode] = errors
+            if agreement:
+                got_all = np.concatenate([a[0].reshape(-1, a[0].shape[-1]) for a in agreement])
+                ref_all = np.concatenate([a[1].reshape(-1, a[1].shape[-1]) for a in agreement])
+                valid_all = np.concatenate([a[2].reshape(-1) for a in agreement])
+                bound = tolerance.bound(float(np.abs(ref_all).max()))
+                overall, decisive, count = _argmax_agreement(got_all, ref_all, valid_all, bound)
+                result.setdefault("argmax_agreement", {})[mode] = _sig(overall)
+                if mode == "teacher_forced":
+                    result["argmax_agreement"]["teacher_forced_decisive"] = _sig(decisive)
+                    result["argmax_agreement"]["decisive_positions"] = count
+                    if decisive < 1.0:
+                        misses.append(f"{name}.{logits_name} teacher_forced: argmax agrees on {decisive:.4f} of "
+                                      f"{count} positions whose top-2 margin exceeds 2 x the tolerance (expected all)")
+        result["worst"] = {f"{mode}.{o}": max(result[mode][o]["max_abs"]) for mode in ("teacher_forced", "chained")
+                           for o in outputs}
+        report["graphs"][name] = result
+    report["passed"] = not misses
+    if misses:
+        raise ValidationError(misses, report)
+    return report
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """Human-readable lines: the worst error per graph/output/mode, and argmax agreement."""
+    lines = []
+    sens = report["sensitivity"]
+    lines.append(f"model's own sensitivity (memory, last segment): {sens['new_memory'][-1]:.3g} "
+                 f"for a {report['tolerance']['perturbation']:g} relative perturbation")
+    for name, result in report["graphs"].items():
+        worst = ", ".join(f"{k} {v:.3g}" for k, v in result["worst"].items())
+        line = f"{name}: max abs error {worst}"
+        if "argmax_agreement" in result:
+            a = result["argmax_agreement"]
+            line += f"; argmax agreement {a['teacher_forced']:.4f} teacher-forced, {a['chained']:.4f} chained"
+        lines.append(line)
+    return lines
+

@@ -1,0 +1,182 @@
+"""The bundle on disk: manifest.json, the graphs, memory_init.npy, optional tokenizer files.
+
+Torch-free: the exporter writes manifests through ``write_manifest`` and every runtime
+reads them through ``Bundle.load``, which checks the schema and every file's sha256
+before anything runs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .spec import SPEC_VERSION, GraphSpec
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_SCHEMA_VERSION = 1
+MEMORY_INIT_NAME = "memory_init.npy"
+PRECISIONS = ("fp32", "fp16")
+
+# Fields every manifest of this schema has, with their JSON types.
+REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "schema_version": int, "spec_version": int, "kind": str, "family": str,
+    "num_mem_tokens": int, "segment_size": int, "hidden_size": int, "vocab_size": int,
+    "precision": str, "opset": int, "graphs": dict, "memory_init": str, "files": dict,
+    "producer": dict, "validation": (dict, type(None)),
+}
+OPTIONAL_FIELDS = {"num_labels", "encoder_ids", "tokenizer", "rmt_config", "created"}
+
+
+class BundleError(Exception):
+    """A bundle that cannot be used: missing, malformed, from a newer schema, or altered."""
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks (graphs can be gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: str | os.PathLike, manifest: dict[str, Any]) -> Path:
+    """Hash every file the manifest lists and write manifest.json (fsynced) into ``directory``."""
+    directory = Path(directory)
+    manifest = dict(manifest)
+    manifest["files"] = {name: sha256_file(directory / name) for name in sorted(manifest["files"])}
+    check_manifest(manifest, source=str(directory))
+    path = directory / MANIFEST_NAME
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(manifest, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    return path
+
+
+def check_manifest(manifest: Any, source: str) -> None:
+    """Raise BundleError naming the first field that is missing, unknown or mistyped."""
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{source}: manifest must be a JSON object")
+    version = manifest.get("schema_version")
+    if isinstance(version, int) and version > MANIFEST_SCHEMA_VERSION:
+        raise BundleError(f"{source}: manifest schema_version {version} is newer than this rmt-edge "
+                          f"reads ({MANIFEST_SCHEMA_VERSION}); upgrade rmt-edge or re-export")
+    for name, kind in REQUIRED_FIELDS.items():
+        if name not in manifest:
+            raise BundleError(f"{source}: manifest has no {name!r} field")
+        if not isinstance(manifest[name], kind) or (kind is int and isinstance(manifest[name], bool)):
+            raise BundleError(f"{source}: manifest field {name!r} has the wrong type "
+                              f"({type(manifest[name]).__name__})")
+    unknown = sorted(set(manifest) - set(REQUIRED_FIELDS) - OPTIONAL_FIELDS)
+    if unknown:
+        raise BundleError(f"{source}: manifest has unknown field(s) {unknown}")
+    if version != MANIFEST_SCHEMA_VERSION:
+        raise BundleError(f"{source}: manifest schema_version {version!r} is not supported "
+                          f"(expected {MANIFEST_SCHEMA_VERSION})")
+    if manifest["spec_version"] != SPEC_VERSION:
+        raise BundleError(f"{source}: step spec version {manifest['spec_version']} is not supported "
+                          f"(expected {SPEC_VERSION})")
+    if manifest["precision"] not in PRECISIONS:
+        raise BundleError(f"{source}: unknown precision {manifest['precision']!r} (expected one of {PRECISIONS})")
+    if manifest["kind"] not in ("decoder", "encoder"):
+        raise BundleError(f"{source}: unknown kind {manifest['kind']!r} (expected decoder or encoder)")
+    for name, graph in manifest["graphs"].items():
+        if not isinstance(graph, dict) or "file" not in graph or "spec" not in graph:
+            raise BundleError(f"{source}: graph {name!r} needs 'file' and 'spec'")
+        if graph["file"] not in manifest["files"]:
+            raise BundleError(f"{source}: graph {name!r} file {graph['file']!r} is not hashed in 'files'")
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A loaded, verified bundle: geometry, graph specs and file paths. Immutable."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, verify_hashes: bool = True) -> "Bundle":
+        """Read and check manifest.json; with verify_hashes, every file must match its sha256."""
+        path = Path(path)
+        if not path.exists():
+            raise BundleError(f"{path}: no such bundle directory")
+        if not path.is_dir():
+            raise BundleError(f"{path}: is a file; a bundle is a directory holding {MANIFEST_NAME}")
+        manifest_path = path / MANIFEST_NAME
+        if not manifest_path.is_file():
+            raise BundleError(f"{path}: no {MANIFEST_NAME}: not a complete bundle "
+                              "(an interrupted export leaves none)")
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BundleError(f"{manifest_path}: not valid JSON ({exc})") from None
+        check_manifest(manifest, source=str(path))
+        bundle = cls(path=path, manifest=manifest)
+        if verify_hashes:
+            bundle.verify()
+        return bundle
+
+    def verify(self) -> None:
+        """Raise BundleError naming each file that is missing or differs from the manifest."""
+        problems = []
+        for name, expected in self.manifest["files"].items():
+            file = self.path / name
+            if not file.is_file():
+                problems.append(f"{name} is missing")
+            elif (actual := sha256_file(file)) != expected:
+                problems.append(f"{name} sha256 {actual[:12]}.. != manifest {expected[:12]}..")
+        if problems:
+            raise BundleError(f"{self.path}: files do not match the manifest: " + "; ".join(problems))
+
+    # ---- geometry ---------------------------------------------------------------------
+    @property
+    def kind(self) -> str:
+        return self.manifest["kind"]
+
+    @property
+    def num_mem_tokens(self) -> int:
+        return self.manifest["num_mem_tokens"]
+
+    @property
+    def segment_size(self) -> int:
+        return self.manifest["segment_size"]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.manifest["hidden_size"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.manifest["vocab_size"]
+
+    @property
+    def precision(self) -> str:
+        return self.manifest["precision"]
+
+    @property
+    def graph_names(self) -> list[str]:
+        return sorted(self.manifest["graphs"])
+
+    def graph_spec(self, name: str) -> GraphSpec:
+        if name not in self.manifest["graphs"]:
+            raise BundleError(f"{self.path}: no graph {name!r} (has {self.graph_names})")
+        return GraphSpec.from_dict(self.manifest["graphs"][name]["spec"])
+
+    def graph_path(self, name: str) -> Path:
+        self.graph_spec(name)
+        return self.path / self.manifest["graphs"][name]["file"]
+
+    @property
+    def memory_init_path(self) -> Path:
+        return self.path / self.manifest["memory_init"]
+
+    @property
+    def identity(self) -> str:
+        """A short id of this exact bundle: the sha256 of its manifest's file hashes."""
+        text = json.dumps(self.manifest["files"], sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,187 @@
+"""Export: parity of every family and precision, the bundle's contents, atomic writes."""
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from rmt_export.errors import ExportError, ValidationError
+from rmt_export.exporter import ExportOptions, export_model
+from rmt_export.validate import TOLERANCES, ValidationPlan, validate_graphs
+from rmt_model.tiny import DECODER_FAMILIES, ENCODER_FAMILIES
+from rmt_runtime.bundle import Bundle, sha256_file
+
+CASES = [(f, p) for f in DECODER_FAMILIES + ENCODER_FAMILIES for p in ("fp32", "fp16")]
+
+
+@pytest.mark.parametrize("family, precision", CASES)
+def test_every_family_and_precision_validates(bundle_factory, family, precision):
+    """The export's own validation passed; its numbers are within the documented bounds."""
+    model, result = bundle_factory(family, precision)
+    report = result.manifest["validation"]
+    assert report["passed"] and report["misses"] == []
+    assert report["segments"] == 32 and report["batch"] == 2
+    assert report["segment_lengths"][-1] < model.config.segment_size  # the short padded last segment
+    tolerance = TOLERANCES[precision]
+    for name, graph in report["graphs"].items():
+        for output, errors in graph["teacher_forced"].items():
+            assert len(errors["max_abs"]) == 32
+            assert max(errors["max_abs"]) <= tolerance.atol + tolerance.rtol * 100
+        if precision == "fp32":  # fp32 graphs are far inside the bound
+            assert max(max(e["max_abs"]) for e in graph["teacher_forced"].values()) < 1e-5
+        if "argmax_agreement" in graph:
+            assert graph["argmax_agreement"]["teacher_forced_decisive"] == 1.0
+            assert graph["argmax_agreement"]["teacher_forced"] >= (0.999 if precision == "fp32" else 0.98)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+def test_graph_runs_at_shapes_other_than_traced(bundle_factory, family):
+    """Batch and segment length are really dynamic: batch 3, length 5, one padded row."""
+    model, result = bundle_factory(family, "fp32")
+    session = ort.InferenceSession(str(result.path / "step.onnx"), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(7)
+    ids = rng.integers(4, model.config.vocab_size, (3, 5))
+    mask = np.ones_like(ids)
+    mask[2, 3:] = 0
+    memory = rng.normal(size=(3, 4, model.config.hidden_size)).astype(np.float32)
+    logits, new_memory = session.run(None, {"input_ids": ids, "attention_mask": mask, "memory": memory})
+    with torch.no_grad():
+        ref_logits, ref_memory = model.step(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(memory))
+    np.testing.assert_allclose(logits, ref_logits.numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(new_memory, ref_memory.numpy(), rtol=0, atol=1e-5)
+
+
+def test_decoder_ingest_graph_has_no_per_token_logits(bundle_factory):
+    model, result = bundle_factory("gpt2", "fp32")
+    step = onnx.load(str(result.path / "step.onnx"))
+    ingest = onnx.load(str(result.path / "ingest.onnx"))
+    assert [o.name for o in step.graph.output] == ["logits", "new_memory"]
+    assert [o.name for o in ingest.graph.output] == ["last_logits", "new_memory"]
+    dims = [d.dim_param or d.dim_value for d in ingest.graph.output[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", model.config.vocab_size]
+
+
+@pytest.mark.parametrize("family, precision", [("gpt2", "fp32"), ("bert", "fp16")])
+def test_manifest_describes_the_bundle(bundle_factory, family, precision):
+    model, result = bundle_factory(family, precision)
+    bundle = Bundle.load(result.path)  # checks schema and every hash
+    manifest = bundle.manifest
+    config = model.config
+    assert (manifest["kind"], manifest["family"], manifest["precision"], manifest["opset"]) == (
+        config.kind, family, precision, 18)
+    assert (bundle.num_mem_tokens, bundle.segment_size, bundle.hidden_size, bundle.vocab_size) == (
+        config.num_mem_tokens, config.segment_size, config.hidden_size, config.vocab_size)
+    assert set(manifest["files"]) == {"step.onnx", "ingest.onnx", "memory_init.npy"}
+    assert all(sha256_file(result.path / n) == h for n, h in manifest["files"].items())
+    assert manifest["producer"]["torch"].startswith("2.13")
+    spec = bundle.graph_spec("step")
+    assert spec.input_names == ["input_ids", "attention_mask", "memory"]
+    assert spec.state == {"memory": "new_memory"}
+    assert spec.input("memory").dtype == "float32" and spec.output("new_memory").dtype == "float32"
+    memory_init = np.load(bundle.memory_init_path)
+    np.testing.assert_array_equal(memory_init, model.initial_memory(1)[0].detach().numpy())
+    if config.kind == "encoder":
+        assert manifest["num_labels"] == config.num_labels
+        assert manifest["encoder_ids"] == {"cls": config.cls_token_id, "sep": config.sep_token_id,
+                                           "pad": config.pad_token_id}
+
+
+def test_onnx_metadata_says_what_the_graph_is(bundle_factory):
+    model, result = bundle_factory("llama", "fp16")
+    props = {p.key: p.value for p in onnx.load(str(result.path / "ingest.onnx")).metadata_props}
+    assert props["rmt.graph"] == "ingest"
+    assert props["rmt.kind"] == "decoder" and props["rmt.family"] == "llama"
+    assert int(props["rmt.num_mem_tokens"]) == 4 and int(props["rmt.segment_size"]) == 16
+    assert int(props["rmt.hidden_size"]) == model.config.hidden_size
+    assert props["rmt.precision"] == "fp16" and props["rmt.spec_version"] == "1"
+
+
+def test_fp16_graph_holds_fp16_weights_and_float32_memory_io(bundle_factory):
+    _, result = bundle_factory("gpt2", "fp16")
+    graph = onnx.load(str(result.path / "step.onnx")).graph
+    weight_types = {init.data_type for init in graph.initializer if len(init.dims) >= 2}
+    assert weight_types == {onnx.TensorProto.FLOAT16}
+    io = {v.name: v.type.tensor_type.elem_type for v in list(graph.input) + list(graph.output)}
+    assert io["memory"] == io["new_memory"] == io["logits"] == onnx.TensorProto.FLOAT
+
+
+def test_a_miss_raises_one_error_listing_every_miss_with_numbers(bundle_factory):
+    """fp16 graphs judged by the fp32 tolerance: real misses, reported with their numbers."""
+    model, result = bundle_factory("gpt2", "fp16")
+    graphs = {name: (result.path / f"{name}.onnx", Bundle.load(result.path).graph_spec(name))
+              for name in ("step", "ingest")}
+    with pytest.raises(ValidationError) as info:
+        validate_graphs(model, graphs, "fp32", ValidationPlan(segments=4))
+    error = info.value
+    assert len(error.misses) >= 4
+    assert any(m.startswith("step.new_memory teacher_forced segment 0: max abs") for m in error.misses)
+    assert "> bound" in str(error) and error.report["passed"] is False
+
+
+def test_chained_drift_is_judged_against_the_models_own_sensitivity(bundle_factory):
+    _, result = bundle_factory("llama", "fp32")
+    report = result.manifest["validation"]
+    sensitivity = report["sensitivity"]["new_memory"]
+    assert len(sensitivity) == 32 and all(s > 0 for s in sensitivity)
+    chained = report["graphs"]["step"]["chained"]["new_memory"]["bound"]
+    teacher_forced = report["graphs"]["step"]["teacher_forced"]["new_memory"]["bound"]
+    for chained_bound, own_bound, sens in zip(chained, teacher_forced, sensitivity):
+        assert chained_bound == pytest.approx(own_bound + 10 * sens, rel=1e-2)
+
+
+def test_existing_out_is_not_replaced_without_force(tiny_checkpoint, tmp_path):
+    _, model = tiny_checkpoint
+    out = tmp_path / "bundle"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ExportError, match="already exists; pass --force"):
+        export_model(model, out)
+    with pytest.raises(ExportError, match="is not a bundle.*refusing to replace it"):
+        export_model(model, out, ExportOptions(force=True))
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def _no_partial_left(directory):
+    return [p.name for p in directory.iterdir() if ".partial-" in p.name or ".old-" in p.name]
+
+
+def test_failure_midway_leaves_nothing_that_looks_like_a_bundle(tiny_checkpoint, tmp_path, monkeypatch):
+    _, model = tiny_checkpoint
+
+    def broken_validation(*args, **kwargs):
+        raise ValidationError(["step.logits teacher_forced segment 0: max abs 1 > bound 0.0001"])
+
+    monkeypatch.setattr("rmt_export.exporter.validate_graphs", broken_validation)
+    out = tmp_path / "bundle"
+    with pytest.raises(ValidationError):
+        export_model(model, out, ExportOptions(plan=ValidationPlan(segments=2)))
+    assert not out.exists()
+    assert _no_partial_left(tmp_path) == []
+
+
+def test_interrupt_keeps_the_previous_bundle_intact(tiny_checkpoint, tmp_path):
+    _, model = tiny_checkpoint
+    out = tmp_path / "bundle"
+    first = export_model(model, out, ExportOptions(plan=ValidationPlan(segments=2)))
+    before = json.loads((out / "manifest.json").read_text())
+
+    def interrupt(stage, detail):
+        if stage == "trace":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        export_model(model, out, ExportOptions(force=True, plan=ValidationPlan(segments=2)), progress=interrupt)
+    assert json.loads((out / "manifest.json").read_text()) == before
+    Bundle.load(first.path)
+    assert _no_partial_left(tmp_path) == []
+
+
+def test_bad_options_fail_before_any_work(tiny_checkpoint, tmp_path):
+    _, model = tiny_checkpoint
+    with pytest.raises(ExportError, match="opset 17 is not supported"):
+        export_model(model, tmp_path / "a", ExportOptions(opset=17))
+    with pytest.raises(ExportError, match="precision 'int4' is not supported"):
+        export_model(model, tmp_path / "b", ExportOptions(precision="int4"))
+    assert list(tmp_path.iterdir()) == []

@@ -32,5 +32,6 @@ setup(
     },
     entry_points={"console_scripts": [
         "rmt-export=rmt_export.cli:main",
+        "rmt-check-trt=rmt_export.cli:check_trt_main",
     ]},
 )

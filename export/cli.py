@@ -106,3 +106,44 @@ def main(ckpt, out, fp16, opset, force, no_validate, segments, tokenizer_dir, ba
     else:
         click.echo("  validation skipped (--no-validate)", err=True)
     click.echo(str(result.path))
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--bundle", "bundle_dir", required=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path), help="Bundle directory.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Largest batch of the optimisation profile.")
+@click.option("--workspace", "workspace_mb", type=click.IntRange(min=16), default=1024, show_default=True,
+              help="Builder workspace limit in MB.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable result on stdout.")
+@click.option("--verbose", is_flag=True, help="Show tracebacks.")
+def check_trt_main(bundle_dir, max_batch, workspace_mb, as_json, verbose):
+    """Parse and build every graph of a bundle with TensorRT-RTX's builder, on the CPU.
+
+    \b
+    Example:
+      rmt-check-trt --bundle model-fp16
+
+    A gate for CI machines without a GPU (pip install tensorrt-rtx-cu12): it lists every
+    node TensorRT cannot take and fails (exit 1) unless every graph builds. RTX engines
+    target RTX GPUs, not Jetson: deployment engines are built on the target (rmt-build).
+    """
+    from dataclasses import asdict
+
+    from . import trt_gate
+
+    def work():
+        try:
+            return trt_gate.check_bundle(bundle_dir, max_batch=max_batch, workspace_mb=workspace_mb)
+        except RuntimeError as exc:  # tensorrt_rtx is missing
+            raise ExportError(str(exc)) from None
+
+    results = _run_guarded(verbose, as_json, work)
+    ok = all(r.ok for r in results)
+    if as_json:
+        click.echo(json.dumps({"ok": ok, "graphs": [dict(asdict(r), ok=r.ok) for r in results]}, indent=2))
+    else:
+        for result in results:
+            click.echo(result.summary())
+    if not ok:
+        raise SystemExit(1)

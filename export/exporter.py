@@ -149,6 +149,9 @@ def export_model(model: RMTBase, out: str | os.PathLike, options: ExportOptions 
     try:
         parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700; a bundle is shared like any directory
     except OSError as exc:
         raise ExportError(f"--out {out}: cannot write into {parent} ({exc.strerror})") from None
     seconds: dict[str, float] = {}

@@ -349,3 +349,15 @@ def _parse_and_build(trt, logger, path, spec, segment_size, max_batch, opt_batch
     result.built = result.engine_bytes > 0
     if not result.built:
         result.errors.append("build_serialized_network returned an empty engine")
+
+
+def check_bundle(bundle_dir: str | os.PathLike, max_batch: int = 8, workspace_mb: int = 1024,
+                 compute_capabilities: Sequence[str] | None = None) -> list[TrtGateResult]:
+    """Run :func:`check_graph` on every graph of a bundle (hashes verified first)."""
+    from rmt_runtime.bundle import Bundle  # noqa: PLC0415
+
+    bundle = Bundle.load(bundle_dir)
+    return [check_graph(bundle.graph_path(name), bundle.graph_spec(name), bundle.segment_size,
+                        max_batch=max_batch, workspace_mb=workspace_mb,
+                        compute_capabilities=compute_capabilities)
+            for name in bundle.graph_names]

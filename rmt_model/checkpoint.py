@@ -42,12 +42,16 @@ def read_torch_file(path: str | os.PathLike) -> Any:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
         text = str(exc)
-        if "Weights only load failed" in text or "Unsupported global" in text or "UnpicklingError" in type(exc).__name__:
+        if "GLOBAL" in text or "Unsupported global" in text:
             raise CheckpointError(
                 f"{path}: refused: the file holds pickled objects beyond tensors and plain values "
                 "(loading them could run code); expected a state dict or an rmt-edge checkpoint") from None
-        first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if "Weights only load failed" in text:
+            # The useful line is the unpickler's own complaint, not torch's advice.
+            lines = [line for line in lines if line.startswith("Unsupported")] or ["not a pickle"]
+        reason = lines[0] if lines else type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
 
 
 def save_checkpoint(model: RMTBase, path: str | os.PathLike) -> Path:

@@ -4,7 +4,7 @@ import torch
 
 from rmt_export.exporter import ExportOptions, export_model
 from rmt_export.validate import ValidationPlan
-from rmt_model import build_model, save_checkpoint
+from rmt_model import build_model
 from rmt_model.tiny import tiny_config
 
 
@@ -24,11 +24,3 @@ def bundle_factory(tmp_path_factory):
         return cache[key]
     return make
 
-
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory):
-    """A saved tiny GPT-2 RMT checkpoint and the model it holds."""
-    torch.manual_seed(0)
-    model = build_model(tiny_config("gpt2", num_mem_tokens=4, segment_size=16))
-    path = save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "model.pt")
-    return path, model

@@ -1,13 +1,16 @@
 """The CPU-side TensorRT gate: real tiny RMT step graphs parse and build with TensorRT-RTX
 (no GPU needed), broken graphs are reported node by node instead of raising."""
-import copy
+import json
 import subprocess
 import sys
-import warnings
 
 import pytest
 
+from click.testing import CliRunner
+
 from rmt_export import trt_gate
+from rmt_export.cli import check_trt_main
+from rmt_runtime.bundle import Bundle
 from rmt_runtime.spec import GraphSpec, TensorSpec, step_specs
 
 NUM_MEM, SEGMENT = 4, 16
@@ -20,49 +23,10 @@ def trt():
 
 
 @pytest.fixture(scope="module")
-def step_graphs(trt, tmp_path_factory):
-    """A tiny GPT-2 RMT step exported with dynamo at opset 18, fp32 and fp16 (model.half()
-    inside; memory and outputs float32 as the spec says), dynamic batch and seq."""
-    torch = pytest.importorskip("torch")
-    import onnx
-    from rmt_model import build_model
-    from rmt_model.tiny import tiny_config
-
-    torch.manual_seed(0)
-    model = build_model(tiny_config("gpt2", num_mem_tokens=NUM_MEM, segment_size=SEGMENT))
-    hidden, vocab = model.config.hidden_size, model.config.vocab_size
-    spec = step_specs("decoder", NUM_MEM, hidden, vocab)["step"]
-
-    class Step(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, input_ids, attention_mask, memory):
-            return self.m.step(input_ids, attention_mask, memory)
-
-    class HalfStep(Step):
-        def forward(self, input_ids, attention_mask, memory):
-            logits, new_memory = self.m.step(input_ids, attention_mask, memory.half())
-            return logits.float(), new_memory.float()
-
-    batch = torch.export.Dim("batch", min=1, max=64)
-    seq = torch.export.Dim("seq", min=1, max=SEGMENT)
-    dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq},
-               "memory": {0: batch}}
-    args = (torch.randint(0, vocab, (2, SEGMENT)), torch.ones(2, SEGMENT, dtype=torch.int64),
-            torch.zeros(2, NUM_MEM, hidden))
-    out = tmp_path_factory.mktemp("trt_gate")
-    paths = {}
-    for precision, wrapper in (("fp32", Step(model)), ("fp16", HalfStep(copy.deepcopy(model).half()))):
-        path = out / f"step_{precision}.onnx"
-        with warnings.catch_warnings():  # the exporter's own notes about torch internals
-            warnings.filterwarnings("ignore", message=".*(LeafSpec|axis name).*")
-            torch.onnx.export(wrapper.eval(), args, str(path), dynamo=True, opset_version=18,
-                              input_names=spec.input_names, output_names=spec.output_names,
-                              dynamic_shapes=dynamic, external_data=False)
-        onnx.checker.check_model(str(path))
-        paths[precision] = path
+def step_graphs(trt, bundle_factory):
+    """The step graphs of real exported tiny GPT-2 bundles, fp32 and fp16."""
+    paths = {p: bundle_factory("gpt2", p)[1].path / "step.onnx" for p in ("fp32", "fp16")}
+    spec = Bundle.load(paths["fp32"].parent).graph_spec("step")
     return spec, paths
 
 
@@ -147,3 +111,36 @@ def test_module_imports_neither_torch_nor_tensorrt():
             "print(sorted(m for m in ('torch', 'tensorrt_rtx') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "llama", "qwen2", "bert", "roberta"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_every_graph_of_every_bundle_builds(trt, bundle_factory, family, precision):
+    """The CI gate: each exported graph, each family, each precision parses and builds."""
+    _, exported = bundle_factory(family, precision)
+    results = trt_gate.check_bundle(exported.path, max_batch=4)
+    assert [r.graph for r in results] == ["ingest", "step"]
+    for result in results:
+        assert result.ok, result.summary()
+        assert result.precision == precision and result.engine_bytes > 0
+
+
+def test_cli_reports_every_graph_and_exits_zero(trt, bundle_factory):
+    _, exported = bundle_factory("gpt2", "fp16")
+    result = CliRunner().invoke(check_trt_main, ["--bundle", str(exported.path), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["ok"] is True and [g["graph"] for g in data["graphs"]] == ["ingest", "step"]
+    assert all(g["built"] and g["precision"] == "fp16" for g in data["graphs"])
+
+
+def test_cli_fails_on_a_bundle_whose_graph_was_altered(trt, bundle_factory, tmp_path):
+    import shutil
+
+    _, exported = bundle_factory("gpt2", "fp32")
+    copy_dir = tmp_path / "bundle"
+    shutil.copytree(exported.path, copy_dir)
+    (copy_dir / "step.onnx").write_bytes(b"garbage")
+    result = CliRunner().invoke(check_trt_main, ["--bundle", str(copy_dir)])
+    assert result.exit_code == 1
+    assert "step.onnx sha256" in result.output and "Traceback" not in result.output

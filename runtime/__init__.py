@@ -1,1 +1,17 @@
-"""rmt_runtime: runs an exported RMT bundle segment by segment; needs numpy and one backend, never torch."""
+"""rmt_runtime: runs an exported RMT bundle segment by segment.
+
+Needs numpy and one backend (onnxruntime, or torch for the reference backend), never
+torch for the ONNX Runtime path: heavy imports happen inside the backend asked for.
+
+    from rmt_runtime import RMTRuntime
+    rt = RMTRuntime.load("model-fp32")            # verifies the bundle; rt.picked says what runs
+    out = rt.run(ids)                              # out.memory [B, M, D], out.last_logits
+    state = rt.new_state(); rt.feed(state, chunk); rt.flush(state)   # streaming
+"""
+from .bundle import Bundle, BundleError
+from .errors import BackendError, RuntimeInputError, StateError
+from .runtime import Output, RMTRuntime
+from .state import SequenceState
+
+__all__ = ["Bundle", "BundleError", "BackendError", "RuntimeInputError", "StateError", "Output",
+           "RMTRuntime", "SequenceState"]

@@ -1,0 +1,49 @@
+"""Backends behind one runner interface; heavy imports happen inside the backend asked for."""
+from __future__ import annotations
+
+import os
+
+from ..bundle import Bundle
+from ..errors import BackendError
+from .base import Runner
+
+BACKENDS = ("auto", "onnxruntime", "torch")
+# Best first. (The native TensorRT backend joins this list when it lands.)
+_AUTO_ORDER = ("tensorrt", "cuda", "cpu")
+
+
+def open_runner(bundle: Bundle, backend: str = "auto", provider: str | None = None,
+                threads: int | None = None, checkpoint: str | os.PathLike | None = None) -> tuple[Runner, str]:
+    """The runner for ``backend``/``provider``, activated, and a sentence saying what was picked and why.
+
+    An explicit backend or provider that cannot run is an error; only ``auto`` moves on
+    to the next candidate, and says which ones it skipped.
+    """
+    if backend not in BACKENDS:
+        raise BackendError(f"unknown backend {backend!r}: expected one of {BACKENDS}")
+    if backend == "torch":
+        if provider not in (None, "cpu", "cuda"):
+            raise BackendError(f"the torch backend runs on cpu or cuda, not {provider!r}")
+        from .pytorch import PyTorchRunner
+
+        runner = PyTorchRunner(bundle, checkpoint, device=provider or "cpu", threads=threads)
+        return runner.activate(), f"{runner.name} (asked for)"
+
+    from .onnxruntime import OnnxRuntimeRunner
+
+    if backend == "onnxruntime" or provider is not None:
+        runner = OnnxRuntimeRunner(bundle, provider or "cpu", threads=threads)
+        return runner.activate(), f"{runner.name} (asked for)"
+    skipped = []
+    for candidate in _AUTO_ORDER:
+        try:
+            runner = OnnxRuntimeRunner(bundle, candidate, threads=threads).activate()
+        except BackendError as exc:
+            skipped.append(f"{candidate}: {str(exc).split(' (')[0]}")
+            continue
+        reason = f"{runner.name} (auto: best available" + (f"; skipped {' | '.join(skipped)})" if skipped else ")")
+        return runner, reason
+    raise BackendError("no backend can run this bundle: " + " | ".join(skipped))
+
+
+__all__ = ["BACKENDS", "Runner", "open_runner"]

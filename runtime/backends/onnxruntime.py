@@ -1,0 +1,114 @@
+"""ONNX Runtime backend: CPU, CUDA or TensorRT execution provider, memory kept in OrtValues.
+
+Memory never leaves the provider's device between segments: each state holds two
+OrtValues (ping-pong) bound with IOBinding; only requested host outputs are copied out.
+The provider asked for must be the one the session really uses: onnxruntime-gpu falls
+back to CPU silently when CUDA is missing, which is an error here.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from ..bundle import Bundle
+from ..errors import BackendError
+from .base import Runner
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+             "tensorrt": "TensorrtExecutionProvider"}
+# Where each provider keeps tensors: OrtValue device names.
+_DEVICE = {"cpu": "cpu", "cuda": "cuda", "tensorrt": "cuda"}
+
+
+def import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise BackendError("the onnxruntime backend needs ONNX Runtime: pip install onnxruntime "
+                           "(or onnxruntime-gpu for CUDA/TensorRT)") from None
+    return onnxruntime
+
+
+class OnnxRuntimeRunner(Runner):
+    """Runs a bundle's graphs with one ONNX Runtime execution provider."""
+
+    def __init__(self, bundle: Bundle, provider: str = "cpu", threads: int | None = None,
+                 engine_cache: str | os.PathLike | None = None) -> None:
+        super().__init__(bundle)
+        if provider not in PROVIDERS:
+            raise BackendError(f"unknown provider {provider!r}: expected one of {sorted(PROVIDERS)}")
+        self.provider = provider
+        self.threads = threads
+        self.engine_cache = engine_cache
+        self.device = _DEVICE[provider]
+        self.memory_on_host = self.device == "cpu"
+        self._ort = import_onnxruntime()
+        available = self._ort.get_available_providers()
+        if PROVIDERS[provider] not in available:
+            raise BackendError(f"provider {provider!r} ({PROVIDERS[provider]}) is not in this onnxruntime build "
+                               f"(available: {available}); for GPUs install onnxruntime-gpu")
+        self._sessions: dict[str, Any] = {}
+
+    @property
+    def name(self) -> str:
+        return f"onnxruntime/{PROVIDERS[self.provider]}"
+
+    def _provider_list(self) -> list:
+        if self.provider == "tensorrt":
+            options = {"trt_fp16_enable": self.bundle.precision == "fp16"}
+            if self.engine_cache is not None:
+                options.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(self.engine_cache),
+                               trt_timing_cache_enable=True)
+            # Nodes TensorRT cannot take run on CUDA, never on the CPU.
+            return [(PROVIDERS["tensorrt"], options), PROVIDERS["cuda"]]
+        return [PROVIDERS[self.provider]]
+
+    def _activate(self) -> None:
+        ort = self._ort
+        for graph in self.specs:
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            if self.threads:
+                options.intra_op_num_threads = self.threads
+            session = ort.InferenceSession(str(self.bundle.graph_path(graph)), options,
+                                           providers=self._provider_list())
+            actual = session.get_providers()
+            if actual[0] != PROVIDERS[self.provider]:
+                raise BackendError(f"asked for {PROVIDERS[self.provider]}, but the {graph} session runs on "
+                                   f"{actual} (a missing CUDA/TensorRT library makes onnxruntime fall back "
+                                   "silently); refusing to run on another provider")
+            self._sessions[graph] = session
+
+    def _deactivate(self) -> None:
+        self._sessions.clear()
+
+    def memory_from_host(self, memory: np.ndarray) -> Any:
+        return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(memory, dtype=np.float32),
+                                                      self.device, 0)
+
+    def memory_to_host(self, handle: Any) -> np.ndarray:
+        return handle.numpy()
+
+    def empty_memory(self, batch: int) -> Any:
+        shape = [batch, self.bundle.num_mem_tokens, self.bundle.hidden_size]
+        return self._ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self.device, 0)
+
+    def _run(self, graph, input_ids, attention_mask, memory, new_memory, want):
+        session = self._sessions[graph]
+        expected = (input_ids.shape[0], self.bundle.num_mem_tokens, self.bundle.hidden_size)
+        if tuple(memory.shape()) != expected or tuple(new_memory.shape()) != expected:
+            raise BackendError(f"memory buffers {memory.shape()} / {new_memory.shape()} do not match {expected}")
+        binding = session.io_binding()
+        binding.bind_cpu_input("input_ids", input_ids)
+        binding.bind_cpu_input("attention_mask", attention_mask)
+        binding.bind_ortvalue_input("memory", memory)
+        binding.bind_ortvalue_output("new_memory", new_memory)
+        names = [o for o in self.specs[graph].output_names if o != "new_memory"]
+        for name in names:  # copied to the host only when asked for
+            binding.bind_output(name, "cpu" if name in want else self.device)
+        session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()  # in binding order: new_memory, then the host outputs
+        return {name: outputs[1 + names.index(name)].numpy() for name in want}

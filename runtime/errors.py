@@ -1,0 +1,17 @@
+"""Typed errors of rmt_runtime: each says what was wrong and what was expected."""
+from .bundle import BundleError
+
+
+class RuntimeInputError(ValueError):
+    """Input that the bundle cannot take: wrong dtype, shape, id range, mask, or non-finite memory."""
+
+
+class BackendError(RuntimeError):
+    """A backend or provider that cannot run, or that is not what was asked for."""
+
+
+class StateError(Exception):
+    """A state file that cannot be restored: corrupt, of another version, or of another bundle."""
+
+
+__all__ = ["BundleError", "RuntimeInputError", "BackendError", "StateError"]

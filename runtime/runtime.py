@@ -79,11 +79,18 @@ class RMTRuntime:
         return self.bundle.segment_size
 
     # ---- states -------------------------------------------------------------------------
-    def new_state(self, batch: int = 1) -> SequenceState:
-        """B fresh sequences starting from the learned initial memory."""
+    def new_state(self, batch: int = 1, memory: np.ndarray | None = None) -> SequenceState:
+        """B fresh sequences starting from the learned initial memory, or from ``memory`` [B, M, D]."""
         if batch < 1:
             raise RuntimeInputError(f"batch must be >= 1, got {batch}")
-        memory = np.repeat(self._memory_init[None], batch, axis=0)
+        if memory is None:
+            memory = np.repeat(self._memory_init[None], batch, axis=0)
+        else:
+            memory = np.asarray(memory)
+            expected = (batch, self.bundle.num_mem_tokens, self.bundle.hidden_size)
+            if memory.dtype != np.float32 or memory.shape != expected:
+                raise RuntimeInputError(f"memory must be float32 {list(expected)}, got {memory.dtype} "
+                                        f"{list(memory.shape)}")
         return self._state_from_host(memory, [np.zeros(0, np.int64)] * batch,
                                      np.zeros(batch, np.int64), np.zeros(batch, np.int64), None,
                                      np.zeros(batch, bool))

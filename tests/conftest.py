@@ -1,6 +1,9 @@
-"""Shared fixtures: tiny random-initialised models, seeded for reproducibility."""
+"""Shared fixtures: tiny random-initialised models and their exported bundles, seeded."""
 import pytest
 import torch
+
+from rmt_export.exporter import ExportOptions, export_model
+from rmt_export.validate import ValidationPlan
 
 from rmt_model import build_model, save_checkpoint
 from rmt_model.tiny import tiny_config
@@ -22,3 +25,21 @@ def tiny_checkpoint(tmp_path_factory):
     model = build_model(tiny_config("gpt2", num_mem_tokens=4, segment_size=16))
     path = save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "model.pt")
     return path, model
+
+
+@pytest.fixture(scope="session")
+def bundle_factory(tmp_path_factory):
+    """bundle_factory(family, precision) -> (model, ExportResult); cached for the session."""
+    cache = {}
+
+    def make(family: str, precision: str = "fp32"):
+        key = (family, precision)
+        if key not in cache:
+            torch.manual_seed(0)
+            model = build_model(tiny_config(family, num_mem_tokens=4, segment_size=16))
+            out = tmp_path_factory.mktemp("bundles") / f"{family}-{precision}"
+            result = export_model(model, out, ExportOptions(precision=precision, plan=ValidationPlan(segments=32)))
+            cache[key] = (model, result)
+        return cache[key]
+    return make
+

@@ -90,7 +90,8 @@ class OnnxRuntimeRunner(Runner):
                                                       self.device, 0)
 
     def memory_to_host(self, handle: Any) -> np.ndarray:
-        return handle.numpy()
+        # A CPU OrtValue's numpy() can be a view of its buffer, which dies with the OrtValue.
+        return np.array(handle.numpy(), copy=True)
 
     def empty_memory(self, batch: int) -> Any:
         shape = [batch, self.bundle.num_mem_tokens, self.bundle.hidden_size]
@@ -111,4 +112,4 @@ class OnnxRuntimeRunner(Runner):
             binding.bind_output(name, "cpu" if name in want else self.device)
         session.run_with_iobinding(binding)
         outputs = binding.get_outputs()  # in binding order: new_memory, then the host outputs
-        return {name: outputs[1 + names.index(name)].numpy() for name in want}
+        return {name: np.array(outputs[1 + names.index(name)].numpy(), copy=True) for name in want}

@@ -33,5 +33,6 @@ setup(
     entry_points={"console_scripts": [
         "rmt-export=rmt_export.cli:main",
         "rmt-check-trt=rmt_export.cli:check_trt_main",
+        "rmt-run=rmt_runtime.cli:main",
     ]},
 )

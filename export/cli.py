@@ -2,38 +2,18 @@
 from __future__ import annotations
 
 import json
-import sys
-import traceback
 from pathlib import Path
 
 import click
 
 from rmt_runtime.bundle import BundleError
+from rmt_runtime.cli_support import fail, run_guarded
 
 from .errors import ExportError
 
 
-def _fail(message: str, as_json: bool) -> None:
-    if as_json:
-        click.echo(json.dumps({"ok": False, "error": message}))
-    raise click.ClickException(message)
-
-
 def _run_guarded(verbose: bool, as_json: bool, work):
-    """Library errors become one clear line (exit 1); others too, with the traceback on --verbose."""
-    try:
-        return work()
-    except (ExportError, BundleError) as exc:
-        if verbose:
-            traceback.print_exc()
-        _fail(str(exc), as_json)
-    except KeyboardInterrupt:
-        click.echo("interrupted: nothing was written", err=True)
-        sys.exit(130)
-    except Exception as exc:  # noqa: BLE001 - the last line of defence for the CLI
-        if verbose:
-            traceback.print_exc()
-        _fail(f"unexpected {type(exc).__name__}: {exc} (rerun with --verbose for the traceback)", as_json)
+    return run_guarded(verbose, as_json, work, (ExportError, BundleError))
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -78,7 +58,7 @@ def main(ckpt, out, fp16, opset, force, no_validate, segments, tokenizer_dir, ba
     precision = "fp16" if fp16 else "fp32"
     layout_given = [backbone_config is not None, num_mem_tokens is not None, segment_size is not None]
     if any(layout_given) and not all(layout_given):
-        _fail("--backbone-config, --num-mem-tokens and --segment-size go together (reference checkpoints)",
+        fail("--backbone-config, --num-mem-tokens and --segment-size go together (reference checkpoints)",
               as_json)
     reference = ReferenceLayout(backbone_config, num_mem_tokens, segment_size) if all(layout_given) else None
     if out is None:

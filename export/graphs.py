@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from rmt_model import RMTBase
-from rmt_runtime.spec import INGEST, SPEC_VERSION, STEP, GraphSpec
+from rmt_runtime.spec import INGEST, SPEC_VERSION, GraphSpec
 
 from .errors import ExportError
 

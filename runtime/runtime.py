@@ -185,6 +185,8 @@ class RMTRuntime:
         size = self.segment_size
         total = max(len(p) // size for p in state.pending)
         graph, want = self._graph_for_feed()
+        if progress and total:
+            progress(0, total)
         for index in range(total):
             ids = np.zeros((state.batch, size), np.int64)
             mask = np.zeros((state.batch, size), np.int64)
@@ -268,6 +270,8 @@ class RMTRuntime:
         for seg_ids, seg_mask in segments:
             self.runner.check_inputs(self.runner.specs[STEP], seg_ids, seg_mask)  # all checks first
         all_logits = []
+        if progress:
+            progress(0, len(segments))
         for index, (seg_ids, seg_mask) in enumerate(segments):
             last = index == len(segments) - 1
             if self.kind == "encoder":

@@ -39,7 +39,7 @@ def open_runner(bundle: Bundle, backend: str = "auto", provider: str | None = No
         try:
             runner = OnnxRuntimeRunner(bundle, candidate, threads=threads).activate()
         except BackendError as exc:
-            skipped.append(f"{candidate}: {str(exc).split(' (')[0]}")
+            skipped.append(f"{candidate}: {str(exc).split(' (available')[0]}")
             continue
         reason = f"{runner.name} (auto: best available" + (f"; skipped {' | '.join(skipped)})" if skipped else ")")
         return runner, reason

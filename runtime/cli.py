@@ -1,0 +1,336 @@
+"""``rmt-run``: a thin click layer over ``rmt_runtime.RMTRuntime``.
+
+Torch-free: this module imports numpy, click and rmt_runtime only; ``tokenizers`` is
+imported when text is read or decoded, and torch only by the torch backend when asked for.
+"""
+from __future__ import annotations
+
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from .bundle import Bundle, BundleError
+from .cli_support import fail, run_guarded
+from .errors import BackendError, RuntimeInputError, StateError
+from .runtime import RMTRuntime
+
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+class CliInputError(Exception):
+    """Input the command cannot use: an unreadable or malformed file, a missing tokenizer, no tokens."""
+
+
+_EXPECTED = (BundleError, RuntimeInputError, BackendError, StateError, CliInputError)
+
+
+def _run_guarded(verbose, as_json, work, interrupted=lambda: "interrupted: nothing was written"):
+    return run_guarded(verbose, as_json, work, _EXPECTED, interrupted)
+
+
+# ---- input ------------------------------------------------------------------------------------
+def _read_bytes(source: str) -> tuple[bytes, str]:
+    """The bytes of a file, or of stdin for '-', and a name for messages."""
+    if source == "-":
+        if sys.stdin is None:
+            raise CliInputError("no stdin to read ('-')")
+        return sys.stdin.buffer.read(), "stdin"
+    path = Path(source)
+    if path.is_dir():
+        raise CliInputError(f"{path}: is a directory, not an input file")
+    if not path.is_file():
+        raise CliInputError(f"{path}: no such file")
+    return path.read_bytes(), str(path)
+
+
+def _decode_text(data: bytes, name: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CliInputError(f"{name}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def parse_ids(data: bytes, name: str) -> np.ndarray:
+    """Token ids from a .npy file (1-D integer array) or whitespace-separated integers."""
+    if data.startswith(_NPY_MAGIC):
+        try:
+            array = np.load(io.BytesIO(data), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise CliInputError(f"{name}: not a readable .npy array ({exc})") from None
+        if not isinstance(array, np.ndarray) or not np.issubdtype(array.dtype, np.integer):
+            raise CliInputError(f"{name}: token ids must be an integer array, got dtype {array.dtype}")
+        if array.ndim != 1:
+            raise CliInputError(f"{name}: token ids must be a 1-D array, got shape {list(array.shape)}")
+        return array.astype(np.int64)
+    words = _decode_text(data, name).split()
+    ids = []
+    for position, word in enumerate(words):
+        try:
+            ids.append(int(word))
+        except ValueError:
+            raise CliInputError(f"{name}: token {position} ({word[:20]!r}) is not an integer id; "
+                                "--ids takes a .npy array or whitespace-separated integers") from None
+    return np.asarray(ids, dtype=np.int64)
+
+
+def load_tokenizer(bundle: Bundle):
+    """The bundle's tokenizer.json through the ``tokenizers`` library; CliInputError if it cannot."""
+    shipped = bundle.manifest.get("tokenizer") or []
+    if "tokenizer.json" not in shipped:
+        what = f"ships {shipped} but no tokenizer.json" if shipped else "has no tokenizer"
+        raise CliInputError(f"bundle {bundle.path} {what}: pass token ids with --ids, or re-export "
+                            "with rmt-export --tokenizer DIR holding tokenizer.json")
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise CliInputError("reading text needs the tokenizers library: pip install tokenizers "
+                            "(or pass token ids with --ids)") from None
+    try:
+        return Tokenizer.from_file(str(bundle.path / "tokenizer.json"))
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exceptions
+        raise CliInputError(f"{bundle.path / 'tokenizer.json'}: not a readable tokenizer ({exc})") from None
+
+
+def _optional_tokenizer(bundle: Bundle):
+    """The tokenizer for decoding output ids, or None when the bundle or the library has none."""
+    try:
+        return load_tokenizer(bundle)
+    except CliInputError:
+        return None
+
+
+def read_input(bundle: Bundle, text, text_file, ids_file) -> tuple[np.ndarray, object]:
+    """(ids, tokenizer or None) from exactly one of the input options, or from stdin."""
+    given = [name for name, value in (("--text", text), ("--text-file", text_file), ("--ids", ids_file))
+             if value is not None]
+    if len(given) > 1:
+        raise CliInputError(f"give one input, not {' and '.join(given)}")
+    if not given:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise CliInputError("no input: give --text, --text-file or --ids, or pipe input on stdin")
+        if bundle.manifest.get("tokenizer") and "tokenizer.json" in bundle.manifest["tokenizer"]:
+            text_file = "-"
+        else:
+            ids_file = "-"
+    if ids_file is not None:
+        ids = parse_ids(*_read_bytes(ids_file))
+        tokenizer = _optional_tokenizer(bundle) if bundle.kind == "decoder" else None
+    else:
+        tokenizer = load_tokenizer(bundle)
+        if text is None:
+            text = _decode_text(*_read_bytes(text_file))
+        ids = np.asarray(tokenizer.encode(text).ids, dtype=np.int64)
+    if ids.size == 0:
+        raise CliInputError("no tokens to run: the input is empty")
+    return ids, tokenizer
+
+
+# ---- output -----------------------------------------------------------------------------------
+def _labels(bundle: Bundle) -> dict[int, str]:
+    id2label = ((bundle.manifest.get("rmt_config") or {}).get("backbone") or {}).get("id2label") or {}
+    try:
+        return {int(key): str(value) for key, value in id2label.items()}
+    except (AttributeError, ValueError):
+        return {}
+
+
+def summarize(bundle: Bundle, logits: np.ndarray | None, top_k: int, tokenizer) -> dict:
+    """Top-k next tokens (decoder) or the predicted class (encoder) from last-position logits."""
+    if logits is None:
+        return {}
+    row = np.asarray(logits[0], dtype=np.float32)
+    order = np.argsort(-row, kind="stable")[:top_k]
+    if bundle.kind == "encoder":
+        labels = _labels(bundle)
+        predicted = int(order[0])
+        return {"class": predicted, "label": labels.get(predicted),
+                "class_logits": [float(x) for x in row],
+                "top_k": [{"id": int(i), "logit": float(row[i]), "label": labels.get(int(i))} for i in order]}
+    entries = []
+    for i in order:
+        entry = {"id": int(i), "logit": float(row[i])}
+        if tokenizer is not None:
+            entry["text"] = tokenizer.decode([int(i)], skip_special_tokens=False)
+        entries.append(entry)
+    return {"top_k": entries}
+
+
+def _human_lines(kind: str, summary: dict) -> list[str]:
+    lines = []
+    if kind == "encoder":
+        label = f" ({summary['label']})" if summary.get("label") else ""
+        lines.append(f"class {summary['class']}{label}")
+    for entry in summary.get("top_k", []):
+        line = f"{entry['id']:>6} {entry['logit']:>12.4f}"
+        if entry.get("text") is not None:
+            line += f"  {json.dumps(entry['text'], ensure_ascii=False)}"
+        elif entry.get("label") is not None:
+            line += f"  {entry['label']}"
+        lines.append(line)
+    return lines
+
+
+class _Progress:
+    """A click progress bar on stderr, opened at the first report of more than one segment."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar = None
+        self.done = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            if not self.enabled or total <= 1:
+                return
+            self.bar = click.progressbar(length=total, label=f"running {total} segments", file=sys.stderr,
+                                         show_pos=True)
+            self.bar.__enter__()
+        self.bar.update(done - self.done)
+        self.done = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
+# ---- command ----------------------------------------------------------------------------------
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--bundle", "bundle_dir", required=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path), help="Bundle directory.")
+@click.option("--text", default=None, help="Input text (needs the bundle's tokenizer.json).")
+@click.option("--text-file", default=None, metavar="FILE", help="Input text from FILE ('-': stdin).")
+@click.option("--ids", "ids_file", default=None, metavar="FILE",
+              help="Token ids: a .npy 1-D integer array or whitespace-separated integers ('-': stdin).")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "torch"]), default="auto",
+              show_default=True, help="What runs the graphs; an explicit choice never falls back.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default=None,
+              help="Execution provider (device for --backend torch); an explicit one never falls back.")
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="--backend torch: the checkpoint the bundle was exported from.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op CPU threads.")
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Next tokens (decoder) or classes (encoder) to show.")
+@click.option("--state", "state_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Continue the sequence saved in FILE (if it exists), then save it there.")
+@click.option("--save-outputs", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              metavar="FILE.npz", help="Write the final memory and last_logits arrays (np.savez).")
+@click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable result on stdout.")
+@click.option("--verbose", is_flag=True, help="Show tracebacks.")
+def main(bundle_dir, text, text_file, ids_file, backend, provider, checkpoint, threads, top_k, state_file,
+         save_outputs, no_progress, as_json, verbose):
+    """Run an exported RMT bundle over an input of any length, segment by segment.
+
+    \b
+    Examples:
+      rmt-run --bundle model-fp32 --text "The memory tokens carry"
+      rmt-run --bundle model-fp32 --ids ids.npy --top-k 10 --json
+      echo "17 4 88 23" | rmt-run --bundle model-fp32 --ids -
+      cat book.txt | rmt-run --bundle model-fp32 --save-outputs out.npz
+      rmt-run --bundle model-fp32 --backend torch --checkpoint model.pt --ids ids.txt
+    \b
+    Streaming across invocations (a decoder gives the same result as one run over all chunks):
+      rmt-run --bundle model-fp32 --ids part1.txt --state seq.npz
+      rmt-run --bundle model-fp32 --ids part2.txt --state seq.npz
+
+    Input is one of --text, --text-file or --ids; with none, stdin is read (text when the
+    bundle ships tokenizer.json, token ids otherwise). A decoder prints the top-k next
+    tokens with their logits (decoded when the bundle has a tokenizer); an encoder prints
+    the predicted class and the class logits. The backend picked goes to stderr.
+
+    With --state, full segments are run into the saved memory and a partial segment waits
+    in the state for the next invocation; the output shown is what the input so far gives,
+    as if it ended here. (Encoders: streaming segments from the first token, while one
+    run without --state aligns segments to the end as the reference encoder does, so the
+    two can differ slightly.) Ctrl-C exits with status 130 and writes nothing: the state file
+    keeps what the previous invocation saved, so the interrupted chunk can be fed again.
+    """
+    if checkpoint is not None and backend != "torch":
+        fail("--checkpoint is for --backend torch (ONNX backends run the bundle's graphs)", as_json)
+
+    def prepare():
+        bundle = Bundle.load(bundle_dir)
+        ids, tokenizer = read_input(bundle, text, text_file, ids_file)
+        if state_file is not None and state_file.is_dir():
+            raise CliInputError(f"{state_file}: is a directory, not a state file")
+        return bundle, ids, tokenizer
+
+    bundle, ids, tokenizer = _run_guarded(verbose, as_json, prepare)
+    progress = _Progress(enabled=not (as_json or no_progress))
+    written: list[str] = []
+
+    def interrupted() -> str:
+        if written:
+            return f"interrupted: {' and '.join(written)} written before the interrupt"
+        kept = ""
+        if state_file is not None and state_file.exists():
+            kept = f"; {state_file} keeps what the previous invocation saved"
+        return f"interrupted: nothing was written{kept}"
+
+    def work():
+        started = time.perf_counter()
+        rt = RMTRuntime.load(bundle, backend=backend, provider=provider, threads=threads, checkpoint=checkpoint)
+        loaded = time.perf_counter()
+        if not as_json:
+            click.echo(f"backend: {rt.picked}", err=True)
+        try:
+            if state_file is not None:
+                resumed = state_file.exists()
+                state = rt.restore_state(state_file) if resumed else rt.new_state()
+                rt.feed(state, ids, progress=progress)
+                output = rt.peek(state)
+            else:
+                resumed = False
+                state = rt.new_state()
+                output = rt.run(ids[None], progress=progress, state=state)
+        finally:
+            progress.close()
+        ran = time.perf_counter()
+        if state_file is not None:
+            rt.save_state(state, state_file)
+            written.append(f"state {state_file}")
+        if save_outputs is not None:
+            arrays = {"memory": output.memory}
+            if output.last_logits is not None:
+                arrays["last_logits"] = output.last_logits
+            save_outputs.parent.mkdir(parents=True, exist_ok=True)
+            with open(save_outputs, "wb") as handle:  # a handle: np.savez adds no suffix
+                np.savez(handle, **arrays)
+            written.append(f"outputs {save_outputs}")
+        return rt, state, output, resumed, loaded - started, ran - loaded
+
+    rt, state, output, resumed, load_seconds, run_seconds = _run_guarded(verbose, as_json, work, interrupted)
+    summary = summarize(bundle, output.last_logits, top_k, tokenizer)
+    tokens = int(ids.size)
+    if as_json:
+        click.echo(json.dumps({
+            "ok": True, "bundle": str(bundle.path), "kind": bundle.kind, "backend": rt.picked,
+            "tokens": tokens, "tokens_seen": int(state.tokens_seen[0]),
+            "segments": int(state.segments_done[0]), "pending": int(len(state.pending[0])),
+            "memory_shape": list(output.memory.shape),
+            "memory_norm": float(np.linalg.norm(output.memory.astype(np.float64))),
+            **summary,
+            "seconds": run_seconds, "load_seconds": load_seconds,
+            "tokens_per_second": tokens / run_seconds if run_seconds > 0 else None,
+            "state": None if state_file is None else str(state_file), "resumed": resumed,
+            "outputs": None if save_outputs is None else str(save_outputs),
+        }, indent=2))
+        return
+    pending = len(state.pending[0])
+    rate = f", {tokens / run_seconds:.0f} tokens/s" if run_seconds > 0 else ""
+    segments = int(state.segments_done[0])
+    click.echo(f"{tokens} token{'s' * (tokens != 1)}, {segments} segment{'s' * (segments != 1)}"
+               + (f" ({pending} tokens pending in {state_file})" if state_file is not None and pending else "")
+               + rate, err=True)
+    for line in _human_lines(bundle.kind, summary):
+        click.echo(line)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -132,20 +132,22 @@ class RMTRuntime:
                                       state.has_logits[r:r + 1]) for r in range(state.batch)]
 
     # ---- running --------------------------------------------------------------------------
-    def _check_finite(self, memory: np.ndarray, where: str) -> None:
+    def _check_finite(self, memory: np.ndarray, where) -> None:
+        """``where``: text, or a callable making it (only built when something is wrong)."""
         if not np.isfinite(memory).all():
-            raise RuntimeInputError(f"memory holds NaN or Inf after {where}")
+            raise RuntimeInputError(f"memory holds NaN or Inf after {where() if callable(where) else where}")
 
     def _segment(self, state: SequenceState, ids: np.ndarray, mask: np.ndarray, graph: str,
                  want: tuple[str, ...]) -> dict[str, np.ndarray]:
         """Run one segment for all rows, commit the new memory, record logits of rows with tokens."""
-        outputs = self.runner.run_graph(graph, ids, mask, state.memory, state.scratch, want)
+        # Callers check whole inputs before any work (feed, run), or build valid segments.
+        outputs = self.runner.run_graph(graph, ids, mask, state.memory, state.scratch, want, checked=True)
         state.swap()
         rows = mask.any(axis=1)
         state.segments_done += rows
         if self.runner.memory_on_host:  # free on the host; device memory is checked at read-out
             self._check_finite(self.runner.memory_to_host(state.memory),
-                               f"segment {int(state.segments_done.max())} (rows {np.nonzero(rows)[0].tolist()})")
+                               lambda: f"segment {int(state.segments_done.max())} (rows {np.nonzero(rows)[0].tolist()})")
         key = "last_logits" if "last_logits" in outputs else "logits" if self.kind == "encoder" else None
         if key and key in outputs:
             self._record_logits(state, outputs[key], rows)
@@ -269,7 +271,10 @@ class RMTRuntime:
                     else _left_aligned(ids, mask, self.segment_size))
         for seg_ids, seg_mask in segments:
             self.runner.check_inputs(self.runner.specs[STEP], seg_ids, seg_mask)  # all checks first
-        all_logits = []
+        logits = None
+        if self.kind == "decoder" and return_logits:  # filled in place: no list of copies to concatenate
+            logits = np.empty((*ids.shape, self.bundle.vocab_size), np.float32)
+        start = 0
         if progress:
             progress(0, len(segments))
         for index, (seg_ids, seg_mask) in enumerate(segments):
@@ -281,8 +286,9 @@ class RMTRuntime:
             else:
                 graph, want = INGEST, ("last_logits",)
             outputs = self._segment(state, seg_ids, seg_mask, graph, want)
-            if self.kind == "decoder" and return_logits:
-                all_logits.append(outputs["logits"])
+            if logits is not None:
+                logits[:, start:start + seg_ids.shape[1]] = outputs["logits"]
+                start += seg_ids.shape[1]
                 rows = seg_mask.any(axis=1)
                 last_index = np.maximum(seg_mask.sum(axis=1) - 1, 0)
                 self._record_logits(state, outputs["logits"][np.arange(len(rows)), last_index], rows)
@@ -291,7 +297,6 @@ class RMTRuntime:
         state.tokens_seen += mask.sum(axis=1)
         memory = self.memory(state)
         self._check_finite(memory, f"segment {len(segments)}")
-        logits = np.concatenate(all_logits, axis=1) if all_logits else None
         return Output(memory=memory, last_logits=self._logits_or_none(state), logits=logits)
 
     # ---- persistence ----------------------------------------------------------------------

@@ -1,73 +1,95 @@
-"""The main job on a freshly created tiny model (until the trained sample model ships).
+"""The main job: export the shipped sample model and let the runtime answer across 32 segments.
 
-Creates a seeded tiny GPT-2 RMT and saves it as an rmt-edge checkpoint; exports it to a
-validated bundle (ONNX Runtime vs PyTorch over chained segments) exactly as
-``rmt-export --ckpt out/demo/model.pt`` does; then reads a long input segment by segment
-with the exported step graph in ONNX Runtime, carrying memory, and compares the final
-memory with the PyTorch segment loop.
-Run: make demo   (or: .venv/bin/python samples/demo.py --segments 256)
+1. exports samples/keyrecall/model.pt (a trained key-recall RMT) to a bundle, with the
+   export's own validation (ONNX Runtime vs PyTorch over 32 chained segments);
+2. builds a long input: a secret key in the first segment, 30 segments of noise, a
+   question in the last; streams it to the runtime in chunks as a document would arrive;
+3. prints the question, the answer, the parity figures and tokens/s against PyTorch.
+
+Run: make demo   (or: .venv/bin/python samples/demo.py --segments 128)
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
-from rmt_export.exporter import ExportOptions, export_bundle
-from rmt_export.validate import summary_lines
-from rmt_model import build_model, save_checkpoint
-from rmt_model.tiny import tiny_config
-from rmt_runtime.bundle import Bundle
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from rmt_export.exporter import ExportOptions, export_bundle  # noqa: E402
+from rmt_export.validate import summary_lines  # noqa: E402
+from rmt_model import load_checkpoint  # noqa: E402
+from rmt_runtime import RMTRuntime  # noqa: E402
+from samples.task import make_batch, make_example  # noqa: E402
+
+CHECKPOINT = Path(__file__).resolve().parent / "keyrecall" / "model.pt"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("out/demo"), help="where model.pt and the bundle go")
-    parser.add_argument("--segments", type=int, default=64, help="segments of input to read")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("out/demo"))
+    parser.add_argument("--segments", type=int, default=32, help="segments of the long example")
+    parser.add_argument("--examples", type=int, default=100, help="examples for the accuracy line")
+    parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
+    torch.set_num_threads(min(2, torch.get_num_threads()))
 
-    torch.manual_seed(args.seed)
-    config = tiny_config("gpt2", num_mem_tokens=4, segment_size=16)
-    ckpt = save_checkpoint(build_model(config), args.out / "model.pt")
-    print(f"checkpoint: {ckpt} ({ckpt.stat().st_size / 1e3:.0f} kB), {config.family} decoder RMT, "
-          f"M={config.num_mem_tokens}, segment={config.segment_size}, D={config.hidden_size}")
-
-    result = export_bundle(ckpt, args.out / "bundle", ExportOptions(force=True),
-                           progress=lambda stage, detail: print(f"  [{stage}] {detail}"))
+    print(f"1. export {CHECKPOINT.relative_to(Path.cwd()) if CHECKPOINT.is_relative_to(Path.cwd()) else CHECKPOINT}")
+    result = export_bundle(CHECKPOINT, args.out / "keyrecall-fp32",
+                           ExportOptions(force=True, tokenizer_dir=CHECKPOINT.parent),
+                           progress=lambda stage, detail: print(f"   [{stage}] {detail}"))
     for line in summary_lines(result.manifest["validation"]):
-        print(f"  {line}")
+        print(f"   {line}")
 
-    bundle = Bundle.load(result.path)
-    session = ort.InferenceSession(str(bundle.graph_path("ingest")), providers=["CPUExecutionProvider"])
-    length = args.segments * bundle.segment_size
-    ids = np.random.default_rng(args.seed).integers(0, bundle.vocab_size, (1, length), dtype=np.int64)
-    memory = np.load(bundle.memory_init_path)[None]
-    started = time.perf_counter()
-    for start in range(0, length, bundle.segment_size):
-        chunk = ids[:, start:start + bundle.segment_size]
-        last_logits, memory = session.run(None, {"input_ids": chunk, "attention_mask": np.ones_like(chunk),
-                                                 "memory": memory})
-    onnx_seconds = time.perf_counter() - started
+    rt = RMTRuntime.load(result.path)
+    from tokenizers import Tokenizer
 
-    from rmt_model import load_checkpoint
+    tokenizer = Tokenizer.from_file(str(result.path / "tokenizer.json"))
+    text, answer = make_example(np.random.default_rng(args.seed), args.segments, rt.segment_size)
+    document = text.decode("ascii")
+    print(f"\n2. a document of {len(document)} bytes ({args.segments} segments of {rt.segment_size}), "
+          f"runtime: {rt.picked.split(' (')[0]}")
+    print(f"   starts: {document[:40]!r} ...")
+    print(f"   ends:   ... {document[-40:]!r}")
+    state = rt.new_state()
+    rng = np.random.default_rng(args.seed)
+    position = 0
+    while position < len(document):  # the document arrives in chunks of any size
+        size = int(rng.integers(1, 100))
+        rt.feed(state, tokenizer.encode(document[position:position + size]).ids)
+        position += size
+    output = rt.flush(state)
+    predicted = tokenizer.decode([int(output.last_logits[0].argmax())])
+    print(f"   question: what is the key?  answer: {predicted!r}  (expected {chr(answer)!r}: "
+          f"{'right' if predicted == chr(answer) else 'WRONG'})")
 
-    model = load_checkpoint(ckpt)
-    started = time.perf_counter()
+    model = load_checkpoint(CHECKPOINT)
+    ids = np.frombuffer(text, dtype=np.uint8).astype(np.int64)[None]
     with torch.no_grad():
-        reference = model(torch.from_numpy(ids))
-    torch_seconds = time.perf_counter() - started
-    drift = float(np.abs(memory - reference.memory.numpy()).max())
-    print(f"read {length} tokens in {args.segments} segments: ONNX Runtime ingest graph "
-          f"{length / onnx_seconds:,.0f} tokens/s, PyTorch eager {length / torch_seconds:,.0f} tokens/s "
-          f"({torch_seconds / onnx_seconds:.2f}x)")
-    print(f"final memory {memory.shape}: max abs difference ONNX vs PyTorch after {args.segments} "
-          f"chained segments {drift:.2e}")
-    print("next-token top-5 ids:", np.argsort(last_logits[0])[::-1][:5].tolist())
+        reference = model(torch.from_numpy(ids))  # also warms PyTorch up before timing
+        started = time.perf_counter()
+        model(torch.from_numpy(ids))
+        torch_seconds = time.perf_counter() - started
+    rt.run(ids)  # warm-up
+    started = time.perf_counter()
+    rt.run(ids)
+    runtime_seconds = time.perf_counter() - started
+    drift = float(np.abs(output.memory - reference.memory.numpy()).max())
+    tokens = ids.shape[1]
+    print(f"\n3. parity with PyTorch after {args.segments} chained segments: memory max abs diff {drift:.2e}, "
+          f"same answer: {int(reference.logits[0, -1].argmax()) == int(output.last_logits[0].argmax())}")
+    print(f"   speed, one sequence (2 CPU threads): runtime {tokens / runtime_seconds:,.0f} tokens/s, "
+          f"PyTorch eager {tokens / torch_seconds:,.0f} tokens/s ({torch_seconds / runtime_seconds:.1f}x)")
+    batch_ids, answers = make_batch(np.random.default_rng(args.seed + 1), args.examples, args.segments,
+                                    rt.segment_size)
+    started = time.perf_counter()
+    predicted = rt.run(batch_ids).last_logits.argmax(-1)
+    batch_seconds = time.perf_counter() - started
+    print(f"   {args.examples} examples of {args.segments} segments, batched: accuracy "
+          f"{(predicted == answers).mean():.3f} (chance 0.062), {batch_ids.size / batch_seconds:,.0f} tokens/s")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from click.testing import CliRunner
 
 from rmt_export.cli import main
 from rmt_runtime.bundle import Bundle
+from tests.cli.support import one_line_error
 
 
 def run(*args):
@@ -44,15 +45,6 @@ def test_no_validate_writes_a_bundle_without_a_report(tiny_checkpoint, tmp_path)
     assert "validation skipped" in result.stderr
 
 
-def _one_line_error(result, *fragments):
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
-    assert len(lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
 def test_missing_checkpoint(tmp_path):
     result = run("--ckpt", tmp_path / "absent.pt")
     assert result.exit_code == 2 and "does not exist" in result.output
@@ -61,7 +53,7 @@ def test_missing_checkpoint(tmp_path):
 def test_not_a_checkpoint(tmp_path):
     bad = tmp_path / "notes.pt"
     bad.write_text("not a checkpoint")
-    _one_line_error(run("--ckpt", bad, "--out", tmp_path / "b"), "not a readable PyTorch checkpoint")
+    one_line_error(run("--ckpt", bad, "--out", tmp_path / "b"), "not a readable PyTorch checkpoint")
     assert not (tmp_path / "b").exists()
 
 
@@ -82,13 +74,13 @@ def _edited_checkpoint(ckpt, tmp_path, **config_changes):
 def test_unknown_backbone_family(tiny_checkpoint, tmp_path):
     ckpt, _ = tiny_checkpoint
     edited = _edited_checkpoint(ckpt, tmp_path, model_type="not_a_family")
-    _one_line_error(run("--ckpt", edited, "--out", tmp_path / "b"), "unknown backbone family 'not_a_family'")
+    one_line_error(run("--ckpt", edited, "--out", tmp_path / "b"), "unknown backbone family 'not_a_family'")
 
 
 def test_segment_beyond_backbone_positions(tiny_checkpoint, tmp_path):
     ckpt, _ = tiny_checkpoint
     edited = _edited_checkpoint(ckpt, tmp_path, segment_size=100)
-    _one_line_error(run("--ckpt", edited, "--out", tmp_path / "b"),
+    one_line_error(run("--ckpt", edited, "--out", tmp_path / "b"),
                     "segment_size 100 + 2 x 4 memory tokens = 108 positions", "only 64")
 
 
@@ -97,7 +89,7 @@ def test_reference_checkpoint_without_backbone_config(tiny_checkpoint, tmp_path)
     reference = tmp_path / "rmt.bin"
     torch.save({("memory_cell.memory" if k == "memory" else f"memory_cell.{k}"): v
                 for k, v in model.state_dict().items()}, reference)
-    _one_line_error(run("--ckpt", reference, "--out", tmp_path / "b"), "reference RMT code", "--backbone-config")
+    one_line_error(run("--ckpt", reference, "--out", tmp_path / "b"), "reference RMT code", "--backbone-config")
 
 
 def test_reference_checkpoint_with_its_layout_exports(tiny_checkpoint, tmp_path):
@@ -114,22 +106,22 @@ def test_reference_checkpoint_with_its_layout_exports(tiny_checkpoint, tmp_path)
 
 def test_layout_options_go_together(tiny_checkpoint, tmp_path):
     ckpt, _ = tiny_checkpoint
-    _one_line_error(run("--ckpt", ckpt, "--num-mem-tokens", 4), "go together")
+    one_line_error(run("--ckpt", ckpt, "--num-mem-tokens", 4), "go together")
 
 
 def test_unwritable_out(tiny_checkpoint, tmp_path):
     ckpt, _ = tiny_checkpoint
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    _one_line_error(run("--ckpt", ckpt, "--out", blocker / "bundle"), "is not a directory")
-    _one_line_error(run("--ckpt", ckpt, "--out", blocker), "is an existing file")
+    one_line_error(run("--ckpt", ckpt, "--out", blocker / "bundle"), "is not a directory")
+    one_line_error(run("--ckpt", ckpt, "--out", blocker), "is an existing file")
 
 
 def test_existing_out_needs_force(tiny_checkpoint, tmp_path):
     ckpt, _ = tiny_checkpoint
     out = tmp_path / "b"
     assert run("--ckpt", ckpt, "--out", out, "--segments", 2).exit_code == 0
-    _one_line_error(run("--ckpt", ckpt, "--out", out, "--segments", 2), "already exists; pass --force")
+    one_line_error(run("--ckpt", ckpt, "--out", out, "--segments", 2), "already exists; pass --force")
     result = run("--ckpt", ckpt, "--out", out, "--segments", 2, "--force")
     assert result.exit_code == 0, result.output
 
@@ -180,4 +172,4 @@ def test_tokenizer_dir_without_tokenizer_files_is_refused(tiny_checkpoint, tmp_p
     ckpt, _ = tiny_checkpoint
     empty = tmp_path / "empty"
     empty.mkdir()
-    _one_line_error(run("--ckpt", ckpt, "--out", tmp_path / "b", "--tokenizer", empty), "holds no tokenizer files")
+    one_line_error(run("--ckpt", ckpt, "--out", tmp_path / "b", "--tokenizer", empty), "holds no tokenizer files")

@@ -15,6 +15,7 @@ from rmt_export.exporter import ExportOptions, export_model
 from rmt_export.validate import ValidationPlan
 from rmt_runtime import RMTRuntime
 from rmt_runtime.cli import main
+from tests.cli.support import one_line_error
 
 SEGMENT = 16
 IDS = np.random.default_rng(7).integers(0, 97, size=3 * SEGMENT + 5).astype(np.int64)  # 4 segments
@@ -41,16 +42,6 @@ def printed(result):
     """(id, logit) of each top-k line on stdout."""
     rows = [line.split() for line in result.stdout.splitlines() if line.strip()]
     return [int(r[0]) for r in rows], [float(r[1]) for r in rows]
-
-
-def one_line_error(result, *fragments):
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
-    assert len(lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

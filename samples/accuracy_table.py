@@ -1,0 +1,118 @@
+"""Accuracy of the sample model over 2..64 segments: PyTorch, the fp32 and fp16 bundles
+through the runtime, and PyTorch with memory reset at every segment (must fall to chance).
+
+    .venv/bin/python samples/accuracy_table.py [--examples 200] [--out out/sample]
+
+Exports the shipped checkpoint to fp32 and fp16 bundles under --out (reused when present),
+prints a markdown table, writes accuracy.json and accuracy.png there.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from rmt_export.exporter import ExportOptions, export_bundle  # noqa: E402
+from rmt_model import load_checkpoint  # noqa: E402
+from rmt_runtime import RMTRuntime  # noqa: E402
+from samples.task import CHANCE, make_batch  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+CHECKPOINT = HERE / "keyrecall" / "model.pt"
+SEGMENTS = (2, 4, 8, 16, 32, 64)
+
+
+def bundle_for(precision: str, out: Path, checkpoint: Path) -> Path:
+    path = out / f"keyrecall-{precision}"
+    if not (path / "manifest.json").is_file():
+        export_bundle(checkpoint, path, ExportOptions(precision=precision, force=True,
+                                                      tokenizer_dir=checkpoint.parent))
+    return path
+
+
+def answers_with_reset(model, ids: np.ndarray) -> np.ndarray:
+    """PyTorch with the initial memory fed to every segment: nothing is carried."""
+    size = model.config.segment_size
+    tokens = torch.from_numpy(ids)
+    with torch.no_grad():
+        memory = model.initial_memory(ids.shape[0])
+        for start in range(0, ids.shape[1], size):
+            chunk = tokens[:, start:start + size]
+            logits, _ = model.step(chunk, torch.ones_like(chunk), memory)
+    return logits[:, -1].argmax(-1).numpy()
+
+
+def measure(checkpoint: Path, out: Path, examples: int, segments=SEGMENTS, seed: int = 1234) -> dict:
+    model = load_checkpoint(checkpoint)
+    runtimes = {p: RMTRuntime.load(bundle_for(p, out, checkpoint)) for p in ("fp32", "fp16")}
+    rows = []
+    for n in segments:
+        ids, answers = make_batch(np.random.default_rng(seed + n), examples, n, model.config.segment_size)
+        with torch.no_grad():
+            reference = model(torch.from_numpy(ids)).logits[:, -1].argmax(-1).numpy()
+        row = {"segments": n, "tokens": int(ids.shape[1]) + 1, "pytorch": float((reference == answers).mean())}
+        for precision, rt in runtimes.items():
+            predicted = rt.run(ids).last_logits.argmax(-1)
+            row[precision] = float((predicted == answers).mean())
+            row[f"{precision}_agrees_with_pytorch"] = float((predicted == reference).mean())
+        row["memory_reset"] = float((answers_with_reset(model, ids) == answers).mean())
+        rows.append(row)
+    return {"examples": examples, "chance": CHANCE, "rows": rows}
+
+
+def table(result: dict) -> str:
+    lines = [f"| segments | tokens | PyTorch | fp32 bundle | fp16 bundle | agree fp32/fp16 with PyTorch | "
+             f"memory reset (chance {result['chance']:.3f}) |", "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['segments']} | {r['tokens']} | {r['pytorch']:.3f} | {r['fp32']:.3f} | {r['fp16']:.3f} | "
+                     f"{r['fp32_agrees_with_pytorch']:.3f} / {r['fp16_agrees_with_pytorch']:.3f} | "
+                     f"{r['memory_reset']:.3f} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    segments = [r["segments"] for r in result["rows"]]
+    figure, axes = plt.subplots(figsize=(6.4, 4.0))
+    for key, label, style in (("pytorch", "PyTorch", "o-"), ("fp32", "fp32 bundle (runtime)", "s--"),
+                              ("fp16", "fp16 bundle (runtime)", "^:"), ("memory_reset", "memory reset", "x-")):
+        axes.plot(segments, [r[key] for r in result["rows"]], style, label=label)
+    axes.axhline(result["chance"], color="grey", linewidth=0.8, label="chance")
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(segments, [str(s) for s in segments])
+    axes.set_ylim(0, 1.05)
+    axes.set_xlabel("segments of input (32 tokens each)")
+    axes.set_ylabel("answer accuracy")
+    axes.set_title(f"Key recall across segments ({result['examples']} examples each)")
+    axes.legend(loc="center left", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--examples", type=int, default=200)
+    parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT)
+    parser.add_argument("--out", type=Path, default=Path("out/sample"))
+    parser.add_argument("--plot", type=Path, default=None, help="PNG path [default: <out>/accuracy.png]")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = measure(args.checkpoint, args.out, args.examples)
+    print(table(result))
+    (args.out / "accuracy.json").write_text(json.dumps(result, indent=2))
+    print("plot:", plot(result, args.plot or args.out / "accuracy.png"))
+
+
+if __name__ == "__main__":
+    main()

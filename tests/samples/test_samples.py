@@ -1,0 +1,126 @@
+"""Every sample runs (at small sizes) on the shipped trained checkpoint."""
+import json
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rmt_runtime import RMTRuntime
+from samples import accuracy_table, train_sample
+from samples.byte_tokenizer import build_tokenizer
+from samples.streaming_reader import read_and_answer
+from samples.task import CHANCE, KEYS, make_example
+
+ROOT = Path(__file__).resolve().parents[2]
+CHECKPOINT = ROOT / "samples" / "keyrecall" / "model.pt"
+
+
+@pytest.fixture(scope="module")
+def sample_out(tmp_path_factory):
+    """One directory for the sample's bundles: each is exported once and reused."""
+    return tmp_path_factory.mktemp("sample")
+
+
+@pytest.fixture(scope="module")
+def sample_bundle(sample_out):
+    return accuracy_table.bundle_for("fp32", sample_out, CHECKPOINT)
+
+
+def test_byte_tokenizer_maps_each_byte_to_its_id():
+    tokenizer = build_tokenizer()
+    text = "key=K; é\n?"
+    assert tokenizer.encode(text).ids == list(text.encode())
+    assert tokenizer.decode(list(text.encode())) == text
+
+
+def test_task_needs_memory_by_construction():
+    text, answer = make_example(np.random.default_rng(0), segments=3, segment_size=32)
+    assert len(text) == 3 * 32 - 1 and chr(answer) in KEYS
+    assert text.startswith(f"key={chr(answer)};".encode()) and text.endswith(b"?key=")
+    assert chr(answer).encode() not in text[32:]  # the key appears only in the first segment
+
+
+def test_training_is_seeded_and_learns(tmp_path):
+    first = train_sample.train(steps=40, seed=3, batch=8, log=lambda line: None)
+    second = train_sample.train(steps=40, seed=3, batch=8, log=lambda line: None)
+    a, b = first.state_dict(), second.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # reproducible bit for bit
+
+
+def test_shipped_model_answers_and_bundles_agree(sample_out, tmp_path):
+    result = accuracy_table.measure(CHECKPOINT, sample_out, examples=64, segments=(2, 16))
+    for row in result["rows"]:
+        assert row["pytorch"] >= 0.95
+        assert row["fp32_agrees_with_pytorch"] >= 0.99 and row["fp16_agrees_with_pytorch"] >= 0.99
+        assert row["memory_reset"] <= CHANCE + 0.15  # without memory: chance
+    png = accuracy_table.plot(result, tmp_path / "accuracy.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| 16 |" in accuracy_table.table(result)
+
+
+def test_streaming_reader_answers_from_chunks(sample_bundle):
+    from tokenizers import Tokenizer
+
+    runtime = RMTRuntime.load(sample_bundle)
+    tokenizer = Tokenizer.from_file(str(sample_bundle / "tokenizer.json"))
+    text, answer = make_example(np.random.default_rng(5), segments=12, segment_size=32)
+    document = text.decode()
+    chunks = [document[i:i + 37] for i in range(0, len(document), 37)]
+    predicted, tokens = read_and_answer(runtime, tokenizer, chunks)
+    assert predicted == chr(answer) and tokens == len(text)
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "samples" / "demo.py"), "--out", str(tmp_path),
+                             "--segments", "8", "--examples", "16"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "answer:" in result.stdout and "right" in result.stdout
+    assert "tokens/s" in result.stdout and "memory max abs diff" in result.stdout
+
+
+def _start_service(bundle, state_dir):
+    process = subprocess.Popen([sys.executable, str(ROOT / "samples" / "memory_service.py"), "--bundle", str(bundle),
+                                "--state-dir", str(state_dir), "--port", "0"], stdout=subprocess.PIPE, text=True,
+                               cwd=ROOT)
+    line = process.stdout.readline()
+    assert line.startswith("listening on http://127.0.0.1:"), line
+    return process, line.strip().split()[-1]
+
+
+def _call(url, method="GET", data=None):
+    request = urllib.request.Request(url, data=data, method=method)
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def test_service_keeps_sessions_across_a_restart(sample_bundle, tmp_path):
+    text, answer = make_example(np.random.default_rng(9), segments=10, segment_size=32)
+    document = text.decode()
+    state_dir = tmp_path / "sessions"
+    process, base = _start_service(sample_bundle, state_dir)
+    try:
+        _call(f"{base}/sessions/alice/feed", "POST", document[:150].encode())
+        _call(f"{base}/sessions/bob/feed", "POST", b"key=B; unrelated")
+    finally:
+        process.send_signal(signal.SIGKILL)  # no clean shutdown: only what is on disk survives
+        process.wait()
+    process, base = _start_service(sample_bundle, state_dir)
+    try:
+        fed = _call(f"{base}/sessions/alice/feed", "POST", document[150:].encode())
+        assert fed["tokens"] == len(text)
+        reply = _call(f"{base}/sessions/alice/answer")
+        memory = np.array(_call(f"{base}/sessions/alice/memory")["memory"], dtype=np.float32)
+    finally:
+        process.terminate()
+        process.wait()
+    assert reply["answer"] == chr(answer)
+    runtime = RMTRuntime.load(sample_bundle)
+    state = runtime.new_state()
+    runtime.feed(state, list(text))
+    np.testing.assert_array_equal(memory, runtime.peek(state).memory)  # nothing lost in the restart
+    assert sorted(p.name for p in state_dir.iterdir()) == ["alice.npz", "bob.npz"]

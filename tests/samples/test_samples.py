@@ -124,3 +124,29 @@ def test_service_keeps_sessions_across_a_restart(sample_bundle, tmp_path):
     runtime.feed(state, list(text))
     np.testing.assert_array_equal(memory, runtime.peek(state).memory)  # nothing lost in the restart
     assert sorted(p.name for p in state_dir.iterdir()) == ["alice.npz", "bob.npz"]
+
+
+def test_encoder_sample_classifies_long_documents(sample_out):
+    """The trained encoder reads 12-segment documents; the runtime agrees with PyTorch."""
+    from tokenizers import Tokenizer
+
+    from rmt_export.exporter import ExportOptions, export_bundle
+    from rmt_model import load_checkpoint
+    from samples.classify_document import classify
+    from samples.train_encoder_sample import make_documents
+
+    checkpoint = ROOT / "samples" / "keyclass" / "model.pt"
+    bundle = export_bundle(checkpoint, sample_out / "keyclass-fp32",
+                           ExportOptions(force=True, tokenizer_dir=checkpoint.parent)).path
+    runtime = RMTRuntime.load(bundle)
+    tokenizer = Tokenizer.from_file(str(bundle / "tokenizer.json"))
+    model = load_checkpoint(checkpoint)
+    ids, labels = make_documents(np.random.default_rng(8), 32, 12 * 32 - 7)
+    right = 0
+    for row, label in zip(ids, labels):
+        predicted, logits = classify(runtime, tokenizer, bytes(row.tolist()).decode("ascii"))
+        with torch.no_grad():
+            reference = model(torch.from_numpy(row[None])).logits[0].numpy()
+        assert int(logits.argmax()) == int(reference.argmax())
+        right += predicted == KEYS[label]
+    assert right / len(labels) >= 0.9

@@ -27,12 +27,14 @@ setup(
         "export": EXPORT,
         "ort": ["onnxruntime>=1.22"],
         "gpu": ["onnxruntime-gpu>=1.22"],
+        "triton": ["tritonclient[grpc]>=2.40"],
         "trt": ["tensorrt>=10.3", "cuda-python>=12.6"],
         "dev": ["pytest>=8", "hypothesis>=6.100"],
     },
     entry_points={"console_scripts": [
         "rmt-export=rmt_export.cli:main",
         "rmt-check-trt=rmt_export.cli:check_trt_main",
+        "rmt-triton=rmt_export.cli:triton_main",
         "rmt-run=rmt_runtime.cli:main",
     ]},
 )

@@ -127,3 +127,37 @@ def check_trt_main(bundle_dir, max_batch, workspace_mb, as_json, verbose):
             click.echo(result.summary())
     if not ok:
         raise SystemExit(1)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--bundle", "bundle_dir", required=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path), help="Bundle directory.")
+@click.option("--repo", "repository", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Triton model repository to write into.")
+@click.option("--name", default="rmt", show_default=True, help="Model name in the repository.")
+@click.option("--graph", type=click.Choice(["ingest", "step"]), default="ingest", show_default=True,
+              help="ingest: last-token logits per request; step: logits for every position.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Sequences batched into one step by the sequence batcher.")
+@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--cpu", is_flag=True, help="Serve on the CPU (KIND_CPU) instead of the GPU.")
+@click.option("--force", is_flag=True, help="Replace an existing model directory.")
+@click.option("--verbose", is_flag=True, help="Show tracebacks.")
+def triton_main(bundle_dir, repository, name, graph, max_batch, instances, cpu, force, verbose):
+    """Write a Triton Inference Server model repository for a bundle.
+
+    \b
+    Example:
+      rmt-triton --bundle model-fp32 --repo models --max-batch 8
+      tritonserver --model-repository models
+
+    The sequence batcher keeps each sequence's memory in the server (implicit state:
+    memory -> new_memory, starting from memory_init.npy). Clients stream fixed-size
+    segments under one sequence id: rmt_runtime.triton_client.TritonRMTClient.
+    """
+    from .triton import TritonOptions, write_triton_repository
+
+    options = TritonOptions(name=name, graph=graph, max_batch_size=max_batch, instances=instances,
+                            kind="KIND_CPU" if cpu else "KIND_GPU")
+    model_dir = _run_guarded(verbose, False, lambda: write_triton_repository(bundle_dir, repository, options, force))
+    click.echo(str(model_dir))

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from rmt_runtime.bundle import BundleError
-from rmt_runtime.cli_support import fail, run_guarded
+from rmt_runtime.cli_support import fail, run_guarded, terminate_as_interrupt
 
 from .errors import ExportError
 
@@ -55,6 +55,7 @@ def main(ckpt, out, fp16, opset, force, no_validate, segments, tokenizer_dir, ba
     from .exporter import ExportOptions, ReferenceLayout, export_bundle
     from .validate import ValidationPlan, summary_lines
 
+    terminate_as_interrupt()  # SIGTERM cleans up the partial bundle like Ctrl-C does
     precision = "fp16" if fp16 else "fp32"
     layout_given = [backbone_config is not None, num_mem_tokens is not None, segment_size is not None]
     if any(layout_given) and not all(layout_given):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -36,6 +37,7 @@ def read_torch_file(path: str | os.PathLike) -> Any:
         raise CheckpointError(f"{path}: no such file")
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory, expected a checkpoint file")
+    _refuse_decompression_bomb(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except PermissionError as exc:
@@ -52,6 +54,25 @@ def read_torch_file(path: str | os.PathLike) -> Any:
             lines = [line for line in lines if line.startswith("Unsupported")] or ["not a pickle"]
         reason = lines[0] if lines else type(exc).__name__
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
+
+
+# torch writes its zip archives uncompressed: what they unpack to is about their own size.
+_MAX_UNPACK_RATIO = 4
+
+
+def _refuse_decompression_bomb(path: Path) -> None:
+    """A zip whose entries unpack to far more than the file holds is refused unread."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            declared = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError):
+        return  # torch.load reports it as unreadable
+    size = path.stat().st_size
+    if declared > _MAX_UNPACK_RATIO * size + (1 << 20):
+        raise CheckpointError(f"{path}: refused: its zip entries unpack to {declared:,} bytes from a "
+                              f"{size:,}-byte file (a decompression bomb; torch checkpoints are stored uncompressed)")
 
 
 def save_checkpoint(model: RMTBase, path: str | os.PathLike) -> Path:

@@ -5,6 +5,7 @@ imported when text is read or decoded, and torch only by the torch backend when 
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import sys
@@ -15,7 +16,7 @@ import click
 import numpy as np
 
 from .bundle import Bundle, BundleError
-from .cli_support import fail, run_guarded
+from .cli_support import fail, run_guarded, stop_requests
 from .errors import BackendError, RuntimeInputError, StateError
 from .runtime import RMTRuntime
 
@@ -248,8 +249,10 @@ def main(bundle_dir, text, text_file, ids_file, backend, provider, checkpoint, t
     in the state for the next invocation; the output shown is what the input so far gives,
     as if it ended here. (Encoders: streaming segments from the first token, while one
     run without --state aligns segments to the end as the reference encoder does, so the
-    two can differ slightly.) Ctrl-C exits with status 130 and writes nothing: the state file
-    keeps what the previous invocation saved, so the interrupted chunk can be fed again.
+    two can differ slightly.) Ctrl-C or SIGTERM while segments run with --state stops after
+    the current segment and saves the state there (the tokens not yet run stay pending in
+    it), exit status 130: the next invocation continues exactly. Without --state, Ctrl-C
+    exits with status 130 and writes nothing.
     """
     if checkpoint is not None and backend != "torch":
         fail("--checkpoint is for --backend torch (ONNX backends run the bundle's graphs)", as_json)
@@ -274,23 +277,35 @@ def main(bundle_dir, text, text_file, ids_file, backend, provider, checkpoint, t
         return f"interrupted: nothing was written{kept}"
 
     def work():
-        started = time.perf_counter()
-        rt = RMTRuntime.load(bundle, backend=backend, provider=provider, threads=threads, checkpoint=checkpoint)
-        loaded = time.perf_counter()
-        if not as_json:
-            click.echo(f"backend: {rt.picked}", err=True)
-        try:
-            if state_file is not None:
-                resumed = state_file.exists()
-                state = rt.restore_state(state_file) if resumed else rt.new_state()
-                rt.feed(state, ids, progress=progress)
-                output = rt.peek(state)
-            else:
-                resumed = False
-                state = rt.new_state()
-                output = rt.run(ids[None], progress=progress, state=state)
-        finally:
-            progress.close()
+        # With --state, Ctrl-C and SIGTERM are handled from here on: feed stops between two
+        # segments and the state is saved there (a signal during loading stops before the first).
+        stopping = stop_requests() if state_file is not None else contextlib.nullcontext()
+        with stopping as stop:
+            started = time.perf_counter()
+            rt = RMTRuntime.load(bundle, backend=backend, provider=provider, threads=threads,
+                                 checkpoint=checkpoint)
+            loaded = time.perf_counter()
+            if not as_json:
+                click.echo(f"backend: {rt.picked}", err=True)
+            try:
+                if state_file is not None:
+                    resumed = state_file.exists()
+                    state = rt.restore_state(state_file) if resumed else rt.new_state()
+                    finished = rt.feed(state, ids, progress=progress, stop=stop.is_set)
+                else:
+                    resumed, finished = False, True
+                    state = rt.new_state()
+                    output = rt.run(ids[None], progress=progress, state=state)
+            finally:
+                progress.close()
+        if not finished:
+            rt.save_state(state, state_file)
+            click.echo(f"interrupted after segment {int(state.segments_done[0])}: state saved to {state_file} "
+                       f"with {len(state.pending[0])} tokens pending; run again with --state {state_file} "
+                       "and the rest of the input to continue", err=True)
+            sys.exit(130)
+        if state_file is not None:
+            output = rt.peek(state)
         ran = time.perf_counter()
         if state_file is not None:
             rt.save_state(state, state_file)

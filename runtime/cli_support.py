@@ -4,8 +4,11 @@ Torch-free, so that the runtime's CLI stays light; the export CLI uses it too.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sys
+import threading
 import traceback
 from typing import Callable, TypeVar
 
@@ -44,3 +47,30 @@ def run_guarded(verbose: bool, as_json: bool, work: Callable[[], T], expected: t
             traceback.print_exc()
         fail(f"unexpected {type(exc).__name__}: {exc} (rerun with --verbose for the traceback)", as_json)
     raise AssertionError("unreachable")  # fail() always raises
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """While inside, SIGINT and SIGTERM set the yielded event instead of killing the process,
+    so a long loop can stop between two steps and leave consistent files behind."""
+    requested = threading.Event()
+    previous = {}
+
+    def handler(signum, frame):
+        requested.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, handler)
+    try:
+        yield requested
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def terminate_as_interrupt() -> None:
+    """Make SIGTERM raise KeyboardInterrupt, so that cleanup code (``finally``) runs for it too."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)

@@ -163,12 +163,16 @@ class RMTRuntime:
         # Encoders: the step graph (class logits are cheap); decoders: ingest (no per-token LM head).
         return (STEP, ("logits",)) if self.kind == "encoder" else (INGEST, ("last_logits",))
 
-    def feed(self, state: SequenceState, tokens, progress: Progress | None = None) -> None:
+    def feed(self, state: SequenceState, tokens, progress: Progress | None = None,
+             stop: Callable[[], bool] | None = None) -> bool:
         """Append tokens (batch 1: one id sequence; batch B: B sequences) and run every full
         segment. Tokens of a partial segment wait in the state until more come or ``flush``.
 
         Segmentation is left-aligned from each sequence's first token, so any chunking of
-        the same tokens gives the same result.
+        the same tokens gives the same result. ``stop`` is asked between segments: when it
+        says True, feed returns False at once, leaving a consistent state (memory of the
+        segments run, every other token pending) that a later feed continues exactly.
+        Returns True when every full segment ran.
         """
         chunks = [tokens] if state.batch == 1 and not _is_ragged(tokens) else list(tokens)
         if len(chunks) != state.batch:
@@ -190,15 +194,19 @@ class RMTRuntime:
         if progress and total:
             progress(0, total)
         for index in range(total):
+            if stop is not None and stop():
+                return False
             ids = np.zeros((state.batch, size), np.int64)
             mask = np.zeros((state.batch, size), np.int64)
             for row, pending in enumerate(state.pending):
                 if len(pending) >= size:
                     ids[row], mask[row] = pending[:size], 1
-                    state.pending[row] = pending[size:]
             self._segment(state, ids, mask, graph, want)
+            # Tokens leave pending only once their segment is in memory.
+            state.pending = [p[size:] if m else p for p, m in zip(state.pending, mask.any(axis=1))]
             if progress:
                 progress(index + 1, total)
+        return True
 
     def _pending_batch(self, state: SequenceState) -> tuple[np.ndarray, np.ndarray] | None:
         width = max(len(p) for p in state.pending)

@@ -73,8 +73,13 @@ class OnnxRuntimeRunner(Runner):
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             if self.threads:
                 options.intra_op_num_threads = self.threads
-            session = ort.InferenceSession(str(self.bundle.graph_path(graph)), options,
-                                           providers=self._provider_list())
+            try:
+                session = ort.InferenceSession(str(self.bundle.graph_path(graph)), options,
+                                               providers=self._provider_list())
+            except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise BackendError(f"{self.bundle.graph_path(graph)}: onnxruntime cannot load the "
+                                   f"{graph} graph: {first}") from None
             actual = session.get_providers()
             if actual[0] != PROVIDERS[self.provider]:
                 raise BackendError(f"asked for {PROVIDERS[self.provider]}, but the {graph} session runs on "

@@ -35,6 +35,7 @@ setup(
         "rmt-export=rmt_export.cli:main",
         "rmt-check-trt=rmt_export.cli:check_trt_main",
         "rmt-triton=rmt_export.cli:triton_main",
+        "rmt-build=rmt_export.cli:build_main",
         "rmt-run=rmt_runtime.cli:main",
     ]},
 )

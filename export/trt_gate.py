@@ -163,7 +163,7 @@ def _captured_stderr(lines: list[str]):
             lines += [line for line in text.splitlines() if line.strip()]
 
 
-def _profile_shapes(spec: GraphSpec, segment_size: int, max_batch: int, opt_batch: int
+def profile_shapes(spec: GraphSpec, segment_size: int, max_batch: int, opt_batch: int
                     ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
     """min/opt/max of every spec input: batch 1/opt_batch/max_batch, seq 1/segment/segment."""
     return {t.name: (t.shape(1, 1), t.shape(opt_batch, segment_size),
@@ -328,7 +328,7 @@ def _parse_and_build(trt, logger, path, spec, segment_size, max_batch, opt_batch
         for i, target in enumerate(targets):
             config.set_compute_capability(target, i)
     profile = builder.create_optimization_profile()
-    result.profile = _profile_shapes(spec, segment_size, max_batch, opt_batch)
+    result.profile = profile_shapes(spec, segment_size, max_batch, opt_batch)
     try:
         for name, (low, opt, high) in result.profile.items():
             profile.set_shape(name, low, opt, high)

@@ -7,8 +7,8 @@ from ..bundle import Bundle
 from ..errors import BackendError
 from .base import Runner
 
-BACKENDS = ("auto", "onnxruntime", "torch")
-# Best first. (The native TensorRT backend joins this list when it lands.)
+BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
+# Best first. The native TensorRT backend is explicit only (it may build engines for minutes).
 _AUTO_ORDER = ("tensorrt", "cuda", "cpu")
 
 
@@ -28,6 +28,12 @@ def open_runner(bundle: Bundle, backend: str = "auto", provider: str | None = No
 
         runner = PyTorchRunner(bundle, checkpoint, device=provider or "cpu", threads=threads)
         return runner.activate(), f"{runner.name} (asked for)"
+
+    if backend == "tensorrt":
+        from .tensorrt import TensorRTRunner
+
+        runner = TensorRTRunner(bundle)
+        return runner.activate(), f"{runner.name} (asked for; engines built or reused in {bundle.path}/engines)"
 
     from .onnxruntime import OnnxRuntimeRunner
 

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from rmt_runtime.atomic import write_atomically
 from rmt_runtime.bundle import Bundle
 
 from .errors import ExportError
@@ -203,16 +202,7 @@ def cached_engine(bundle: Bundle, graph: str, options: BuildOptions = BuildOptio
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda handle: handle.write(data))
 
 
 __all__ = ["BuildOptions", "DeviceInfo", "EngineError", "build_engine", "cached_engine", "engine_fields",

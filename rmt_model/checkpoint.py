@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+
+from rmt_runtime.atomic import write_atomically
 
 from .config import RMTConfig
 from .errors import CheckpointError, ConfigError
@@ -84,15 +85,7 @@ def save_checkpoint(model: RMTBase, path: str | os.PathLike) -> Path:
         "config": json.dumps(model.config.to_dict(), sort_keys=True),
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda handle: torch.save(payload, handle))
     return path
 
 

@@ -24,6 +24,7 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from rmt_model import RMTConfig, build_model, family_config_dict, save_checkpoint  # noqa: E402
 from samples.byte_tokenizer import VOCAB_SIZE, save_tokenizer  # noqa: E402
+from samples.training import optimise, report  # noqa: E402
 from samples.task import FILLER, KEYS  # noqa: E402
 
 SEGMENT_SIZE, NUM_MEM_TOKENS = 32, 4
@@ -80,17 +81,8 @@ def train(steps: int, seed: int, batch: int = 32, max_segments: int = 12, log=pr
             auxiliary = auxiliary + F.cross_entropy(backbone.classifier(backbone.bert.pooler(memory)), labels)
         task = F.cross_entropy(logits, labels)
         loss = task + 0.5 * auxiliary / len(parts)
-        optimiser.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimiser.step()
-        if step % 100 == 0 or step == steps:
-            model.eval()
-            accs = {n: accuracy(model, n) for n in (2, 8, 32)}
-            model.train()
-            log(f"step {step:4d}  task loss {task.item():.4f}  accuracy " +
-                "  ".join(f"{n} seg {a:.3f}" for n, a in accs.items()) +
-                f"  ({time.perf_counter() - started:.0f}s)")
+        optimise(model, optimiser, loss)
+        report(model, step, steps, task, accuracy, started, log)
     return model.eval()
 
 

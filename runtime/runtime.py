@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -225,9 +225,9 @@ class RMTRuntime:
         if batch is None:
             return Output(memory=self.memory(state), last_logits=self._logits_or_none(state))
         graph, want = self._graph_for_feed()
-        memory = self.runner.memory_from_host(self.memory(state))
+        # The state's memory is only read; the result goes to a buffer of its own.
         scratch = self.runner.empty_memory(state.batch)
-        outputs = self.runner.run_graph(graph, *batch, memory, scratch, want)
+        outputs = self.runner.run_graph(graph, *batch, state.memory, scratch, want)
         rows = batch[1].any(axis=1)
         key = want[0]
         logits = state.last_logits.copy() if state.last_logits is not None else np.zeros(
@@ -355,12 +355,3 @@ def _right_aligned(ids: np.ndarray, mask: np.ndarray, size: int) -> list[tuple[n
         out.append((seg_ids[:, :width].copy(), seg_mask[:, :width].copy()))
     return out
 
-
-def iter_chunks(tokens: np.ndarray, sizes: Iterable[int]):
-    """Split ``tokens`` into consecutive chunks of the given sizes (the rest in the last)."""
-    start = 0
-    for size in sizes:
-        yield tokens[start:start + size]
-        start += size
-    if start < len(tokens):
-        yield tokens[start:]

@@ -12,7 +12,6 @@ and classifier (no extra parameters) so that memory learns to hold the key early
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from rmt_model import RMTConfig, build_model, family_config_dict, save_checkpoint  # noqa: E402
 from samples.byte_tokenizer import VOCAB_SIZE, save_tokenizer  # noqa: E402
-from samples.training import optimise, report  # noqa: E402
+from samples.training import optimise, report, set_cosine_rate  # noqa: E402
 from samples.task import FILLER, KEYS  # noqa: E402
 
 SEGMENT_SIZE, NUM_MEM_TOKENS = 32, 4
@@ -69,9 +68,7 @@ def train(steps: int, seed: int, batch: int = 32, max_segments: int = 12, log=pr
     started = time.perf_counter()
     for step in range(1, steps + 1):
         segments = 2 if step <= 100 else int(rng.integers(2, max_segments + 1))
-        for group in optimiser.param_groups:
-            warmup = min(1.0, step / 50)  # post-norm BERT diverges at a high rate without warm-up
-            group["lr"] = LR * warmup * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        set_cosine_rate(optimiser, step, steps, peak=LR, warmup_steps=50)  # post-norm BERT needs warm-up
         ids, labels = make_documents(rng, batch, segments * SEGMENT_SIZE - int(rng.integers(0, SEGMENT_SIZE - 8)))
         ids, labels = torch.from_numpy(ids), torch.from_numpy(labels)
         memory, auxiliary = model.initial_memory(batch), 0.0

@@ -15,7 +15,6 @@ Curriculum: 2 segments first, then 2..6, then 2..--max-segments; accuracy is mea
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from rmt_model import RMTConfig, build_model, family_config_dict, save_checkpoint  # noqa: E402
 from samples.byte_tokenizer import VOCAB_SIZE, save_tokenizer  # noqa: E402
-from samples.training import optimise, report  # noqa: E402
+from samples.training import optimise, report, set_cosine_rate  # noqa: E402
 from samples.task import make_batch  # noqa: E402
 
 SEGMENT_SIZE, NUM_MEM_TOKENS = 32, 4
@@ -56,8 +55,7 @@ def train(steps: int, seed: int, batch: int = 32, max_segments: int = 12, log=pr
     started = time.perf_counter()
     for step in range(1, steps + 1):
         segments = 2 if step <= 150 else int(rng.integers(2, 7 if step <= 400 else max_segments + 1))
-        for group in optimiser.param_groups:  # cosine decay to a tenth: a steadier memory at the end
-            group["lr"] = 2e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        set_cosine_rate(optimiser, step, steps, peak=2e-3)  # decay to a tenth: a steadier memory at the end
         ids, answers = make_batch(rng, batch, segments, SEGMENT_SIZE)
         ids, answers = torch.from_numpy(ids), torch.from_numpy(answers)
         memory, auxiliary = model.initial_memory(batch), 0.0

@@ -1,6 +1,7 @@
 """What the two sample trainers share: one optimiser step, and the periodic accuracy report."""
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable
 
@@ -8,6 +9,14 @@ import torch
 
 REPORT_EVERY = 100
 REPORT_SEGMENTS = (2, 8, 32)
+
+
+def set_cosine_rate(optimiser: torch.optim.Optimizer, step: int, steps: int, peak: float,
+                    warmup_steps: int = 0) -> None:
+    """Linear warm-up, then cosine decay from ``peak`` to a tenth of it over ``steps``."""
+    warmup = min(1.0, step / warmup_steps) if warmup_steps else 1.0
+    for group in optimiser.param_groups:
+        group["lr"] = peak * warmup * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
 
 
 def optimise(model: torch.nn.Module, optimiser: torch.optim.Optimizer, loss: torch.Tensor) -> None:

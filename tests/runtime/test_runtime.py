@@ -11,13 +11,22 @@ import pytest
 import torch
 
 from rmt_runtime import BackendError, BundleError, RMTRuntime, RuntimeInputError, StateError
-from rmt_runtime.runtime import iter_chunks
 
 TOKENS = 4096  # 256 segments of 16
 
 
 def random_ids(vocab, shape, seed=0, low=0):
     return np.random.default_rng(seed).integers(low, vocab, shape, dtype=np.int64)
+
+
+def iter_chunks(tokens, sizes):
+    """Consecutive chunks of the given sizes, the rest in the last."""
+    start = 0
+    for size in sizes:
+        yield tokens[start:start + size]
+        start += size
+    if start < len(tokens):
+        yield tokens[start:]
 
 
 def pytorch_loop(model, ids, mask=None, memory=None):

@@ -37,5 +37,6 @@ setup(
         "rmt-triton=rmt_export.cli:triton_main",
         "rmt-build=rmt_export.cli:build_main",
         "rmt-run=rmt_runtime.cli:main",
+        "rmt-generate=rmt_runtime.generate_cli:main",
     ]},
 )

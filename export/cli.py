@@ -12,8 +12,8 @@ from rmt_runtime.cli_support import fail, run_guarded, terminate_as_interrupt
 from .errors import ExportError
 
 
-def _run_guarded(verbose: bool, as_json: bool, work):
-    return run_guarded(verbose, as_json, work, (ExportError, BundleError))
+def _run_guarded(verbose: bool, as_json: bool, work, interrupted=lambda: "interrupted: nothing was written"):
+    return run_guarded(verbose, as_json, work, (ExportError, BundleError), interrupted)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -27,6 +27,16 @@ def _run_guarded(verbose: bool, as_json: bool, work):
 @click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime vs PyTorch validation (not recommended).")
 @click.option("--segments", type=click.IntRange(min=2), default=32, show_default=True,
               help="Chained segments the validation runs.")
+@click.option("--no-generation", is_flag=True,
+              help="Decoders: leave out the prefill/decode graphs that rmt-generate needs (smaller bundle).")
+@click.option("--engine", is_flag=True,
+              help="Then build TensorRT engines for this machine into <bundle>/engines (as rmt-build).")
+@click.option("--engine-builder", type=click.Choice(["tensorrt", "tensorrt_rtx"]), default="tensorrt",
+              show_default=True, help="--engine: the builder module.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="--engine: largest batch of the optimisation profile.")
+@click.option("--workspace", "workspace_mb", type=click.IntRange(min=16), default=1024, show_default=True,
+              help="--engine: builder workspace cap in MB (keep it small on 8 GB Jetson boards).")
 @click.option("--tokenizer", "tokenizer_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               default=None, help="Directory of tokenizer files to ship in the bundle.")
 @click.option("--backbone-config", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
@@ -36,20 +46,22 @@ def _run_guarded(verbose: bool, as_json: bool, work):
               help="Reference checkpoints: tokens per segment.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable result on stdout.")
 @click.option("--verbose", is_flag=True, help="Show tracebacks.")
-def main(ckpt, out, fp16, opset, force, no_validate, segments, tokenizer_dir, backbone_config,
-         num_mem_tokens, segment_size, as_json, verbose):
+def main(ckpt, out, fp16, opset, force, no_validate, segments, no_generation, engine, engine_builder, max_batch,
+         workspace_mb, tokenizer_dir, backbone_config, num_mem_tokens, segment_size, as_json, verbose):
     """Export an RMT checkpoint to a validated bundle holding single-segment ONNX graphs.
 
     \b
     Examples:
       rmt-export --ckpt model.pt
       rmt-export --ckpt model.pt --fp16 --out bundles/model-fp16 --force
+      rmt-export --ckpt model.pt --fp16 --engine        # on the GPU/Jetson: export, then build engines
       rmt-export --ckpt rmt_gpt2.bin --backbone-config gpt2/config.json \\
                  --num-mem-tokens 16 --segment-size 512
 
     The bundle holds step.onnx (ids + memory -> logits + new memory), ingest.onnx (the
-    same without per-token logits), memory_init.npy and manifest.json (geometry, I/O
-    spec, hashes, and the validation report). Validation runs ONNX Runtime CPU against
+    same without per-token logits), for decoders prefill.onnx and decode.onnx (KV-cached
+    generation), memory_init.npy and manifest.json (geometry, I/O spec, hashes, and the
+    validation report). Validation runs ONNX Runtime CPU against
     PyTorch over chained segments and fails the export on any miss.
     """
     from .exporter import ExportOptions, ReferenceLayout, export_bundle
@@ -65,17 +77,35 @@ def main(ckpt, out, fp16, opset, force, no_validate, segments, tokenizer_dir, ba
     if out is None:
         out = ckpt.with_name(f"{ckpt.stem}-{precision}")
     options = ExportOptions(precision=precision, opset=opset, validate=not no_validate, force=force,
-                            plan=ValidationPlan(segments=segments), tokenizer_dir=tokenizer_dir)
+                            plan=ValidationPlan(segments=segments), tokenizer_dir=tokenizer_dir,
+                            generation=not no_generation)
 
     def progress(stage: str, detail: str) -> None:
         click.echo(f"[{stage}] {detail}", err=True)
 
+    if engine:  # a builder that is not here fails before minutes of export, not after
+        from .engines import import_builder
+
+        _run_guarded(verbose, as_json, lambda: import_builder(engine_builder))
     result = _run_guarded(verbose, as_json, lambda: export_bundle(ckpt, out, options, reference, progress))
+    engines = None
+    if engine:
+        def build():
+            say = (lambda message: None) if as_json else (lambda message: click.echo(f"[engine] {message}", err=True))
+            try:
+                return _build_engines(result.path, engine_builder, max_batch, workspace_mb, say)
+            except ExportError as exc:
+                raise ExportError(f"the bundle {result.path} is written and validated, but building its "
+                                  f"engines failed: {exc}") from None
+
+        engines = _run_guarded(verbose, as_json, build,
+                               lambda: f"interrupted while building engines: the bundle {result.path} is complete; "
+                                       "rmt-build builds its engines")
     report = result.manifest["validation"]
     if as_json:
         click.echo(json.dumps({
             "ok": True, "bundle": str(result.path), "precision": precision, "seconds": result.seconds,
-            "files": result.manifest["files"], "validated": report is not None,
+            "files": result.manifest["files"], "validated": report is not None, "engines": engines,
             "validation": None if report is None else {
                 name: {"worst": g["worst"], "argmax_agreement": g.get("argmax_agreement")}
                 for name, g in report["graphs"].items()},
@@ -187,16 +217,23 @@ def build_main(bundle_dir, builder, fp16, workspace_mb, max_batch, as_json, verb
     An engine is reused only when its key matches this machine (builder and version, GPU and
     compute capability, precision, profile, graph hash); otherwise it is rebuilt.
     """
+    def work():
+        say = (lambda message: None) if as_json else (lambda message: click.echo(message, err=True))
+        # The segment graphs: what the native TensorRT backend runs (generation runs on ONNX Runtime).
+        return _build_engines(bundle_dir, builder, max_batch, workspace_mb, say, fp16)
+
+    engines = _run_guarded(verbose, as_json, work)
+    click.echo(json.dumps({"ok": True, "engines": engines}, indent=2) if as_json else "\n".join(engines.values()))
+
+
+def _build_engines(bundle_dir, builder: str, max_batch: int, workspace_mb: int, say, fp16_flag: bool = False
+                   ) -> dict[str, str]:
+    """Engines for the bundle's segment graphs (what the native TensorRT backend runs;
+    generation runs on ONNX Runtime), built or reused from <bundle>/engines."""
     from rmt_runtime.bundle import Bundle
 
     from .engines import BuildOptions, build_engine
 
-    options = BuildOptions(builder=builder, max_batch=max_batch, workspace_mb=workspace_mb, fp16_flag=fp16)
-
-    def work():
-        bundle = Bundle.load(bundle_dir)
-        say = (lambda message: None) if as_json else (lambda message: click.echo(message, err=True))
-        return {graph: str(build_engine(bundle, graph, options, say)) for graph in bundle.graph_names}
-
-    engines = _run_guarded(verbose, as_json, work)
-    click.echo(json.dumps({"ok": True, "engines": engines}, indent=2) if as_json else "\n".join(engines.values()))
+    bundle = Bundle.load(bundle_dir)
+    options = BuildOptions(builder=builder, max_batch=max_batch, workspace_mb=workspace_mb, fp16_flag=fp16_flag)
+    return {graph: str(build_engine(bundle, graph, options, say)) for graph in bundle.segment_graph_names}

@@ -24,8 +24,8 @@ from rmt_runtime.bundle import MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, MEMORY_IN
 from rmt_runtime.spec import SPEC_VERSION, step_specs
 
 from .errors import ExportError, ValidationError
-from .graphs import DEFAULT_OPSET, SUPPORTED_OPSETS, export_graph, model_in_precision
-from .validate import ValidationPlan, validate_graphs
+from .graphs import DEFAULT_OPSET, SUPPORTED_OPSETS, export_generation_graphs, export_graph, model_in_precision
+from .validate import ValidationPlan, validate_generation, validate_graphs
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model")
@@ -43,6 +43,8 @@ class ExportOptions:
     force: bool = False
     plan: ValidationPlan = field(default_factory=ValidationPlan)
     tokenizer_dir: Path | None = None
+    # Decoders: also the KV-cached prefill and decode graphs that generation runs.
+    generation: bool = True
 
     def check(self) -> None:
         if self.precision not in PRECISIONS:
@@ -169,15 +171,20 @@ def export_model(model: RMTBase, out: str | os.PathLike, options: ExportOptions 
             path = staging / f"{name}.onnx"
             export_graph(traced, spec, options.precision, options.opset, path, metadata)
             graphs[name] = (path, spec)
+        generation = {}
+        if options.generation and config.kind == "decoder":
+            generation = export_generation_graphs(traced, options.precision, options.opset, staging, metadata)
         del traced
         seconds["trace"] = time.perf_counter() - started
         if progress:
-            progress("trace", f"{', '.join(f'{n}.onnx' for n in graphs)} ({seconds['trace']:.1f}s)")
+            progress("trace", f"{', '.join(f'{n}.onnx' for n in [*graphs, *generation])} ({seconds['trace']:.1f}s)")
 
         report = None
         if options.validate:
             started = time.perf_counter()
             report = validate_graphs(model, graphs, options.precision, options.plan)
+            if generation:
+                report["generation"] = validate_generation(model, generation, options.precision, options.plan)
             seconds["validate"] = time.perf_counter() - started
             if progress:
                 progress("validate", f"{options.plan.segments} chained segments, batch {options.plan.batch}: "
@@ -187,6 +194,7 @@ def export_model(model: RMTBase, out: str | os.PathLike, options: ExportOptions 
         memory_init = model.initial_memory(1)[0].detach().float().numpy()
         np.save(staging / MEMORY_INIT_NAME, memory_init)
         files = [MEMORY_INIT_NAME]
+        graphs.update(generation)
         for name, (path, _) in graphs.items():
             files.append(path.name)
             if (staging / f"{path.name}.data").exists():
@@ -208,7 +216,7 @@ def export_model(model: RMTBase, out: str | os.PathLike, options: ExportOptions 
             "graphs": {name: {"file": path.name, "spec": spec.to_dict()} for name, (path, spec) in graphs.items()},
             "memory_init": MEMORY_INIT_NAME, "files": {name: "" for name in files},
             "producer": _producer(), "validation": report, "tokenizer": tokenizer,
-            "rmt_config": config.to_dict(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "max_positions": config.max_positions, "rmt_config": config.to_dict(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         if config.kind == "encoder":
             manifest["num_labels"] = config.num_labels

@@ -15,12 +15,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rmt_model import RMTBase
-from rmt_runtime.spec import INGEST, SPEC_VERSION, GraphSpec
+from transformers import DynamicCache
+
+from rmt_model import RMTBase, RMTDecoder
+from rmt_runtime.spec import (DECODE, INGEST, PREFILL, SPEC_VERSION, CacheLayer, GraphSpec, cache_names,
+                              generation_specs)
 
 from .errors import ExportError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+CACHE_DTYPES = {"fp32": "float32", "fp16": "float16"}
 DEFAULT_OPSET = 18
 # Dynamo at opset 17 writes opset-18 attributes (invalid); TensorRT 10.x parses up to 20.
 SUPPORTED_OPSETS = range(18, 21)
@@ -59,31 +63,26 @@ def model_in_precision(model: RMTBase, precision: str) -> RMTBase:
     return copy.deepcopy(model).to(DTYPES[precision]).eval()
 
 
-def export_graph(model: RMTBase, spec: GraphSpec, precision: str, opset: int,
-                 path: str | os.PathLike, metadata: dict[str, str]) -> Path:
-    """Trace ``spec.name`` of ``model`` with the dynamo exporter and save it to ``path``.
-
-    Batch and segment length are dynamic (seq 1..segment_size). The geometry goes into
-    the graph's metadata_props so that a bare .onnx still says what it is.
-    """
+def _check_opset(opset: int) -> None:
     if opset not in SUPPORTED_OPSETS:
         raise ExportError(f"opset {opset} is not supported: use {SUPPORTED_OPSETS.start}.."
                           f"{SUPPORTED_OPSETS.stop - 1} (dynamo writes invalid graphs below 18; "
                           "TensorRT 10 parses up to 20)")
-    config = model.config
-    module = StepModule(model, spec.name, DTYPES[precision]).eval()
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    seq = torch.export.Dim("seq", min=1, max=config.segment_size)
-    example_batch, example_seq = 2, config.segment_size
+
+
+def _example_segment(config, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     low = 4 if config.kind == "encoder" else 0
-    example = (
-        torch.randint(low, config.vocab_size, (example_batch, example_seq), generator=generator),
-        torch.ones(example_batch, example_seq, dtype=torch.int64),
-        torch.zeros(example_batch, config.num_mem_tokens, config.hidden_size),
-    )
-    dynamic_shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq},
-                      "memory": {0: batch}}
+    return (torch.randint(low, config.vocab_size, (batch, config.segment_size), generator=generator),
+            torch.ones(batch, config.segment_size, dtype=torch.int64),
+            torch.zeros(batch, config.num_mem_tokens, config.hidden_size))
+
+
+def _trace_and_save(module: nn.Module, model: RMTBase, example: tuple, dynamic_shapes: dict, spec: GraphSpec,
+                    precision: str, opset: int, path: str | os.PathLike, metadata: dict[str, str]) -> Path:
+    """Dynamo-export ``module`` under the spec's names, stamp the metadata, save, check."""
+    _check_opset(opset)
+    config = model.config
     try:
         with warnings.catch_warnings(), torch.no_grad(), _quiet_exporter_logs():
             warnings.simplefilter("ignore")
@@ -104,6 +103,101 @@ def export_graph(model: RMTBase, spec: GraphSpec, precision: str, opset: int,
     return path
 
 
+def export_graph(model: RMTBase, spec: GraphSpec, precision: str, opset: int,
+                 path: str | os.PathLike, metadata: dict[str, str]) -> Path:
+    """Trace ``spec.name`` (step or ingest) of ``model`` with the dynamo exporter and save it.
+
+    Batch and segment length are dynamic (seq 1..segment_size). The geometry goes into
+    the graph's metadata_props so that a bare .onnx still says what it is.
+    """
+    _check_opset(opset)
+    config = model.config
+    module = StepModule(model, spec.name, DTYPES[precision]).eval()
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    seq = torch.export.Dim("seq", min=1, max=config.segment_size)
+    dynamic_shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq},
+                      "memory": {0: batch}}
+    return _trace_and_save(module, model, _example_segment(config, 2), dynamic_shapes, spec, precision, opset,
+                           path, metadata)
+
+
+def _flat_cache(cache: DynamicCache) -> list[torch.Tensor]:
+    """A cache as flat tensors in spec order: layer 0 key, layer 0 value, layer 1 key, ..."""
+    return [tensor for layer in cache.layers for tensor in (layer.keys, layer.values)]
+
+
+class PrefillModule(nn.Module):
+    """(input_ids, attention_mask, memory) -> (last_logits, present.0.key, present.0.value, ...)."""
+
+    def __init__(self, model: RMTDecoder, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model = model
+        self.dtype = dtype
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, memory: torch.Tensor):
+        logits, cache = self.model.prefill(input_ids, attention_mask, memory.to(self.dtype))
+        return (logits.float(), *_flat_cache(cache))
+
+
+class DecodeModule(nn.Module):
+    """(input_ids, attention_mask, position_ids, (past.0.key, ...)) -> (logits, present.0.key, ...).
+
+    transformers 5 takes no cache object as a graph input: the flat tensors are wrapped in
+    a DynamicCache inside the traced function (FIELD_NOTES.md)."""
+
+    def __init__(self, model: RMTDecoder) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                past: tuple[torch.Tensor, ...]):
+        pairs = [(past[i], past[i + 1]) for i in range(0, len(past), 2)]
+        cache = DynamicCache(ddp_cache_data=pairs, config=self.model.model.config)
+        logits, cache = self.model.decode(input_ids, attention_mask, position_ids, cache)
+        return (logits.float(), *_flat_cache(cache))
+
+
+def cache_layout(model: RMTDecoder, precision: str) -> list[CacheLayer]:
+    """Per-layer key/value geometry, read from one PyTorch prefill (families differ: GQA, head dims)."""
+    ids, mask, memory = _example_segment(model.config, 1)
+    with torch.no_grad():
+        flat = PrefillModule(model, DTYPES[precision])(ids[:, :1], mask[:, :1], memory)[1:]
+    return [CacheLayer(heads=int(flat[i].shape[1]), head_dim=int(flat[i].shape[3])) for i in range(0, len(flat), 2)]
+
+
+def export_generation_graphs(model: RMTDecoder, precision: str, opset: int, directory: Path,
+                             metadata: dict[str, str]) -> dict[str, tuple[Path, GraphSpec]]:
+    """Trace the prefill and decode graphs into ``directory``; returns name -> (path, spec)."""
+    config = model.config
+    specs = generation_specs(config.num_mem_tokens, config.hidden_size, config.vocab_size,
+                             cache_layout(model, precision), CACHE_DTYPES[precision])
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    seq = torch.export.Dim("seq", min=1, max=config.segment_size)
+    # Reference-mode generation may grow the cache up to the backbone's position limit.
+    past = torch.export.Dim("past", min=1, max=max((config.max_positions or 8192) - 1, 2))
+    ids, mask, memory = _example_segment(config, 2)
+    prefill = PrefillModule(model, DTYPES[precision]).eval()
+    out: dict[str, tuple[Path, GraphSpec]] = {}
+    path = _trace_and_save(prefill, model, (ids, mask, memory),
+                           {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq},
+                            "memory": {0: batch}},
+                           specs[PREFILL], precision, opset, directory / f"{PREFILL}.onnx", metadata)
+    out[PREFILL] = (path, specs[PREFILL])
+    with torch.no_grad():
+        cache = prefill(ids, mask, memory)[1:]
+    positions = cache[0].shape[2]
+    token = ids[:, :1]
+    decode_mask = torch.ones(ids.shape[0], positions + 1, dtype=torch.int64)
+    position_ids = torch.full((ids.shape[0], 1), positions, dtype=torch.int64)
+    past_names, _ = cache_names(len(cache) // 2)
+    path = _trace_and_save(DecodeModule(model).eval(), model, (token, decode_mask, position_ids, tuple(cache)),
+                           {"input_ids": {0: batch}, "attention_mask": {0: batch, 1: past + 1},
+                            "position_ids": {0: batch}, "past": tuple({0: batch, 2: past} for _ in past_names)},
+                           specs[DECODE], precision, opset, directory / f"{DECODE}.onnx", metadata)
+    out[DECODE] = (path, specs[DECODE])
+    return out
+
+
 @contextlib.contextmanager
 def _quiet_exporter_logs():
     """The exporter logs optional-package notes (torchvision...) at WARNING; keep the CLI clean."""
@@ -122,7 +216,8 @@ def check_graph_against_spec(path: str | os.PathLike, spec: GraphSpec) -> None:
 
     onnx.checker.check_model(str(path))
     graph = onnx.load(str(path), load_external_data=False).graph
-    numpy_dtype = {onnx.TensorProto.INT64: "int64", onnx.TensorProto.FLOAT: "float32"}
+    numpy_dtype = {onnx.TensorProto.INT64: "int64", onnx.TensorProto.FLOAT: "float32",
+                   onnx.TensorProto.FLOAT16: "float16"}
     problems = []
     for expected, actual in ((spec.inputs, graph.input), (spec.outputs, graph.output)):
         if [t.name for t in expected] != [v.name for v in actual]:

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from rmt_runtime.spec import BATCH, SEQ, GraphSpec
+from rmt_runtime.spec import GraphSpec
 
 PACKAGE = "tensorrt-rtx-cu12"
 _MODULE = "tensorrt_rtx"
@@ -163,11 +163,14 @@ def _captured_stderr(lines: list[str]):
             lines += [line for line in text.splitlines() if line.strip()]
 
 
-def profile_shapes(spec: GraphSpec, segment_size: int, max_batch: int, opt_batch: int
+def profile_shapes(spec: GraphSpec, segment_size: int, max_batch: int, opt_batch: int, num_mem_tokens: int = 0
                     ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
-    """min/opt/max of every spec input: batch 1/opt_batch/max_batch, seq 1/segment/segment."""
-    return {t.name: (t.shape(1, 1), t.shape(opt_batch, segment_size),
-                     t.shape(max_batch, segment_size)) for t in spec.inputs}
+    """min/opt/max of every spec input: batch 1/opt_batch/max_batch, seq 1/segment/segment,
+    and for the decode graph's cache ``past`` 1/M + segment/2/M + segment - 1 (with rollover,
+    generation's default, the cache never holds more than M + segment positions)."""
+    top = num_mem_tokens + segment_size - 1
+    return {t.name: (t.shape(1, 1, 1), t.shape(opt_batch, segment_size, max(1, num_mem_tokens + segment_size // 2)),
+                     t.shape(max_batch, segment_size, max(1, top))) for t in spec.inputs}
 
 
 def _check_io(network, spec: GraphSpec) -> tuple[list[str], bool]:
@@ -200,7 +203,7 @@ def _check_io(network, spec: GraphSpec) -> tuple[list[str], bool]:
                 fatal |= kind == "input"
                 continue
             for axis, (have, dim) in enumerate(zip(shape, t.dims)):
-                if dim in (BATCH, SEQ):
+                if isinstance(dim, str):  # batch, seq, past, or past + 1
                     # A fixed graph dim where the spec wants a dynamic one cannot take the profile.
                     if kind == "input" and have != -1:
                         problems.append(f"input {t.name!r}: axis {axis} is fixed at {have} in the "
@@ -235,7 +238,7 @@ def _parser_errors(parser, result: TrtGateResult) -> None:
 
 def check_graph(onnx_path: str | os.PathLike, graph_spec: GraphSpec, segment_size: int,
                 max_batch: int = 8, workspace_mb: int = 1024, *, opt_batch: int = 1,
-                compute_capabilities: Sequence[str] | None = None) -> TrtGateResult:
+                compute_capabilities: Sequence[str] | None = None, num_mem_tokens: int = 0) -> TrtGateResult:
     """Parse ``onnx_path`` with TensorRT-RTX and build a serialized engine on the CPU.
 
     One optimisation profile covers the spec: ``batch`` 1..max_batch (tuned for
@@ -264,7 +267,7 @@ def check_graph(onnx_path: str | os.PathLike, graph_spec: GraphSpec, segment_siz
         try:
             with _captured_stderr(stderr):
                 _parse_and_build(trt, logger, path, graph_spec, segment_size, max_batch,
-                                 opt_batch, workspace_mb, compute_capabilities, result, phases)
+                                 opt_batch, workspace_mb, compute_capabilities, result, phases, num_mem_tokens)
         finally:
             logger.sink = None
     # The parser's logged errors repeat its structured ones (kept above) line by line.
@@ -285,7 +288,7 @@ def check_graph(onnx_path: str | os.PathLike, graph_spec: GraphSpec, segment_siz
 
 
 def _parse_and_build(trt, logger, path, spec, segment_size, max_batch, opt_batch, workspace_mb,
-                     compute_capabilities, result, phases) -> None:
+                     compute_capabilities, result, phases, num_mem_tokens=0) -> None:
     builder = trt.Builder(logger)
     if builder is None:
         result.errors.append("could not create a TensorRT builder")
@@ -328,7 +331,7 @@ def _parse_and_build(trt, logger, path, spec, segment_size, max_batch, opt_batch
         for i, target in enumerate(targets):
             config.set_compute_capability(target, i)
     profile = builder.create_optimization_profile()
-    result.profile = profile_shapes(spec, segment_size, max_batch, opt_batch)
+    result.profile = profile_shapes(spec, segment_size, max_batch, opt_batch, num_mem_tokens)
     try:
         for name, (low, opt, high) in result.profile.items():
             profile.set_shape(name, low, opt, high)
@@ -359,5 +362,5 @@ def check_bundle(bundle_dir: str | os.PathLike, max_batch: int = 8, workspace_mb
     bundle = Bundle.load(bundle_dir)
     return [check_graph(bundle.graph_path(name), bundle.graph_spec(name), bundle.segment_size,
                         max_batch=max_batch, workspace_mb=workspace_mb,
-                        compute_capabilities=compute_capabilities)
+                        compute_capabilities=compute_capabilities, num_mem_tokens=bundle.num_mem_tokens)
             for name in bundle.graph_names]

@@ -198,6 +198,93 @@ def validate_graphs(model: RMTBase, graphs: dict[str, tuple[str, GraphSpec]], pr
     return report
 
 
+def validate_generation(model: RMTBase, graphs: dict[str, tuple[str, GraphSpec]], precision: str,
+                        plan: ValidationPlan = ValidationPlan(), decode_steps: int | None = None) -> dict[str, Any]:
+    """Compare the prefill and decode graphs with the PyTorch model on a batch of prompts.
+
+    Memory comes from PyTorch reading a few segments (a realistic memory, not the initial
+    one); the prompt's second row is padded (the padded-cache path). The decode graph is
+    chained on its own caches for ``decode_steps`` teacher-forced tokens, as the runtime
+    runs it, and every step's logits and the final caches are judged with the same
+    tolerance as the step graph. Returns {"prefill": result, "decode": result}; a miss
+    raises ValidationError.
+    """
+    config = model.config
+    tolerance = TOLERANCES[precision]
+    size, m = config.segment_size, config.num_mem_tokens
+    steps = decode_steps if decode_steps is not None else min(size, 8)
+    segments = plan.inputs(config.vocab_size, size)
+    rng = np.random.default_rng(plan.seed + 2)
+    length = max(1, size // 2 + 1)
+    ids = rng.integers(0, config.vocab_size, size=(plan.batch, length), dtype=np.int64)
+    mask = np.ones_like(ids)
+    mask[1:, max(1, length // 2):] = 0
+    forced = rng.integers(0, config.vocab_size, size=(steps, plan.batch, 1), dtype=np.int64)
+    with torch.no_grad():
+        memory = model.initial_memory(plan.batch).detach().float().clone()
+        for seg_ids, seg_mask in segments[:min(3, len(segments) - 1)]:
+            _, memory = model.step(torch.from_numpy(seg_ids), torch.from_numpy(seg_mask), memory, logits="last")
+        ref_logits, cache = model.prefill(torch.from_numpy(ids), torch.from_numpy(mask), memory)
+        reference = [ref_logits.numpy().copy()]
+        full_mask = np.concatenate([np.ones((plan.batch, m), np.int64), mask], axis=1)
+        positions = m + mask.sum(axis=1, keepdims=True)
+        masks, position_ids = [], []
+        for step in range(steps):
+            full_mask = np.concatenate([full_mask, np.ones((plan.batch, 1), np.int64)], axis=1)
+            masks.append(full_mask)
+            position_ids.append(positions + step)
+            logits, cache = model.decode(torch.from_numpy(forced[step]), torch.from_numpy(full_mask),
+                                         torch.from_numpy(position_ids[-1]), cache)
+            reference.append(logits.numpy().copy())
+        ref_cache = [t.float().numpy() for layer in cache.layers for t in (layer.keys, layer.values)]
+
+    misses: list[str] = []
+    results: dict[str, Any] = {}
+
+    def judge(graph: str, what: str, got: np.ndarray, expected: np.ndarray, errors: list) -> None:
+        scale = float(np.abs(expected).max())
+        err = float(np.abs(got.astype(np.float64) - expected).max()) if np.isfinite(got).all() else float("inf")
+        bound = tolerance.bound(scale)
+        errors.append(_sig(err))
+        if not err <= bound:
+            misses.append(f"{graph}.{what}: max abs {err:.3g} > bound {bound:.3g} (max |ref| {scale:.3g})")
+
+    prefill = _ort_session(str(graphs["prefill"][0]))
+    outputs = prefill.run(None, {"input_ids": ids, "attention_mask": mask, "memory": memory.numpy()})
+    logits_errors: list[float] = []
+    judge("prefill", "last_logits", outputs[0], reference[0], logits_errors)
+    results["prefill"] = {"last_logits": logits_errors}
+    caches = outputs[1:]
+    decode = _ort_session(str(graphs["decode"][0]))
+    past_names = [t.name for t in graphs["decode"][1].inputs if t.name.startswith("past.")]
+    got_logits = [outputs[0]]
+    decode_errors: list[float] = []
+    for step in range(steps):
+        feed = {"input_ids": forced[step], "attention_mask": masks[step], "position_ids": position_ids[step],
+                **dict(zip(past_names, caches))}
+        out = decode.run(None, feed)
+        caches = out[1:]
+        got_logits.append(out[0])
+        judge("decode", f"logits step {step}", out[0], reference[step + 1], decode_errors)
+    cache_errors: list[float] = []
+    for name, got, expected in zip(past_names, caches, ref_cache):
+        judge("decode", name.replace("past.", "present.", 1) + f" after {steps} steps", got, expected, cache_errors)
+    results["decode"] = {"logits": decode_errors, "cache": cache_errors, "steps": steps}
+    bound = tolerance.bound(float(np.abs(np.stack(reference)).max()))
+    overall, decisive, count = _argmax_agreement(np.stack(got_logits), np.stack(reference),
+                                                 np.ones((steps + 1, plan.batch), bool), bound)
+    results["argmax_agreement"] = {"cached": _sig(overall), "cached_decisive": _sig(decisive),
+                                   "decisive_positions": count}
+    if decisive < 1.0:
+        misses.append(f"prefill/decode logits: argmax agrees on {decisive:.4f} of {count} decisive positions "
+                      "(expected all)")
+    results["worst"] = {"prefill.last_logits": max(logits_errors), "decode.logits": max(decode_errors),
+                        "decode.cache": max(cache_errors)}
+    if misses:
+        raise ValidationError(misses, {"generation": results, "misses": misses, "passed": False})
+    return results
+
+
 def summary_lines(report: dict[str, Any]) -> list[str]:
     """Human-readable lines: the worst error per graph/output/mode, and argmax agreement."""
     lines = []
@@ -211,5 +298,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             a = result["argmax_agreement"]
             line += f"; argmax agreement {a['teacher_forced']:.4f} teacher-forced, {a['chained']:.4f} chained"
         lines.append(line)
+    generation = report.get("generation")
+    if generation:
+        worst = ", ".join(f"{k} {v:.3g}" for k, v in generation["worst"].items())
+        lines.append(f"prefill/decode ({generation['decode']['steps']} cached tokens): max abs error {worst}; "
+                     f"argmax agreement {generation['argmax_agreement']['cached']:.4f}")
     return lines
-

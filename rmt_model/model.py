@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
+from transformers import DynamicCache
 
 from .backbone import build_backbone
 from .config import RMTConfig
@@ -130,6 +131,43 @@ class RMTDecoder(RMTBase):
         index = last.view(-1, 1, 1).expand(-1, 1, final_hidden.shape[-1])
         last_hidden = final_hidden.gather(1, index).squeeze(1)                # [B, D]
         return self.model.get_output_embeddings()(last_hidden), new_memory   # [B, V]
+
+    # ---- generation: the reference reads [mem, segment tokens] with no write slots ----------
+    def _last_position_logits(self, final_hidden: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        index = last.view(-1, 1, 1).expand(-1, 1, final_hidden.shape[-1])
+        return self.model.get_output_embeddings()(final_hidden.gather(1, index).squeeze(1))  # [B, V]
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, memory: torch.Tensor
+                ) -> tuple[torch.Tensor, DynamicCache]:
+        """Start generating: read ``[mem, tokens]`` (no write slots, as the reference's
+        generation) and return the logits at each row's last real token [B, V] and the
+        key/value cache over the M + L positions (padding positions masked out later)."""
+        m = self.num_mem_tokens
+        token_embeds = self.model.get_input_embeddings()(input_ids)
+        inputs_embeds = torch.cat([memory.to(token_embeds.dtype), token_embeds], dim=1)  # [B, M+L, D]
+        ones = torch.ones(input_ids.shape[0], m, dtype=attention_mask.dtype, device=input_ids.device)
+        full_mask = torch.cat([ones, attention_mask], dim=1)
+        position_ids = (full_mask.cumsum(dim=1) - 1).clamp(min=0)
+        out = self.model(inputs_embeds=inputs_embeds, attention_mask=full_mask, position_ids=position_ids,
+                         cache=DynamicCache(config=self.model.config), use_cache=True,
+                         output_hidden_states=True, logits_to_keep=1)
+        last = (m + attention_mask.sum(dim=1) - 1).clamp(min=0)
+        return self._last_position_logits(out.hidden_states[-1], last), out.cache
+
+    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+               cache: DynamicCache) -> tuple[torch.Tensor, DynamicCache]:
+        """One generated token per row: ids [B, 1], mask [B, P+1] over cache + token, positions
+        [B, 1] -> logits [B, V] and the cache grown by one position."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         cache=cache, use_cache=True)
+        return out.logits[:, -1], out.cache
+
+    def segment_logits(self, input_ids: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [B, V] after ``[mem, tokens]``, recomputed without a cache (the
+        reference that cached decoding must equal). Unpadded rows only."""
+        token_embeds = self.model.get_input_embeddings()(input_ids)
+        inputs_embeds = torch.cat([memory.to(token_embeds.dtype), token_embeds], dim=1)
+        return self.model(inputs_embeds=inputs_embeds, use_cache=False, logits_to_keep=1).logits[:, -1]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 memory: torch.Tensor | None = None, labels: torch.Tensor | None = None,

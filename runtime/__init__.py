@@ -7,11 +7,13 @@ torch for the ONNX Runtime path: heavy imports happen inside the backend asked f
     rt = RMTRuntime.load("model-fp32")            # verifies the bundle; rt.picked says what runs
     out = rt.run(ids)                              # out.memory [B, M, D], out.last_logits
     state = rt.new_state(); rt.feed(state, chunk); rt.flush(state)   # streaming
+    rt.generate(prompt_ids, GenerationConfig(max_new_tokens=64)).tokens  # decoder bundles
 """
 from .bundle import Bundle, BundleError
 from .errors import BackendError, RuntimeInputError, StateError
+from .generation import Generation, GenerationConfig
 from .runtime import Output, RMTRuntime
 from .state import SequenceState
 
-__all__ = ["Bundle", "BundleError", "BackendError", "RuntimeInputError", "StateError", "Output",
+__all__ = ["Bundle", "BundleError", "BackendError", "RuntimeInputError", "StateError", "Output", "Generation", "GenerationConfig",
            "RMTRuntime", "SequenceState"]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .spec import SPEC_VERSION, GraphSpec
+from .spec import GENERATION_GRAPHS, SEGMENT_GRAPHS, SPEC_VERSION, GraphSpec
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA_VERSION = 1
@@ -27,7 +27,7 @@ REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
     "precision": str, "opset": int, "graphs": dict, "memory_init": str, "files": dict,
     "producer": dict, "validation": (dict, type(None)),
 }
-OPTIONAL_FIELDS = {"num_labels", "encoder_ids", "tokenizer", "rmt_config", "created"}
+OPTIONAL_FIELDS = {"num_labels", "encoder_ids", "tokenizer", "rmt_config", "created", "max_positions"}
 
 
 class BundleError(Exception):
@@ -161,6 +161,16 @@ class Bundle:
     @property
     def graph_names(self) -> list[str]:
         return sorted(self.manifest["graphs"])
+
+    @property
+    def segment_graph_names(self) -> list[str]:
+        """The segment loop's graphs (step, ingest): what every backend runs."""
+        return [name for name in self.graph_names if name in SEGMENT_GRAPHS]
+
+    @property
+    def has_generation(self) -> bool:
+        """True when the bundle holds the KV-cached generation graphs (prefill, decode)."""
+        return all(name in self.manifest["graphs"] for name in GENERATION_GRAPHS)
 
     def graph_spec(self, name: str) -> GraphSpec:
         if name not in self.manifest["graphs"]:

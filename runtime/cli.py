@@ -79,18 +79,18 @@ def parse_ids(data: bytes, name: str) -> np.ndarray:
     return np.asarray(ids, dtype=np.int64)
 
 
-def load_tokenizer(bundle: Bundle):
+def load_tokenizer(bundle: Bundle, ids_option: str = "--ids"):
     """The bundle's tokenizer.json through the ``tokenizers`` library; CliInputError if it cannot."""
     shipped = bundle.manifest.get("tokenizer") or []
     if "tokenizer.json" not in shipped:
         what = f"ships {shipped} but no tokenizer.json" if shipped else "has no tokenizer"
-        raise CliInputError(f"bundle {bundle.path} {what}: pass token ids with --ids, or re-export "
+        raise CliInputError(f"bundle {bundle.path} {what}: pass token ids with {ids_option}, or re-export "
                             "with rmt-export --tokenizer DIR holding tokenizer.json")
     try:
         from tokenizers import Tokenizer
     except ImportError:
         raise CliInputError("reading text needs the tokenizers library: pip install tokenizers "
-                            "(or pass token ids with --ids)") from None
+                            f"(or pass token ids with {ids_option})") from None
     try:
         return Tokenizer.from_file(str(bundle.path / "tokenizer.json"))
     except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exceptions
@@ -105,15 +105,16 @@ def _optional_tokenizer(bundle: Bundle):
         return None
 
 
-def read_input(bundle: Bundle, text, text_file, ids_file) -> tuple[np.ndarray, object]:
-    """(ids, tokenizer or None) from exactly one of the input options, or from stdin."""
-    given = [name for name, value in (("--text", text), ("--text-file", text_file), ("--ids", ids_file))
-             if value is not None]
+def read_input(bundle: Bundle, text, text_file, ids_file,
+               options: tuple[str, str, str] = ("--text", "--text-file", "--ids")) -> tuple[np.ndarray, object]:
+    """(ids, tokenizer or None) from exactly one of the input options, or from stdin.
+    ``options``: the command's names for the text, text-file and ids options (for messages)."""
+    given = [name for name, value in zip(options, (text, text_file, ids_file)) if value is not None]
     if len(given) > 1:
         raise CliInputError(f"give one input, not {' and '.join(given)}")
     if not given:
         if sys.stdin is None or sys.stdin.isatty():
-            raise CliInputError("no input: give --text, --text-file or --ids, or pipe input on stdin")
+            raise CliInputError(f"no input: give {options[0]}, {options[1]} or {options[2]}, or pipe input on stdin")
         if bundle.manifest.get("tokenizer") and "tokenizer.json" in bundle.manifest["tokenizer"]:
             text_file = "-"
         else:
@@ -122,7 +123,7 @@ def read_input(bundle: Bundle, text, text_file, ids_file) -> tuple[np.ndarray, o
         ids = parse_ids(*_read_bytes(ids_file))
         tokenizer = _optional_tokenizer(bundle) if bundle.kind == "decoder" else None
     else:
-        tokenizer = load_tokenizer(bundle)
+        tokenizer = load_tokenizer(bundle, options[2])
         if text is None:
             text = _decode_text(*_read_bytes(text_file))
         ids = np.asarray(tokenizer.encode(text).ids, dtype=np.int64)

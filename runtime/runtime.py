@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -18,6 +18,9 @@ from .bundle import Bundle
 from .errors import RuntimeInputError
 from .spec import INGEST, STEP
 from .state import SequenceState, load_state_file, save_state_file
+
+if TYPE_CHECKING:
+    from .generation import Generation, GenerationConfig
 
 Tokens = "Sequence[int] | np.ndarray"
 Progress = Callable[[int, int], None]  # (segments done, segments total)
@@ -62,11 +65,13 @@ class RMTRuntime:
 
     @classmethod
     def load(cls, bundle: str | os.PathLike | Bundle, backend: str = "auto", provider: str | None = None,
-             threads: int | None = None, checkpoint: str | os.PathLike | None = None) -> "RMTRuntime":
-        """Verify the bundle (schema, hashes), open the backend, and say what runs (``.picked``)."""
+             threads: int | None = None, checkpoint: str | os.PathLike | None = None,
+             cuda_graphs: bool = False) -> "RMTRuntime":
+        """Verify the bundle (schema, hashes), open the backend, and say what runs (``.picked``).
+        ``cuda_graphs``: backend="tensorrt" replays full segments as captured CUDA graphs."""
         if not isinstance(bundle, Bundle):
             bundle = Bundle.load(bundle)
-        runner, picked = open_runner(bundle, backend, provider, threads, checkpoint)
+        runner, picked = open_runner(bundle, backend, provider, threads, checkpoint, cuda_graphs)
         return cls(bundle, runner, picked)
 
     # ---- geometry -----------------------------------------------------------------------
@@ -188,6 +193,11 @@ class RMTRuntime:
         for row, chunk in enumerate(chunks):
             state.pending[row] = np.concatenate([state.pending[row], chunk])
             state.tokens_seen[row] += len(chunk)
+        return self._commit_full_segments(state, progress, stop)
+
+    def _commit_full_segments(self, state: SequenceState, progress: Progress | None = None,
+                              stop: Callable[[], bool] | None = None) -> bool:
+        """Run every full segment of the rows' pending tokens into memory (see ``feed``)."""
         size = self.segment_size
         total = max(len(p) // size for p in state.pending)
         graph, want = self._graph_for_feed()
@@ -306,6 +316,32 @@ class RMTRuntime:
         memory = self.memory(state)
         self._check_finite(memory, f"segment {len(segments)}")
         return Output(memory=memory, last_logits=self._logits_or_none(state), logits=logits)
+
+    # ---- generation ---------------------------------------------------------------------------
+    def generate_stream(self, state: SequenceState, prompts, config: "GenerationConfig | None" = None
+                        ) -> Iterator[np.ndarray]:
+        """Read ``prompts`` (one id sequence per row; 1-D for batch 1) after what ``state``
+        holds and generate; yields the next token of every row, [B] int64, -1 for a row that
+        has stopped. The state follows along: generated tokens become its pending context, and
+        with ``config.rollover`` a filled segment is written into memory. See generation.py."""
+        from .generation import GenerationConfig, generate_tokens
+
+        return generate_tokens(self, state, prompts, config or GenerationConfig())
+
+    def generate(self, prompts, config: "GenerationConfig | None" = None,
+                 state: SequenceState | None = None) -> "Generation":
+        """Generate for every row at once; returns the tokens per row and the state to continue."""
+        from .generation import Generation, GenerationConfig, generate_tokens
+
+        config = config or GenerationConfig()
+        rows = 1 if not _is_ragged(prompts) else len(list(prompts))
+        state = self.new_state(rows) if state is None else state
+        generated: list[list[int]] = [[] for _ in range(state.batch)]
+        for tokens in generate_tokens(self, state, prompts, config):
+            for row, token in enumerate(tokens):
+                if token >= 0:
+                    generated[row].append(int(token))
+        return Generation(tokens=generated, state=state)
 
     # ---- persistence ----------------------------------------------------------------------
     def save_state(self, state: SequenceState, path: str | os.PathLike):

@@ -3,9 +3,10 @@
 Read by the exporter (names, dtypes, dynamic axes), the validator, the TensorRT profile
 builder and every runtime backend. Torch-free on purpose: the runtime imports it.
 
-Dims are ints or the symbols ``batch`` and ``seq`` (seq runs 1..segment_size). State
-inputs are paired with the outputs that replace them by name (``memory -> new_memory``);
-a model family with more state adds named pairs, never positional lists.
+Dims are ints, the symbols ``batch``, ``seq`` (1..segment_size) and ``past`` (key/value
+cache positions), or ``symbol + k`` (a cache that grows by k). State inputs are paired
+with the outputs that replace them by name (``memory -> new_memory``,
+``past.0.key -> present.0.key``): named pairs, never positional lists.
 """
 from __future__ import annotations
 
@@ -15,10 +16,13 @@ from typing import Any, Union
 SPEC_VERSION = 1
 
 Dim = Union[int, str]
-BATCH, SEQ = "batch", "seq"
+BATCH, SEQ, PAST = "batch", "seq", "past"
 
-# Graph names inside a bundle.
+# Graph names inside a bundle: the segment loop's, and the decoder's generation graphs.
 STEP, INGEST = "step", "ingest"
+PREFILL, DECODE = "prefill", "decode"
+SEGMENT_GRAPHS = (STEP, INGEST)
+GENERATION_GRAPHS = (PREFILL, DECODE)
 
 
 @dataclass(frozen=True)
@@ -29,9 +33,10 @@ class TensorSpec:
     dtype: str  # numpy dtype name: "int64", "float32"
     dims: tuple[Dim, ...]
 
-    def shape(self, batch: int, seq: int) -> tuple[int, ...]:
-        """Concrete shape for a batch size and segment length."""
-        return tuple(batch if d == BATCH else seq if d == SEQ else int(d) for d in self.dims)
+    def shape(self, batch: int, seq: int, past: int = 0) -> tuple[int, ...]:
+        """Concrete shape for a batch size, segment length and cache length."""
+        sizes = {BATCH: batch, SEQ: seq, PAST: past}
+        return tuple(resolve_dim(d, sizes) for d in self.dims)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype, "dims": list(self.dims)}
@@ -39,6 +44,14 @@ class TensorSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TensorSpec":
         return cls(name=data["name"], dtype=data["dtype"], dims=tuple(data["dims"]))
+
+
+def resolve_dim(dim: Dim, sizes: dict[str, int]) -> int:
+    """An int dim, a symbol, or ``symbol + k``, given the symbols' sizes."""
+    if isinstance(dim, int):
+        return dim
+    symbol, _, offset = dim.partition(" + ")
+    return sizes[symbol] + (int(offset) if offset else 0)
 
 
 @dataclass(frozen=True)
@@ -104,3 +117,49 @@ def step_specs(kind: str, num_mem_tokens: int, hidden_size: int, vocab_size: int
         raise ValueError(f"kind must be 'decoder' or 'encoder', got {kind!r}")
     return {STEP: GraphSpec(STEP, inputs, (logits, new_memory), state),
             INGEST: GraphSpec(INGEST, inputs, ingest_outputs, state)}
+
+
+@dataclass(frozen=True)
+class CacheLayer:
+    """Key/value cache geometry of one attention layer: [batch, heads, positions, head_dim]."""
+
+    heads: int
+    head_dim: int
+
+
+def cache_names(layers: int) -> tuple[list[str], list[str]]:
+    """(past inputs, present outputs) in layer order: ``past.i.key``, ``past.i.value``, ..."""
+    past = [f"past.{i}.{part}" for i in range(layers) for part in ("key", "value")]
+    return past, [name.replace("past.", "present.", 1) for name in past]
+
+
+def generation_specs(num_mem_tokens: int, hidden_size: int, vocab_size: int,
+                     layers: list[CacheLayer], cache_dtype: str) -> dict[str, GraphSpec]:
+    """The decoder's generation graphs (the reference's generation: ``[mem, tokens]``, no write slots).
+
+    prefill: input_ids, attention_mask [batch, seq], memory -> last_logits [batch, vocab] at
+             each row's last real token, present.i.key/value over the M + seq positions.
+    decode:  input_ids [batch, 1], attention_mask [batch, past + 1], position_ids [batch, 1],
+             past.i.key/value [.., past, ..] -> logits [batch, vocab], present.i.key/value
+             [.., past + 1, ..]. Caches are in the bundle's precision (``cache_dtype``).
+    """
+    memory = TensorSpec("memory", "float32", (BATCH, num_mem_tokens, hidden_size))
+    past_names, present_names = cache_names(len(layers))
+
+    def caches(names: list[str], positions: Dim) -> tuple[TensorSpec, ...]:
+        return tuple(TensorSpec(name, cache_dtype, (BATCH, layer.heads, positions, layer.head_dim))
+                     for name, layer in zip(names, (l for l in layers for _ in range(2))))
+
+    prefill = GraphSpec(
+        PREFILL,
+        (TensorSpec("input_ids", "int64", (BATCH, SEQ)), TensorSpec("attention_mask", "int64", (BATCH, SEQ)),
+         memory),
+        (TensorSpec("last_logits", "float32", (BATCH, vocab_size)),
+         *caches(present_names, f"{SEQ} + {num_mem_tokens}")))
+    decode = GraphSpec(
+        DECODE,
+        (TensorSpec("input_ids", "int64", (BATCH, 1)), TensorSpec("attention_mask", "int64", (BATCH, f"{PAST} + 1")),
+         TensorSpec("position_ids", "int64", (BATCH, 1)), *caches(past_names, PAST)),
+        (TensorSpec("logits", "float32", (BATCH, vocab_size)), *caches(present_names, f"{PAST} + 1")),
+        dict(zip(past_names, present_names)))
+    return {PREFILL: prefill, DECODE: decode}

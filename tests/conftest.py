@@ -29,17 +29,18 @@ def tiny_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def bundle_factory(tmp_path_factory):
-    """bundle_factory(family, precision) -> (model, ExportResult); cached for the session."""
+    """bundle_factory(family, precision, **config_overrides) -> (model, ExportResult); cached
+    for the session. Overrides go to tiny_config (e.g. initializer_range=0.2)."""
     cache = {}
 
-    def make(family: str, precision: str = "fp32"):
-        key = (family, precision)
+    def make(family: str, precision: str = "fp32", **overrides):
+        key = (family, precision, tuple(sorted(overrides.items())))
         if key not in cache:
             torch.manual_seed(0)
-            model = build_model(tiny_config(family, num_mem_tokens=4, segment_size=16))
-            out = tmp_path_factory.mktemp("bundles") / f"{family}-{precision}"
+            model = build_model(tiny_config(family, **{"num_mem_tokens": 4, "segment_size": 16, **overrides}))
+            suffix = "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
+            out = tmp_path_factory.mktemp("bundles") / f"{family}-{precision}{suffix}"
             result = export_model(model, out, ExportOptions(precision=precision, plan=ValidationPlan(segments=32)))
             cache[key] = (model, result)
         return cache[key]
     return make
-

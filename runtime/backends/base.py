@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..bundle import Bundle
-from ..errors import RuntimeInputError
+from ..errors import BackendError, RuntimeInputError
 from ..spec import GraphSpec
 
 
@@ -28,7 +28,8 @@ class Runner(ABC):
 
     def __init__(self, bundle: Bundle) -> None:
         self.bundle = bundle
-        self.specs: dict[str, GraphSpec] = {name: bundle.graph_spec(name) for name in bundle.graph_names}
+        # The segment loop's graphs; generation graphs are opened on demand (``generation_session``).
+        self.specs: dict[str, GraphSpec] = {name: bundle.graph_spec(name) for name in bundle.segment_graph_names}
         self._lock = threading.Lock()
         self._active = False
 
@@ -98,6 +99,18 @@ class Runner(ABC):
     @abstractmethod
     def _run(self, graph: str, input_ids: np.ndarray, attention_mask: np.ndarray, memory: Any,
              new_memory: Any, want: tuple[str, ...]) -> dict[str, np.ndarray]: ...
+
+    # ---- generation graphs ---------------------------------------------------------------------
+    #: True when ``run_cached`` runs the prefill and decode graphs.
+    supports_generation: bool = False
+
+    def run_cached(self, graph: str, host_inputs: dict[str, np.ndarray], handle_inputs: dict[str, Any],
+                   host_outputs: tuple[str, ...]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Run a generation graph: host arrays and backend handles (memory, caches) in; the
+        outputs named in ``host_outputs`` as host arrays, every other output as a handle that
+        stays on the device (the next call's ``handle_inputs``)."""
+        raise BackendError(f"{self.name} does not run the generation graphs; generate with the "
+                           "onnxruntime backend")
 
     def check_inputs(self, spec: GraphSpec, input_ids: np.ndarray, attention_mask: np.ndarray) -> None:
         """Dtypes, shapes, id range and mask values against the spec and the bundle's limits."""

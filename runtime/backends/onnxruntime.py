@@ -65,27 +65,56 @@ class OnnxRuntimeRunner(Runner):
             return [(PROVIDERS["tensorrt"], options), PROVIDERS["cuda"]]
         return [PROVIDERS[self.provider]]
 
-    def _activate(self) -> None:
+    def _open_session(self, graph: str):
         ort = self._ort
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        try:
+            session = ort.InferenceSession(str(self.bundle.graph_path(graph)), options,
+                                           providers=self._provider_list())
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BackendError(f"{self.bundle.graph_path(graph)}: onnxruntime cannot load the "
+                               f"{graph} graph: {first}") from None
+        actual = session.get_providers()
+        if actual[0] != PROVIDERS[self.provider]:
+            raise BackendError(f"asked for {PROVIDERS[self.provider]}, but the {graph} session runs on "
+                               f"{actual} (a missing CUDA/TensorRT library makes onnxruntime fall back "
+                               "silently); refusing to run on another provider")
+        return session
+
+    def _activate(self) -> None:
         for graph in self.specs:
-            options = ort.SessionOptions()
-            options.log_severity_level = 3
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            if self.threads:
-                options.intra_op_num_threads = self.threads
-            try:
-                session = ort.InferenceSession(str(self.bundle.graph_path(graph)), options,
-                                               providers=self._provider_list())
-            except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise BackendError(f"{self.bundle.graph_path(graph)}: onnxruntime cannot load the "
-                                   f"{graph} graph: {first}") from None
-            actual = session.get_providers()
-            if actual[0] != PROVIDERS[self.provider]:
-                raise BackendError(f"asked for {PROVIDERS[self.provider]}, but the {graph} session runs on "
-                                   f"{actual} (a missing CUDA/TensorRT library makes onnxruntime fall back "
-                                   "silently); refusing to run on another provider")
-            self._sessions[graph] = session
+            self._sessions[graph] = self._open_session(graph)
+
+    # ---- generation graphs (prefill, decode): opened on first use --------------------------
+    supports_generation = True
+
+    def _generation_session(self, graph: str):
+        self.activate()
+        with self._lock:
+            if graph not in self._sessions:
+                self._sessions[graph] = self._open_session(graph)
+            return self._sessions[graph]
+
+    def run_cached(self, graph: str, host_inputs: dict[str, np.ndarray], handle_inputs: dict[str, Any],
+                   host_outputs: tuple[str, ...]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        session = self._generation_session(graph)
+        binding = session.io_binding()
+        for name, array in host_inputs.items():
+            binding.bind_cpu_input(name, array)
+        for name, handle in handle_inputs.items():
+            binding.bind_ortvalue_input(name, handle)
+        names = [o.name for o in session.get_outputs()]
+        for name in names:  # caches stay on the provider's device; ORT's arena reuses their memory
+            binding.bind_output(name, "cpu" if name in host_outputs else self.device)
+        session.run_with_iobinding(binding)
+        values = dict(zip(names, binding.get_outputs()))
+        host = {name: np.array(values.pop(name).numpy(), copy=True) for name in host_outputs}
+        return host, values
 
     def _deactivate(self) -> None:
         self._sessions.clear()

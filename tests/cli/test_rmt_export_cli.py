@@ -1,5 +1,6 @@
 """rmt-export through click's CliRunner: success, --json, and every bad input as one line."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,24 +23,50 @@ def test_export_succeeds_and_prints_the_bundle_path(tiny_checkpoint, tmp_path):
     assert result.stdout.strip() == str(out)
     assert "[validate] 4 chained segments" in result.stderr
     assert Bundle.load(out).manifest["validation"]["passed"] is True
+    assert Bundle.load(out).has_generation and "prefill.onnx, decode.onnx" in result.stderr  # the default
 
 
 def test_json_output_and_default_out_beside_the_checkpoint(tiny_checkpoint, tmp_path):
     ckpt, _ = tiny_checkpoint
     local = tmp_path / "model.pt"
     local.write_bytes(ckpt.read_bytes())
-    result = run("--ckpt", local, "--fp16", "--segments", 3, "--json")
+    result = run("--no-generation", "--ckpt", local, "--fp16", "--segments", 3, "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["ok"] is True and data["precision"] == "fp16"
     assert data["bundle"] == str(tmp_path / "model-fp16")
-    assert set(data["validation"]) == {"step", "ingest"}
+    assert set(data["validation"]) == {"step", "ingest"}  # + prefill/decode: in the report's "generation"
     assert set(data["seconds"]) == {"load", "trace", "validate", "save"}
+
+
+def test_engine_builds_the_segment_graphs_after_the_export(tiny_checkpoint, tmp_path):
+    pytest.importorskip("tensorrt_rtx")
+    ckpt, _ = tiny_checkpoint
+    out = tmp_path / "bundle"
+    result = run("--ckpt", ckpt, "--out", out, "--segments", 3, "--no-generation", "--engine",
+                 "--engine-builder", "tensorrt_rtx", "--max-batch", 2, "--json")
+    assert result.exit_code == 0, result.output
+    engines = json.loads(result.stdout)["engines"]
+    assert set(engines) == {"step", "ingest"}
+    assert all(path.endswith(".plan") and (out / "engines").is_dir() and Path(path).stat().st_size > 0
+               for path in engines.values())
+
+
+def test_engine_with_a_missing_builder_fails_before_exporting(tiny_checkpoint, tmp_path):
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("tensorrt is installed here")
+    except ImportError:
+        pass
+    ckpt, _ = tiny_checkpoint
+    out = tmp_path / "bundle"
+    one_line_error(run("--ckpt", ckpt, "--out", out, "--engine"), "tensorrt module is not importable here")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
 def test_no_validate_writes_a_bundle_without_a_report(tiny_checkpoint, tmp_path):
     ckpt, _ = tiny_checkpoint
-    result = run("--ckpt", ckpt, "--out", tmp_path / "b", "--no-validate")
+    result = run("--no-generation", "--ckpt", ckpt, "--out", tmp_path / "b", "--no-validate")
     assert result.exit_code == 0, result.output
     assert Bundle.load(tmp_path / "b").manifest["validation"] is None
     assert "validation skipped" in result.stderr
@@ -98,7 +125,7 @@ def test_reference_checkpoint_with_its_layout_exports(tiny_checkpoint, tmp_path)
     torch.save({("memory_cell.memory" if k == "memory" else f"memory_cell.{k}"): v
                 for k, v in model.state_dict().items()}, reference)
     (tmp_path / "config.json").write_text(json.dumps(model.config.backbone))
-    result = run("--ckpt", reference, "--out", tmp_path / "b", "--segments", 2,
+    result = run("--no-generation", "--ckpt", reference, "--out", tmp_path / "b", "--segments", 2,
                  "--backbone-config", tmp_path / "config.json", "--num-mem-tokens", 4, "--segment-size", 16)
     assert result.exit_code == 0, result.output
     assert Bundle.load(tmp_path / "b").num_mem_tokens == 4
@@ -120,9 +147,9 @@ def test_unwritable_out(tiny_checkpoint, tmp_path):
 def test_existing_out_needs_force(tiny_checkpoint, tmp_path):
     ckpt, _ = tiny_checkpoint
     out = tmp_path / "b"
-    assert run("--ckpt", ckpt, "--out", out, "--segments", 2).exit_code == 0
-    one_line_error(run("--ckpt", ckpt, "--out", out, "--segments", 2), "already exists; pass --force")
-    result = run("--ckpt", ckpt, "--out", out, "--segments", 2, "--force")
+    assert run("--no-generation", "--ckpt", ckpt, "--out", out, "--segments", 2).exit_code == 0
+    one_line_error(run("--no-generation", "--ckpt", ckpt, "--out", out, "--segments", 2), "already exists; pass --force")
+    result = run("--no-generation", "--ckpt", ckpt, "--out", out, "--segments", 2, "--force")
     assert result.exit_code == 0, result.output
 
 
@@ -159,7 +186,7 @@ def test_tokenizer_files_ship_in_the_bundle_with_their_hashes(tiny_checkpoint, t
     tok_dir.mkdir()
     tokenizer.save(str(tok_dir / "tokenizer.json"))
     ckpt, _ = tiny_checkpoint
-    result = run("--ckpt", ckpt, "--out", tmp_path / "b", "--segments", 2, "--tokenizer", tok_dir)
+    result = run("--no-generation", "--ckpt", ckpt, "--out", tmp_path / "b", "--segments", 2, "--tokenizer", tok_dir)
     assert result.exit_code == 0, result.output
     bundle = Bundle.load(tmp_path / "b")
     assert bundle.manifest["tokenizer"] == ["tokenizer.json"]

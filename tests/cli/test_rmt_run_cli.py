@@ -79,7 +79,7 @@ def tokenized(tiny_checkpoint, tmp_path_factory):
     tokenizer.save(str(directory / "tokenizer.json"))
     checkpoint, model = tiny_checkpoint
     out = tmp_path_factory.mktemp("tok-bundle") / "gpt2-tok"
-    export_model(model, out, ExportOptions(tokenizer_dir=directory, plan=ValidationPlan(segments=2)))
+    export_model(model, out, ExportOptions(tokenizer_dir=directory, plan=ValidationPlan(segments=2), generation=False))
     return out, tokenizer, checkpoint
 
 

@@ -34,6 +34,12 @@ def test_every_family_and_precision_validates(bundle_factory, family, precision)
         if "argmax_agreement" in graph:
             assert graph["argmax_agreement"]["teacher_forced_decisive"] == 1.0
             assert graph["argmax_agreement"]["teacher_forced"] >= (0.999 if precision == "fp32" else 0.98)
+    generation = report.get("generation")
+    assert (generation is not None) == (family in DECODER_FAMILIES)  # decoders also get prefill/decode
+    if generation:
+        assert generation["argmax_agreement"]["cached_decisive"] == 1.0 and generation["decode"]["steps"] == 8
+        assert max(generation["worst"].values()) < (1e-5 if precision == "fp32" else 5e-3)
+        assert {"prefill", "decode"} <= set(result.manifest["graphs"])
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
@@ -73,7 +79,8 @@ def test_manifest_describes_the_bundle(bundle_factory, family, precision):
         config.kind, family, precision, 18)
     assert (bundle.num_mem_tokens, bundle.segment_size, bundle.hidden_size, bundle.vocab_size) == (
         config.num_mem_tokens, config.segment_size, config.hidden_size, config.vocab_size)
-    assert set(manifest["files"]) == {"step.onnx", "ingest.onnx", "memory_init.npy"}
+    generation = {"prefill.onnx", "decode.onnx"} if config.kind == "decoder" else set()
+    assert set(manifest["files"]) == {"step.onnx", "ingest.onnx", "memory_init.npy"} | generation
     assert all(sha256_file(result.path / n) == h for n, h in manifest["files"].items())
     assert manifest["producer"]["torch"].startswith("2.13")
     spec = bundle.graph_spec("step")
@@ -156,7 +163,7 @@ def test_failure_midway_leaves_nothing_that_looks_like_a_bundle(tiny_checkpoint,
     monkeypatch.setattr("rmt_export.exporter.validate_graphs", broken_validation)
     out = tmp_path / "bundle"
     with pytest.raises(ValidationError):
-        export_model(model, out, ExportOptions(plan=ValidationPlan(segments=2)))
+        export_model(model, out, ExportOptions(plan=ValidationPlan(segments=2), generation=False))
     assert not out.exists()
     assert _no_partial_left(tmp_path) == []
 
@@ -164,7 +171,7 @@ def test_failure_midway_leaves_nothing_that_looks_like_a_bundle(tiny_checkpoint,
 def test_interrupt_keeps_the_previous_bundle_intact(tiny_checkpoint, tmp_path):
     _, model = tiny_checkpoint
     out = tmp_path / "bundle"
-    first = export_model(model, out, ExportOptions(plan=ValidationPlan(segments=2)))
+    first = export_model(model, out, ExportOptions(plan=ValidationPlan(segments=2), generation=False))
     before = json.loads((out / "manifest.json").read_text())
 
     def interrupt(stage, detail):
@@ -172,7 +179,7 @@ def test_interrupt_keeps_the_previous_bundle_intact(tiny_checkpoint, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        export_model(model, out, ExportOptions(force=True, plan=ValidationPlan(segments=2)), progress=interrupt)
+        export_model(model, out, ExportOptions(force=True, plan=ValidationPlan(segments=2), generation=False), progress=interrupt)
     assert json.loads((out / "manifest.json").read_text()) == before
     Bundle.load(first.path)
     assert _no_partial_left(tmp_path) == []

@@ -119,7 +119,8 @@ def test_every_graph_of_every_bundle_builds(trt, bundle_factory, family, precisi
     """The CI gate: each exported graph, each family, each precision parses and builds."""
     _, exported = bundle_factory(family, precision)
     results = trt_gate.check_bundle(exported.path, max_batch=4)
-    assert [r.graph for r in results] == ["ingest", "step"]
+    expected = ["ingest", "step"] if family in ("bert", "roberta") else ["decode", "ingest", "prefill", "step"]
+    assert [r.graph for r in results] == expected
     for result in results:
         assert result.ok, result.summary()
         assert result.precision == precision and result.engine_bytes > 0
@@ -130,7 +131,7 @@ def test_cli_reports_every_graph_and_exits_zero(trt, bundle_factory):
     result = CliRunner().invoke(check_trt_main, ["--bundle", str(exported.path), "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert data["ok"] is True and [g["graph"] for g in data["graphs"]] == ["ingest", "step"]
+    assert data["ok"] is True and [g["graph"] for g in data["graphs"]] == ["decode", "ingest", "prefill", "step"]
     assert all(g["built"] and g["precision"] == "fp16" for g in data["graphs"])
 
 

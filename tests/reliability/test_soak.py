@@ -55,3 +55,22 @@ def test_threads_and_streams_for_a_while(bundle_factory):
     assert failures == []
     assert sum(counts) > 100  # the soak really ran many streams
     assert growth < 30 << 20, f"resident memory grew {growth / 2**20:.1f} MB over {sum(counts)} streams"
+
+
+@pytest.mark.slow
+def test_generating_10k_tokens_runs_in_constant_memory(bundle_factory):
+    """With rollover the cache never holds more than M + segment positions: resident memory
+    sampled every 500 tokens stays flat from the first thousand tokens to the ten-thousandth."""
+    _, exported = bundle_factory("gpt2", initializer_range=0.2)
+    runtime = RMTRuntime.load(exported.path, backend="onnxruntime")
+    from rmt_runtime import GenerationConfig
+
+    state = runtime.new_state()
+    config = GenerationConfig(max_new_tokens=10_000, temperature=1.0, seed=0)
+    samples = {}
+    for count, _ in enumerate(runtime.generate_stream(state, [1, 2, 3], config), start=1):
+        if count % 500 == 0:
+            samples[count] = resident_bytes()
+    assert count == 10_000 and int(state.segments_done[0]) == (3 + 10_000 - 1) // runtime.segment_size
+    growth = max(samples.values()) - samples[1000]
+    assert growth < 10 * 2**20, {k: v // 2**20 for k, v in samples.items()}

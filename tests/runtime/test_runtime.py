@@ -297,12 +297,19 @@ def test_requested_provider_that_is_missing_is_an_error_not_a_fallback(bundle_fa
     assert "skipped" in rt.picked
 
 
+def test_cuda_graphs_on_a_backend_without_them_is_an_error(bundle_factory):
+    _, exported = bundle_factory("gpt2", "fp32")
+    for backend in ("auto", "onnxruntime", "torch"):
+        with pytest.raises(BackendError, match="cuda_graphs is a feature of the native tensorrt backend"):
+            RMTRuntime.load(exported.path, backend=backend, cuda_graphs=True)
+
+
 def test_torch_backend_is_the_reference(bundle_factory, tiny_checkpoint, tmp_path):
     ckpt, model = tiny_checkpoint
     from rmt_export.exporter import ExportOptions, export_model
     from rmt_export.validate import ValidationPlan
 
-    bundle = export_model(model, tmp_path / "b", ExportOptions(plan=ValidationPlan(segments=2))).path
+    bundle = export_model(model, tmp_path / "b", ExportOptions(plan=ValidationPlan(segments=2), generation=False)).path
     ids = random_ids(97, (2, 100), seed=12)
     reference = RMTRuntime.load(bundle, backend="torch", checkpoint=ckpt)
     assert reference.picked == "torch/cpu (asked for)"

@@ -150,3 +150,23 @@ def test_encoder_sample_classifies_long_documents(sample_out):
         assert int(logits.argmax()) == int(reference.argmax())
         right += predicted == KEYS[label]
     assert right / len(labels) >= 0.9
+
+
+def test_rmt_generate_answers_the_key_and_remembers_it_across_turns(sample_bundle, tmp_path):
+    """The trained sample through the real rmt-generate process: text in, text out, memory
+    carrying the key from the first turn into the second after several segment rollovers."""
+    text, answer = make_example(np.random.default_rng(8), segments=6, segment_size=32)
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_bytes(text)
+    command = [sys.executable, "-m", "rmt_runtime.generate_cli", "--bundle", str(sample_bundle)]
+    one = subprocess.run(command + ["--prompt-file", str(prompt), "--max-new-tokens", "3", "--json"],
+                         capture_output=True, text=True, check=True)
+    assert json.loads(one.stdout)["text"][0] == chr(answer)
+    state = tmp_path / "chat.npz"
+    filler = "the quick brown fox jumps over the lazy dog " * 3
+    turns = [f"key={chr(answer)};{filler}", f"{filler}{filler}?key="]
+    replies = [json.loads(subprocess.run(command + ["--prompt", turn, "--max-new-tokens", "2", "--state", str(state),
+                                                    "--json"], capture_output=True, text=True, check=True).stdout)
+               for turn in turns]
+    assert replies[1]["segments_in_memory"] >= 5  # the key's segment was rolled into memory long ago
+    assert replies[1]["text"][0] == chr(answer)

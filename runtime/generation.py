@@ -1,0 +1,246 @@
+"""KV-cached generation with memory, in constant memory past the segment.
+
+How a decoder bundle generates (RMT_SEMANTICS.md, docs/GENERATION.md):
+1. Context: the state's pending tokens plus the prompt. Every full segment but the last
+   is read into memory (the ingest graph), as the reference code does before generating.
+2. Prefill: the prefill graph reads ``[mem, last segment]`` (no write slots) and returns
+   the next-token logits and a key/value cache; the caches stay on the backend's device.
+3. Decode: one token at a time through the decode graph and the cache.
+4. Rollover (default, this project's extension): when the segment is full, it is written
+   into memory (the ingest graph, rows that filled only) and generation continues in a
+   fresh segment ``[new mem, token]``, so the context, the cache and the cost per token
+   never grow with the length of the conversation. ``rollover=False`` is the reference's
+   behaviour: memory is not written while generating and the context grows until the
+   backbone's position limit.
+
+The state follows the text: after generating, its memory and pending tokens are what
+feeding prompt + generated tokens would give, so generation and reading interleave freely.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterator
+
+import numpy as np
+
+from .errors import BackendError, RuntimeInputError
+from .spec import DECODE, INGEST, PREFILL
+from .state import SequenceState
+
+if TYPE_CHECKING:
+    from .runtime import RMTRuntime
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How to pick tokens and when to stop.
+
+    temperature 0 is greedy (top_k, top_p and seed then do nothing). repetition_penalty
+    follows the usual rule (CTRL, Hugging Face): logits of tokens already in the row's
+    prompt or output are divided by it when positive, multiplied when negative.
+    use_cache=False recomputes the segment with the prefill graph for every token (the
+    check that the cache changes nothing, and the baseline of the decode benchmark).
+    """
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    stop_tokens: tuple[int, ...] = ()
+    seed: int | None = None
+    rollover: bool = True
+    use_cache: bool = True
+
+    def check(self, vocab_size: int) -> None:
+        problems = []
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        if not self.temperature >= 0:
+            problems.append(f"temperature must be >= 0 (0: greedy), got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            problems.append(f"top_k must be an int >= 0 (0: off), got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not self.repetition_penalty > 0:
+            problems.append(f"repetition_penalty must be > 0 (1: off), got {self.repetition_penalty!r}")
+        bad_stops = [t for t in self.stop_tokens if not 0 <= int(t) < vocab_size]
+        if bad_stops:
+            problems.append(f"stop tokens {bad_stops} are outside the vocabulary 0..{vocab_size - 1}")
+        if problems:
+            raise RuntimeInputError("; ".join(problems))
+
+
+@dataclass
+class Generation:
+    """Generated token ids per row (stop tokens included) and the state after them."""
+
+    tokens: list[list[int]]
+    state: SequenceState = field(repr=False)
+
+
+def choose_tokens(logits: np.ndarray, histories: list[np.ndarray], config: GenerationConfig,
+                  rng: np.random.Generator) -> np.ndarray:
+    """The next token of every row, [B] int64, from next-token logits [B, V]."""
+    logits = np.array(logits, dtype=np.float64)
+    if config.repetition_penalty != 1.0:
+        for row, seen in enumerate(histories):
+            if len(seen):
+                ids = np.unique(seen)
+                values = logits[row, ids]
+                logits[row, ids] = np.where(values > 0, values / config.repetition_penalty,
+                                            values * config.repetition_penalty)
+    if config.temperature == 0:
+        return logits.argmax(axis=-1).astype(np.int64)
+    logits = logits / config.temperature
+    chosen = np.empty(len(logits), np.int64)
+    for row, values in enumerate(logits):
+        order = np.argsort(-values, kind="stable")
+        if config.top_k:
+            order = order[:config.top_k]
+        kept = values[order]
+        probs = np.exp(kept - kept.max())
+        probs /= probs.sum()
+        if config.top_p < 1.0:
+            # The smallest prefix whose probability reaches top_p (the top token always stays).
+            cutoff = int(np.searchsorted(np.cumsum(probs), config.top_p)) + 1
+            order, probs = order[:cutoff], probs[:cutoff] / probs[:cutoff].sum()
+        chosen[row] = order[min(int(np.searchsorted(np.cumsum(probs), rng.random())), len(order) - 1)]
+    return chosen
+
+
+def _rows(prompts, batch: int, vocab_size: int) -> list[np.ndarray]:
+    from .runtime import _as_ids, _is_ragged
+
+    chunks = [prompts] if batch == 1 and not _is_ragged(prompts) else list(prompts)
+    if len(chunks) != batch:
+        raise RuntimeInputError(f"got {len(chunks)} prompts for a state of batch {batch}")
+    rows = [_as_ids(chunk, f"prompt of row {row}") for row, chunk in enumerate(chunks)]
+    for row, ids in enumerate(rows):
+        bad = (ids < 0) | (ids >= vocab_size)
+        if bad.any():
+            position = int(np.argmax(bad))
+            raise RuntimeInputError(f"token id {int(ids[position])} at row {row}, position {position} of the "
+                                    f"prompt is outside the vocabulary 0..{vocab_size - 1}")
+    return rows
+
+
+class _Cache:
+    """The decode graph's inputs between tokens: caches (backend handles), mask, row lengths."""
+
+    def __init__(self, runtime: "RMTRuntime", state: SequenceState) -> None:
+        self.runtime = runtime
+        self.state = state
+        self.m = runtime.bundle.num_mem_tokens
+        self.handles: dict[str, object] = {}
+        self.mask = np.zeros((state.batch, 0), np.int64)
+
+    def prefill(self) -> np.ndarray:
+        """Read every row's pending context afresh; returns the next-token logits [B, V]."""
+        state, batch = self.state, self.state.batch
+        # Rows still generating hold at most a segment here; a stopped row may hold one token
+        # more (its stop token filled the segment) and only needs some valid input.
+        contexts = [p[-self.runtime.segment_size:] for p in state.pending]
+        width = max(len(c) for c in contexts)
+        ids = np.zeros((batch, width), np.int64)
+        mask = np.zeros((batch, width), np.int64)
+        for row, context in enumerate(contexts):
+            ids[row, :len(context)], mask[row, :len(context)] = context, 1
+        host, handles = self.runtime.runner.run_cached(
+            PREFILL, {"input_ids": ids, "attention_mask": mask}, {"memory": state.memory}, ("last_logits",))
+        self.handles = {name.replace("present.", "past.", 1): value for name, value in handles.items()}
+        self.mask = np.concatenate([np.ones((batch, self.m), np.int64), mask], axis=1)
+        return host["last_logits"]
+
+    def decode(self, tokens: np.ndarray, active: np.ndarray) -> np.ndarray:
+        """Append one token per row (inactive rows: masked out) and return the next logits."""
+        state = self.state
+        self.mask = np.concatenate([self.mask, active.astype(np.int64)[:, None]], axis=1)
+        positions = np.array([[self.m + len(p) - 1] for p in state.pending], np.int64)
+        host, handles = self.runtime.runner.run_cached(
+            DECODE, {"input_ids": np.where(active, tokens, 0)[:, None].astype(np.int64),
+                     "attention_mask": self.mask, "position_ids": positions},
+            self.handles, ("logits",))
+        self.handles = {name.replace("present.", "past.", 1): value for name, value in handles.items()}
+        return host["logits"]
+
+
+def _check_can_generate(runtime: "RMTRuntime") -> None:
+    bundle = runtime.bundle
+    if bundle.kind != "decoder":
+        raise RuntimeInputError(f"bundle {bundle.path} is an encoder (classification); only decoders generate")
+    if not bundle.has_generation:
+        raise RuntimeInputError(f"bundle {bundle.path} has no prefill/decode graphs (exported with "
+                                "--no-generation or by an older rmt-export); re-export it to generate")
+    if not runtime.runner.supports_generation:
+        raise BackendError(f"{runtime.runner.name} does not run the generation graphs; generate with the "
+                           "onnxruntime backend")
+
+
+def generate_tokens(runtime: "RMTRuntime", state: SequenceState, prompts,
+                    config: GenerationConfig) -> Iterator[np.ndarray]:
+    """The generator behind ``RMTRuntime.generate_stream``; checks everything before any work."""
+    _check_can_generate(runtime)
+    bundle, size = runtime.bundle, runtime.segment_size
+    config.check(bundle.vocab_size)
+    rows = _rows(prompts, state.batch, bundle.vocab_size)
+    contexts = [np.concatenate([pending, row]) for pending, row in zip(state.pending, rows)]
+    empty = [row for row, context in enumerate(contexts) if len(context) == 0]
+    if empty:
+        raise RuntimeInputError(f"rows {empty} have no context to generate from: give each row a prompt of at "
+                                "least one token (or pending tokens in its state)")
+    commits = [((len(c) - 1) // size) * size for c in contexts]
+    longest = max(len(c) - k for c, k in zip(contexts, commits))
+    limit = bundle.manifest.get("max_positions")
+    if not config.rollover and limit and bundle.num_mem_tokens + longest + config.max_new_tokens > limit:
+        raise RuntimeInputError(
+            f"without rollover the context grows to {bundle.num_mem_tokens} memory + {longest} context + "
+            f"{config.max_new_tokens} new tokens, past the backbone's {limit} positions: lower max_new_tokens "
+            "or keep rollover on")
+    if not config.use_cache and not config.rollover:
+        raise RuntimeInputError("use_cache=False recomputes the segment with the prefill graph, which takes at "
+                                "most segment_size tokens: it needs rollover")
+    return _generate(runtime, state, rows, contexts, commits, config)
+
+
+def _generate(runtime: "RMTRuntime", state: SequenceState, rows: list[np.ndarray], contexts: list[np.ndarray],
+              commits: list[int], config: GenerationConfig) -> Iterator[np.ndarray]:
+    size, batch = runtime.segment_size, state.batch
+    # 1. Every full segment but the last into memory (the ingest graph, as feed does).
+    state.pending = [context[:commit] for context, commit in zip(contexts, commits)]
+    state.tokens_seen += np.array([len(row) for row in rows], np.int64)
+    runtime._commit_full_segments(state)
+    state.pending = [context[commit:] for context, commit in zip(contexts, commits)]
+    # 2. Prefill the last segment.
+    cache = _Cache(runtime, state)
+    logits = cache.prefill()
+    rng = np.random.default_rng(config.seed)
+    histories = [row.copy() for row in rows]
+    active = np.ones(batch, bool)
+    stops = np.array(sorted(set(int(t) for t in config.stop_tokens)), np.int64)
+    for step in range(config.max_new_tokens):
+        tokens = choose_tokens(logits, histories, config, rng)
+        tokens = np.where(active, tokens, -1)
+        for row in np.nonzero(active)[0]:
+            state.pending[row] = np.append(state.pending[row], tokens[row])
+            histories[row] = np.append(histories[row], tokens[row])
+        state.tokens_seen += active
+        emitted = active.copy()
+        active &= ~np.isin(tokens, stops)
+        yield tokens
+        if not active.any() or step == config.max_new_tokens - 1:
+            return
+        # 3./4. The next logits: roll filled segments into memory, or decode one token.
+        full = np.array([len(p) > size for p in state.pending]) & active
+        if config.rollover and full.any():
+            ids = np.zeros((batch, size), np.int64)
+            mask = np.zeros((batch, size), np.int64)
+            for row in np.nonzero(full)[0]:
+                ids[row], mask[row] = state.pending[row][:size], 1
+            runtime._segment(state, ids, mask, INGEST, ())
+            state.pending = [p[size:] if f else p for p, f in zip(state.pending, full)]
+            logits = cache.prefill()
+        elif not config.use_cache:
+            logits = cache.prefill()
+        else:
+            logits = cache.decode(tokens, emitted & active)

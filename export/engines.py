@@ -96,7 +96,8 @@ def engine_fields(bundle: Bundle, graph: str, trt_name: str, trt_version: str, d
                   options: BuildOptions) -> dict[str, Any]:
     """Everything an engine's validity depends on."""
     spec = bundle.graph_spec(graph)
-    profile = profile_shapes(spec, bundle.segment_size, options.max_batch, options.opt_batch)
+    profile = profile_shapes(spec, bundle.segment_size, options.max_batch, options.opt_batch,
+                             bundle.num_mem_tokens)
     return {
         "builder": trt_name, "trt_version": trt_version, "gpu": device.name,
         "compute_capability": device.compute_capability, "precision": bundle.precision,

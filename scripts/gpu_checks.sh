@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check in one go, for a machine with an NVIDIA GPU. Writes a report to
-# ${OUT:-gpu-report}/ (pytest log + JUnit XML + environment). Usage:
+# ${OUT:-gpu-report}/ (pytest log + JUnit XML + environment + gpu-bench.md). Usage:
 #   scripts/gpu_checks.sh            # uses .venv if present, else python3
 # Needs: the project installed with its dev requirements, and onnxruntime-gpu in place of
 # onnxruntime (the two provide the same module; never install both).
@@ -19,5 +19,9 @@ py=.venv/bin/python
 } | tee "$report/environment.txt"
 PYTHONUNBUFFERED=1 "$py" -m pytest -m gpu tests/gpu -v -rs --junitxml="$report/gpu-junit.xml" 2>&1 | tee "$report/gpu-pytest.log"
 status=${PIPESTATUS[0]}
+# Throughput side by side (TensorRT native with and without CUDA graphs, ORT CUDA/TensorRT EPs,
+# PyTorch on CUDA); variants missing here are listed as skipped with the reason.
+"$py" benchmarks/gpu_bench.py --model "${GPU_BENCH_MODEL:-gpt2-small}" 2>&1 | tee "$report/gpu-bench.md"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 echo "exit status: $status" | tee -a "$report/environment.txt"
 exit "$status"

@@ -13,14 +13,18 @@ _AUTO_ORDER = ("tensorrt", "cuda", "cpu")
 
 
 def open_runner(bundle: Bundle, backend: str = "auto", provider: str | None = None,
-                threads: int | None = None, checkpoint: str | os.PathLike | None = None) -> tuple[Runner, str]:
+                threads: int | None = None, checkpoint: str | os.PathLike | None = None,
+                cuda_graphs: bool = False) -> tuple[Runner, str]:
     """The runner for ``backend``/``provider``, activated, and a sentence saying what was picked and why.
 
     An explicit backend or provider that cannot run is an error; only ``auto`` moves on
-    to the next candidate, and says which ones it skipped.
+    to the next candidate, and says which ones it skipped. ``cuda_graphs``: the native
+    TensorRT backend captures and replays full segments (an error for any other backend).
     """
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}: expected one of {BACKENDS}")
+    if cuda_graphs and backend != "tensorrt":
+        raise BackendError(f"cuda_graphs is a feature of the native tensorrt backend, not of {backend!r}")
     if backend == "torch":
         if provider not in (None, "cpu", "cuda"):
             raise BackendError(f"the torch backend runs on cpu or cuda, not {provider!r}")
@@ -32,7 +36,7 @@ def open_runner(bundle: Bundle, backend: str = "auto", provider: str | None = No
     if backend == "tensorrt":
         from .tensorrt import TensorRTRunner
 
-        runner = TensorRTRunner(bundle)
+        runner = TensorRTRunner(bundle, cuda_graphs=cuda_graphs)
         return runner.activate(), f"{runner.name} (asked for; engines built or reused in {bundle.path}/engines)"
 
     from .onnxruntime import OnnxRuntimeRunner

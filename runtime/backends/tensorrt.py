@@ -4,8 +4,15 @@ TensorRT 10/11 name-based API: ``set_input_shape``, ``set_tensor_address``,
 ``execute_async_v3``. Device memory and streams through cuda-python (no PyTorch). Each
 state holds two device buffers for memory, written alternately (ping-pong: TensorRT gives
 wrong results when an input and an output share an address). Token ids are uploaded once
-per segment; outputs come back to the host only when asked for. Every CUDA and TensorRT
-call is checked and turned into a BackendError.
+per segment into buffers kept per shape (no allocation per segment); outputs come back to
+the host only when asked for. Every CUDA and TensorRT call is checked and turned into a
+BackendError.
+
+``cuda_graphs=True`` captures each full-segment launch as a CUDA graph and replays it: one
+graph per (graph, batch, memory buffer, new-memory buffer), so a state's two ping-pong
+arrangements give two graphs; partial segments (once per input) run uncaptured. TensorRT
+needs one plain execution after a shape change before capture, which is also the first
+segment's result.
 
 Runs only where a GPU, ``tensorrt`` and ``cuda-python`` are present: its tests are in
 tests/gpu and run through scripts/gpu_checks.sh.
@@ -16,6 +23,8 @@ import threading
 from typing import Any
 
 import numpy as np
+
+from collections import OrderedDict
 
 from ..bundle import Bundle
 from ..errors import BackendError
@@ -73,26 +82,48 @@ def _check(cudart, result, what: str):
     return values[0] if len(values) == 1 else values or None
 
 
+class _CapturedGraph:
+    """An instantiated CUDA graph (and the graph it came from), destroyed when dropped."""
+
+    def __init__(self, cudart, graph, executable) -> None:
+        self._cudart, self.graph, self.executable = cudart, graph, executable
+
+    def launch(self, stream) -> None:
+        _check(self._cudart, self._cudart.cudaGraphLaunch(self.executable, stream), "cudaGraphLaunch")
+
+    def __del__(self) -> None:
+        executable, self.executable = getattr(self, "executable", None), None
+        if executable is not None:
+            self._cudart.cudaGraphExecDestroy(executable)
+            self._cudart.cudaGraphDestroy(self.graph)
+
+
 class TensorRTRunner(Runner):
     """Runs the bundle's engines with TensorRT on the current CUDA device."""
 
     memory_on_host = False
+    #: Captured graphs kept (least recently used dropped): two per stream of full segments.
+    max_captured_graphs = 32
 
-    def __init__(self, bundle: Bundle, builder: str = "tensorrt", build: bool = True, max_batch: int = 8) -> None:
+    def __init__(self, bundle: Bundle, builder: str = "tensorrt", build: bool = True, max_batch: int = 8,
+                 cuda_graphs: bool = False) -> None:
         super().__init__(bundle)
         from rmt_export.engines import import_builder  # torch-free module of the same distribution
 
         self._trt = import_builder(builder)
         self._cuda = _cudart()
-        self.builder, self.build, self.max_batch = builder, build, max_batch
+        self.builder, self.build, self.max_batch, self.cuda_graphs = builder, build, max_batch, cuda_graphs
         self._contexts: dict[str, Any] = {}
         self._engines: dict[str, Any] = {}
         self._context_locks = {graph: threading.Lock() for graph in self.specs}
+        self._io: dict[tuple[str, int, int], dict[str, DeviceBuffer]] = {}
+        self._bound: dict[str, tuple] = {}  # graph -> the (shape, addresses) its context holds now
+        self._captured: OrderedDict[tuple, _CapturedGraph] = OrderedDict()
         self._stream = None
 
     @property
     def name(self) -> str:
-        return f"tensorrt/{self._trt.__version__}"
+        return f"tensorrt/{self._trt.__version__}" + (" (CUDA graphs)" if self.cuda_graphs else "")
 
     def _activate(self) -> None:
         from rmt_export.engines import BuildOptions, build_engine, cached_engine
@@ -111,6 +142,9 @@ class TensorRTRunner(Runner):
         self._stream = _check(self._cuda, self._cuda.cudaStreamCreate(), "cudaStreamCreate")
 
     def _deactivate(self) -> None:
+        self._captured.clear()
+        self._io.clear()
+        self._bound.clear()
         self._contexts.clear()
         self._engines.clear()
         if self._stream is not None:
@@ -130,25 +164,68 @@ class TensorRTRunner(Runner):
         self.activate()
         return DeviceBuffer(self._cuda, (batch, self.bundle.num_mem_tokens, self.bundle.hidden_size), np.float32)
 
+    def _io_buffers(self, graph: str, batch: int, length: int) -> dict[str, DeviceBuffer]:
+        """Token and output buffers for one shape, allocated once and reused every segment."""
+        key = (graph, batch, length)
+        if key not in self._io:
+            buffers = {"input_ids": DeviceBuffer(self._cuda, (batch, length), np.int64),
+                       "attention_mask": DeviceBuffer(self._cuda, (batch, length), np.int64)}
+            for t in self.specs[graph].outputs:
+                if t.name != "new_memory":
+                    buffers[t.name] = DeviceBuffer(self._cuda, t.shape(batch, length), np.float32)
+            self._io[key] = buffers
+        return self._io[key]
+
+    def _bind(self, graph: str, context, buffers: dict[str, DeviceBuffer], memory, new_memory) -> None:
+        arrangement = (buffers["input_ids"].shape, *(int(b.ptr) for b in buffers.values()),
+                       int(memory.ptr), int(new_memory.ptr))
+        if self._bound.get(graph) == arrangement:
+            return
+        for name in ("input_ids", "attention_mask"):
+            if not context.set_input_shape(name, buffers[name].shape):
+                raise BackendError(f"TensorRT refused shape {buffers[name].shape} for {name} (outside the profile?)")
+        if not context.set_input_shape("memory", memory.shape):
+            raise BackendError(f"TensorRT refused shape {memory.shape} for memory (outside the profile?)")
+        for name, buffer in buffers.items():
+            context.set_tensor_address(name, int(buffer.ptr))
+        context.set_tensor_address("memory", int(memory.ptr))
+        context.set_tensor_address("new_memory", int(new_memory.ptr))
+        self._bound[graph] = arrangement
+
+    def _execute(self, graph: str, context) -> None:
+        if not context.execute_async_v3(int(self._stream)):
+            raise BackendError(f"TensorRT execute_async_v3 of {graph} failed")
+
+    def _capture(self, graph: str, context) -> _CapturedGraph:
+        cuda = self._cuda
+        mode = cuda.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        _check(cuda, cuda.cudaStreamBeginCapture(self._stream, mode), "cudaStreamBeginCapture")
+        try:
+            self._execute(graph, context)
+        finally:
+            captured = _check(cuda, cuda.cudaStreamEndCapture(self._stream), "cudaStreamEndCapture")
+        executable = _check(cuda, cuda.cudaGraphInstantiate(captured, 0), "cudaGraphInstantiate")
+        return _CapturedGraph(cuda, captured, executable)
+
     def _run(self, graph, input_ids, attention_mask, memory, new_memory, want):
-        spec = self.specs[graph]
         batch, length = input_ids.shape
-        inputs = {"input_ids": DeviceBuffer(self._cuda, input_ids.shape, np.int64),
-                  "attention_mask": DeviceBuffer(self._cuda, attention_mask.shape, np.int64)}
-        inputs["input_ids"].upload(input_ids, self._stream)
-        inputs["attention_mask"].upload(attention_mask, self._stream)
-        outputs = {t.name: DeviceBuffer(self._cuda, t.shape(batch, length), np.float32)
-                   for t in spec.outputs if t.name != "new_memory"}
         with self._context_locks[graph]:
             context = self._contexts[graph]
-            for name, buffer in (*inputs.items(), ("memory", memory)):
-                if not context.set_input_shape(name, buffer.shape):
-                    raise BackendError(f"TensorRT refused shape {buffer.shape} for {name} (outside the profile?)")
-                context.set_tensor_address(name, int(buffer.ptr))
-            context.set_tensor_address("new_memory", int(new_memory.ptr))
-            for name, buffer in outputs.items():
-                context.set_tensor_address(name, int(buffer.ptr))
-            if not context.execute_async_v3(int(self._stream)):
-                raise BackendError(f"TensorRT execute_async_v3 of {graph} failed")
+            buffers = self._io_buffers(graph, batch, length)
+            buffers["input_ids"].upload(input_ids, self._stream)
+            buffers["attention_mask"].upload(attention_mask, self._stream)
+            key = (graph, batch, length, int(memory.ptr), int(new_memory.ptr))
+            captured = self._captured.get(key) if self.cuda_graphs else None
+            if captured is not None:
+                self._captured.move_to_end(key)
+                captured.launch(self._stream)
+            else:
+                self._bind(graph, context, buffers, memory, new_memory)
+                self._execute(graph, context)  # this segment's result, and TensorRT's setup for capture
+                if self.cuda_graphs and length == self.bundle.segment_size:
+                    _check(self._cuda, self._cuda.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+                    self._captured[key] = self._capture(graph, context)
+                    while len(self._captured) > self.max_captured_graphs:
+                        self._captured.popitem(last=False)
             _check(self._cuda, self._cuda.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
-        return {name: outputs[name].download(self._stream) for name in want}
+            return {name: buffers[name].download(self._stream) for name in want}

@@ -38,5 +38,6 @@ setup(
         "rmt-build=rmt_export.cli:build_main",
         "rmt-run=rmt_runtime.cli:main",
         "rmt-generate=rmt_runtime.generate_cli:main",
+        "rmt-bench=rmt_runtime.bench:main",
     ]},
 )

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from rmt_runtime.bundle import BundleError
-from rmt_runtime.cli_support import fail, run_guarded, terminate_as_interrupt
+from rmt_runtime.cli_support import fail, raise_if_interrupted, run_guarded, terminate_as_interrupt
 
 from .errors import ExportError
 
@@ -22,6 +22,8 @@ def _run_guarded(verbose: bool, as_json: bool, work, interrupted=lambda: "interr
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Bundle directory to write [default: <ckpt name>-<precision> beside the checkpoint].")
 @click.option("--fp16", is_flag=True, help="fp16 weights and compute inside the graphs; memory I/O stays float32.")
+@click.option("--int8", is_flag=True, help="int8 MatMul weights (ONNX Runtime dynamic quantization) for CPUs and "
+                                           "edge boards; not for TensorRT.")
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (18..20).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
 @click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime vs PyTorch validation (not recommended).")
@@ -46,7 +48,7 @@ def _run_guarded(verbose: bool, as_json: bool, work, interrupted=lambda: "interr
               help="Reference checkpoints: tokens per segment.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable result on stdout.")
 @click.option("--verbose", is_flag=True, help="Show tracebacks.")
-def main(ckpt, out, fp16, opset, force, no_validate, segments, no_generation, engine, engine_builder, max_batch,
+def main(ckpt, out, fp16, int8, opset, force, no_validate, segments, no_generation, engine, engine_builder, max_batch,
          workspace_mb, tokenizer_dir, backbone_config, num_mem_tokens, segment_size, as_json, verbose):
     """Export an RMT checkpoint to a validated bundle holding single-segment ONNX graphs.
 
@@ -55,6 +57,7 @@ def main(ckpt, out, fp16, opset, force, no_validate, segments, no_generation, en
       rmt-export --ckpt model.pt
       rmt-export --ckpt model.pt --fp16 --out bundles/model-fp16 --force
       rmt-export --ckpt model.pt --fp16 --engine        # on the GPU/Jetson: export, then build engines
+      rmt-export --ckpt model.pt --int8                 # CPUs: int8 MatMul weights, validated like the others
       rmt-export --ckpt rmt_gpt2.bin --backbone-config gpt2/config.json \\
                  --num-mem-tokens 16 --segment-size 512
 
@@ -68,7 +71,12 @@ def main(ckpt, out, fp16, opset, force, no_validate, segments, no_generation, en
     from .validate import ValidationPlan, summary_lines
 
     terminate_as_interrupt()  # SIGTERM cleans up the partial bundle like Ctrl-C does
-    precision = "fp16" if fp16 else "fp32"
+    if fp16 and int8:
+        fail("give --fp16 or --int8, not both", as_json)
+    if engine and int8:
+        fail("--engine builds TensorRT engines, which int8 (ONNX Runtime quantized) bundles cannot have: "
+             "export --fp16 or fp32 for TensorRT", as_json)
+    precision = "fp16" if fp16 else "int8" if int8 else "fp32"
     layout_given = [backbone_config is not None, num_mem_tokens is not None, segment_size is not None]
     if any(layout_given) and not all(layout_given):
         fail("--backbone-config, --num-mem-tokens and --segment-size go together (reference checkpoints)",
@@ -82,6 +90,8 @@ def main(ckpt, out, fp16, opset, force, no_validate, segments, no_generation, en
 
     def progress(stage: str, detail: str) -> None:
         click.echo(f"[{stage}] {detail}", err=True)
+        if stage != "save":  # after save the bundle is complete and in place
+            raise_if_interrupted()
 
     if engine:  # a builder that is not here fails before minutes of export, not after
         from .engines import import_builder

@@ -131,7 +131,14 @@ def stale_engines(bundle: Bundle, fields: dict[str, Any]) -> list[str]:
     return found
 
 
+INT8_FOR_TENSORRT = ("int8 bundles hold ONNX Runtime's dynamic quantization (MatMulInteger), which TensorRT does "
+                     "not take: run them on ONNX Runtime's CPU provider, and build TensorRT engines from the fp16 or "
+                     "fp32 bundle")
+
+
 def _check_precision(trt, bundle: Bundle, options: BuildOptions) -> None:
+    if bundle.precision == "int8":
+        raise EngineError(f"{bundle.path}: {INT8_FOR_TENSORRT}")
     if options.fp16_flag and bundle.precision == "fp16":
         raise EngineError("the bundle is already fp16 inside the graph; the fp16 builder flag adds nothing")
     if options.fp16_flag and (not hasattr(trt, "BuilderFlag") or not hasattr(trt.BuilderFlag, "FP16")):

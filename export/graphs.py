@@ -23,8 +23,10 @@ from rmt_runtime.spec import (DECODE, INGEST, PREFILL, SPEC_VERSION, CacheLayer,
 
 from .errors import ExportError
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-CACHE_DTYPES = {"fp32": "float32", "fp16": "float16"}
+# The dtype each precision is traced in; int8 is traced in fp32 and then quantized.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.float32}
+CACHE_DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "float32"}
+QUANTIZED_OPS = ("MatMul", "Gemm")
 DEFAULT_OPSET = 18
 # Dynamo at opset 17 writes opset-18 attributes (invalid); TensorRT 10.x parses up to 20.
 SUPPORTED_OPSETS = range(18, 21)
@@ -57,8 +59,8 @@ class StepModule(nn.Module):
 
 
 def model_in_precision(model: RMTBase, precision: str) -> RMTBase:
-    """The model to trace: the model itself for fp32, an fp16 copy otherwise."""
-    if precision == "fp32":
+    """The model to trace: the model itself for fp32 and int8, an fp16 copy for fp16."""
+    if DTYPES[precision] == torch.float32:
         return model
     return copy.deepcopy(model).to(DTYPES[precision]).eval()
 
@@ -99,8 +101,32 @@ def _trace_and_save(module: nn.Module, model: RMTBase, example: tuple, dynamic_s
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     path = Path(path)
     program.save(path, external_data=size * (0.5 if precision == "fp16" else 1) > EXTERNAL_DATA_BYTES)
+    if precision == "int8":
+        quantize_graph(path)
     check_graph_against_spec(path, spec)
     return path
+
+
+def quantize_graph(path: Path) -> None:
+    """Int8 weights for every MatMul/Gemm with a constant weight, in place (ONNX Runtime's
+    dynamic quantization: activations are quantized per call, MatMulInteger on the CPU's
+    VNNI). Embeddings, LayerNorm, softmax and the carried memory stay float32."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantized = path.with_name(f".{path.name}.int8")
+    try:
+        with warnings.catch_warnings(), _quiet_exporter_logs("root", "onnxruntime"):
+            warnings.simplefilter("ignore")
+            quantize_dynamic(path, quantized, weight_type=QuantType.QInt8, op_types_to_quantize=list(QUANTIZED_OPS))
+        model = onnx.load(str(quantized))
+        if not any(node.op_type == "MatMulInteger" for node in model.graph.node):
+            raise ExportError(f"int8 quantization of {path.name} quantized no MatMul (nothing to gain from int8)")
+        model.metadata_props.add(key="rmt.quantization",
+                                 value="dynamic int8 MatMul/Gemm weights (onnxruntime.quantization)")
+        onnx.save(model, str(path))
+    finally:
+        quantized.unlink(missing_ok=True)
 
 
 def export_graph(model: RMTBase, spec: GraphSpec, precision: str, opset: int,
@@ -199,15 +225,18 @@ def export_generation_graphs(model: RMTDecoder, precision: str, opset: int, dire
 
 
 @contextlib.contextmanager
-def _quiet_exporter_logs():
-    """The exporter logs optional-package notes (torchvision...) at WARNING; keep the CLI clean."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+def _quiet_exporter_logs(*names: str):
+    """The exporter logs optional-package notes (torchvision...) at WARNING, the quantizer
+    advice on the root logger; keep the CLI clean."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", *names)]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def check_graph_against_spec(path: str | os.PathLike, spec: GraphSpec) -> None:

@@ -359,7 +359,11 @@ def check_bundle(bundle_dir: str | os.PathLike, max_batch: int = 8, workspace_mb
     """Run :func:`check_graph` on every graph of a bundle (hashes verified first)."""
     from rmt_runtime.bundle import Bundle  # noqa: PLC0415
 
+    from .engines import INT8_FOR_TENSORRT, EngineError  # noqa: PLC0415
+
     bundle = Bundle.load(bundle_dir)
+    if bundle.precision == "int8":
+        raise EngineError(f"{bundle.path}: {INT8_FOR_TENSORRT}")
     return [check_graph(bundle.graph_path(name), bundle.graph_spec(name), bundle.segment_size,
                         max_batch=max_batch, workspace_mb=workspace_mb,
                         compute_capabilities=compute_capabilities, num_mem_tokens=bundle.num_mem_tokens)

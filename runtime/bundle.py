@@ -18,7 +18,7 @@ from .spec import GENERATION_GRAPHS, SEGMENT_GRAPHS, SPEC_VERSION, GraphSpec
 MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA_VERSION = 1
 MEMORY_INIT_NAME = "memory_init.npy"
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 
 # Fields every manifest of this schema has, with their JSON types.
 REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {

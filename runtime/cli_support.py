@@ -68,9 +68,23 @@ def stop_requests():
             signal.signal(sig, old)
 
 
+_interrupt_requested = threading.Event()
+
+
 def terminate_as_interrupt() -> None:
-    """Make SIGTERM raise KeyboardInterrupt, so that cleanup code (``finally``) runs for it too."""
+    """Make SIGTERM raise KeyboardInterrupt like Ctrl-C, so that cleanup code (``finally``)
+    runs for both, and remember the request: a KeyboardInterrupt raised while Python runs a
+    finalizer (``__del__``, a weakref callback) is printed and dropped, so long jobs call
+    ``raise_if_interrupted`` between their stages to honour a signal that was swallowed."""
     def handler(signum, frame):
+        _interrupt_requested.set()
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, handler)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+
+
+def raise_if_interrupted() -> None:
+    """Raise KeyboardInterrupt if SIGINT/SIGTERM arrived since ``terminate_as_interrupt``."""
+    if _interrupt_requested.is_set():
+        raise KeyboardInterrupt

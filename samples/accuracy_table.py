@@ -1,9 +1,9 @@
-"""Accuracy of the sample model over 2..64 segments: PyTorch, the fp32 and fp16 bundles
+"""Accuracy of the sample model over 2..64 segments: PyTorch, the fp32, fp16 and int8 bundles
 through the runtime, and PyTorch with memory reset at every segment (must fall to chance).
 
     .venv/bin/python samples/accuracy_table.py [--examples 200] [--out out/sample]
 
-Exports the shipped checkpoint to fp32 and fp16 bundles under --out (reused when present),
+Exports the shipped checkpoint to fp32, fp16 and int8 bundles under --out (reused when present),
 prints a markdown table, writes accuracy.json and accuracy.png there.
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ from samples.task import CHANCE, make_batch  # noqa: E402
 HERE = Path(__file__).resolve().parent
 CHECKPOINT = HERE / "keyrecall" / "model.pt"
 SEGMENTS = (2, 4, 8, 16, 32, 64)
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 def bundle_for(precision: str, out: Path, checkpoint: Path) -> Path:
@@ -49,7 +50,7 @@ def answers_with_reset(model, ids: np.ndarray) -> np.ndarray:
 
 def measure(checkpoint: Path, out: Path, examples: int, segments=SEGMENTS, seed: int = 1234) -> dict:
     model = load_checkpoint(checkpoint)
-    runtimes = {p: RMTRuntime.load(bundle_for(p, out, checkpoint)) for p in ("fp32", "fp16")}
+    runtimes = {p: RMTRuntime.load(bundle_for(p, out, checkpoint)) for p in PRECISIONS}
     rows = []
     for n in segments:
         ids, answers = make_batch(np.random.default_rng(seed + n), examples, n, model.config.segment_size)
@@ -66,12 +67,14 @@ def measure(checkpoint: Path, out: Path, examples: int, segments=SEGMENTS, seed:
 
 
 def table(result: dict) -> str:
-    lines = [f"| segments | tokens | PyTorch | fp32 bundle | fp16 bundle | agree fp32/fp16 with PyTorch | "
-             f"memory reset (chance {result['chance']:.3f}) |", "|---|---|---|---|---|---|---|"]
+    lines = [f"| segments | tokens | PyTorch | {' | '.join(f'{p} bundle' for p in PRECISIONS)} | "
+             f"agree {'/'.join(PRECISIONS)} with PyTorch | memory reset (chance {result['chance']:.3f}) |",
+             "|---" * (5 + len(PRECISIONS)) + "|"]
     for r in result["rows"]:
-        lines.append(f"| {r['segments']} | {r['tokens']} | {r['pytorch']:.3f} | {r['fp32']:.3f} | {r['fp16']:.3f} | "
-                     f"{r['fp32_agrees_with_pytorch']:.3f} / {r['fp16_agrees_with_pytorch']:.3f} | "
-                     f"{r['memory_reset']:.3f} |")
+        lines.append(f"| {r['segments']} | {r['tokens']} | {r['pytorch']:.3f} | "
+                     + " | ".join(f"{r[p]:.3f}" for p in PRECISIONS) + " | "
+                     + " / ".join(f"{r[f'{p}_agrees_with_pytorch']:.3f}" for p in PRECISIONS)
+                     + f" | {r['memory_reset']:.3f} |")
     return "\n".join(lines)
 
 
@@ -84,7 +87,8 @@ def plot(result: dict, path: Path) -> Path:
     segments = [r["segments"] for r in result["rows"]]
     figure, axes = plt.subplots(figsize=(6.4, 4.0))
     for key, label, style in (("pytorch", "PyTorch", "o-"), ("fp32", "fp32 bundle (runtime)", "s--"),
-                              ("fp16", "fp16 bundle (runtime)", "^:"), ("memory_reset", "memory reset", "x-")):
+                              ("fp16", "fp16 bundle (runtime)", "^:"), ("int8", "int8 bundle (runtime)", "d-."),
+                              ("memory_reset", "memory reset", "x-")):
         axes.plot(segments, [r[key] for r in result["rows"]], style, label=label)
     axes.axhline(result["chance"], color="grey", linewidth=0.8, label="chance")
     axes.set_xscale("log", base=2)

@@ -45,6 +45,10 @@ class PyTorchRunner(Runner):
         from rmt_export.graphs import DTYPES, StepModule, model_in_precision
         from rmt_model import load_checkpoint
 
+        if self.bundle.precision == "int8":
+            raise BackendError(f"bundle {self.bundle.path} is int8 (ONNX Runtime's quantized MatMuls), which the torch "
+                               "reference backend cannot run; run it with backend='onnxruntime' and compare with an "
+                               "fp32 bundle")
         if self.threads:
             torch.set_num_threads(self.threads)
         model = load_checkpoint(self.checkpoint)

@@ -40,6 +40,7 @@ from rmt_export.exporter import ExportOptions, export_model
 from rmt_model import RMTConfig, build_model, family_config_dict
 from rmt_model.tiny import tiny_config
 from rmt_runtime import RMTRuntime
+from rmt_runtime.bench import machine
 from rmt_runtime.spec import INGEST, STEP
 
 DEFAULT_SEGMENTS = {"tiny": 64, "gpt2-small": 4}
@@ -70,18 +71,9 @@ def bundle_for(model: torch.nn.Module, out: Path, reexport: bool) -> str:
 
 # ---- machine facts ----------------------------------------------------------------------------
 def cpu_facts() -> tuple[str, str]:
-    model, flags = "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model == "unknown":
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
-    return model, " ".join(f for f in wanted if f in flags) or "none of avx2/avx512"
+    """(CPU model, the SIMD flags that matter here), as rmt-bench reports them."""
+    facts = machine()
+    return facts["cpu"], " ".join(facts["simd"]) or "none of avx2/avx512"
 
 
 def header(args, threads: int) -> None:

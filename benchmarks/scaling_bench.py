@@ -149,7 +149,10 @@ def plot(result: dict, directory: Path) -> list[Path]:
             if rows:
                 axes.plot([r["length"] for r in rows], [r[metric] for r in rows], style, label=text)
         axes.set_xscale("log", base=2)
-        axes.set_yscale("log")
+        if metric == "us_per_token":
+            axes.set_yscale("log")
+        else:
+            axes.set_ylim(bottom=0)
         axes.set_xlabel("input length (tokens)")
         axes.set_ylabel(label)
         axes.set_title(f"{result['model']}: {label} vs input length")

@@ -191,6 +191,8 @@ def run_bench(bundles: list[Path], checkpoint: Path | None, batches: list[int], 
                 runtimes[label] = RMTRuntime.load(bundle, backend=backend, provider=provider, threads=threads)
             except Exception as exc:  # noqa: BLE001 - every reason a backend cannot run is reported
                 skipped.append({"variant": label, "reason": str(exc).splitlines()[0][:200]})
+    if checkpoint is not None and first.kind != "decoder":
+        skipped.append({"variant": "pytorch segment loop", "reason": "the PyTorch baseline covers decoder bundles"})
     say(f"running {', '.join(runtimes)}; skipped {len(skipped)} (see 'skipped')")
     result: dict = {"machine": machine(), "threads": threads, "segments": segments, "repeats": repeats,
                     "segment_size": first.segment_size, "bundles": [str(b.path) for b in loaded],

@@ -197,6 +197,8 @@ def run_bench(bundles: list[Path], checkpoint: Path | None, batches: list[int], 
     result: dict = {"machine": machine(), "threads": threads, "segments": segments, "repeats": repeats,
                     "segment_size": first.segment_size, "bundles": [str(b.path) for b in loaded],
                     "ceiling": matmul_ceiling(threads), "skipped": skipped, "rows": []}
+    # Per graph, batch 1 (FLOPs scale with the batch): read once, not once per row.
+    gflop_per_row = {graph: segment_gflop(first, graph, 1) for graph in (INGEST, STEP)}
     rng = np.random.default_rng(0)
     for batch in batches:
         ids = rng.integers(0, first.vocab_size, size=(batch, segments * first.segment_size), dtype=np.int64)
@@ -233,7 +235,8 @@ def run_bench(bundles: list[Path], checkpoint: Path | None, batches: list[int], 
         for name in names:
             median = statistics.median(totals[name])
             graph = STEP if name.endswith(f" {STEP}") or "full logits" in name else INGEST
-            gflop = segment_gflop(loaded[0], graph, batch) if not name.startswith("pytorch") else None
+            per_row = gflop_per_row[graph] if not name.startswith("pytorch") else None
+            gflop = per_row * batch if per_row else None
             latency = statistics.median(segment_times[name])
             row = {"batch": batch, "variant": name, "tokens_per_second": batch * ids.shape[1] / median,
                    "segment_ms_median": 1000 * latency, "segment_ms_p90": 1000 * _percentile(segment_times[name], 90),

@@ -134,6 +134,11 @@ class _Cache:
         self.m = runtime.bundle.num_mem_tokens
         self.handles: dict[str, object] = {}
         self.mask = np.zeros((state.batch, 0), np.int64)
+        # present.i.* outputs become the next call's past.i.* inputs: the decode spec's state pairs.
+        self._past_of = {present: past for past, present in runtime.bundle.graph_spec(DECODE).state.items()}
+
+    def _keep(self, handles: dict[str, object]) -> None:
+        self.handles = {self._past_of[name]: value for name, value in handles.items()}
 
     def prefill(self) -> np.ndarray:
         """Read every row's pending context afresh; returns the next-token logits [B, V]."""
@@ -148,7 +153,7 @@ class _Cache:
             ids[row, :len(context)], mask[row, :len(context)] = context, 1
         host, handles = self.runtime.runner.run_cached(
             PREFILL, {"input_ids": ids, "attention_mask": mask}, {"memory": state.memory}, ("last_logits",))
-        self.handles = {name.replace("present.", "past.", 1): value for name, value in handles.items()}
+        self._keep(handles)
         self.mask = np.concatenate([np.ones((batch, self.m), np.int64), mask], axis=1)
         return host["last_logits"]
 
@@ -161,7 +166,7 @@ class _Cache:
             DECODE, {"input_ids": np.where(active, tokens, 0)[:, None].astype(np.int64),
                      "attention_mask": self.mask, "position_ids": positions},
             self.handles, ("logits",))
-        self.handles = {name.replace("present.", "past.", 1): value for name, value in handles.items()}
+        self._keep(handles)
         return host["logits"]
 
 

@@ -334,7 +334,9 @@ class RMTRuntime:
         from .generation import Generation, GenerationConfig, generate_tokens
 
         config = config or GenerationConfig()
-        rows = 1 if not _is_ragged(prompts) else len(list(prompts))
+        if _is_ragged(prompts):
+            prompts = list(prompts)  # counted here and read again by generate_tokens
+        rows = len(prompts) if _is_ragged(prompts) else 1
         state = self.new_state(rows) if state is None else state
         generated: list[list[int]] = [[] for _ in range(state.batch)]
         for tokens in generate_tokens(self, state, prompts, config):

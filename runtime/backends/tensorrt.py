@@ -56,9 +56,11 @@ class DeviceBuffer:
         if array.shape != self.shape:
             raise BackendError(f"upload of {array.shape} into a device buffer of {self.shape}")
         kind = self._cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        # From pageable memory, cudaMemcpyAsync returns once the source is staged (CUDA's API
+        # synchronisation notes), so ``array`` may go; the stream orders the copy before the
+        # launch, and the caller synchronises once after it.
         _check(self._cudart, self._cudart.cudaMemcpyAsync(self.ptr, array.ctypes.data, array.nbytes, kind, stream),
                "cudaMemcpyAsync (host to device)")
-        _check(self._cudart, self._cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
 
     def download(self, stream) -> np.ndarray:
         out = np.empty(self.shape, self.dtype)

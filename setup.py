@@ -5,7 +5,19 @@ The folders rmt_model/, export/ and runtime/ install as ``rmt_model``, ``rmt_exp
 site-packages. The runtime needs only numpy (and click for its CLI); torch and the
 export stack are the ``export`` extra.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
+
+# Import name -> source folder. Every subpackage (rmt_runtime.backends, ...) is found, so
+# the wheel holds what the source tree holds; tests and samples stay out.
+PACKAGE_DIRS = {"rmt_model": "rmt_model", "rmt_export": "export", "rmt_runtime": "runtime"}
+
+
+def packages() -> list[str]:
+    found = []
+    for name, folder in PACKAGE_DIRS.items():
+        found += [name] + [f"{name}.{sub}" for sub in find_packages(where=folder)]
+    return found
+
 
 EXPORT = [
     "torch>=2.6",  # dev/test requirements pin the CPU build: see requirements-dev.txt
@@ -20,8 +32,8 @@ setup(
     version="0.1.0",
     description="Export Recurrent Memory Transformers to ONNX/TensorRT and run them segment by segment",
     python_requires=">=3.10",
-    packages=["rmt_model", "rmt_export", "rmt_runtime"],
-    package_dir={"rmt_model": "rmt_model", "rmt_export": "export", "rmt_runtime": "runtime"},
+    packages=packages(),
+    package_dir=PACKAGE_DIRS,
     install_requires=["numpy>=1.24", "click>=8.1"],
     extras_require={
         "export": EXPORT,
@@ -35,9 +47,9 @@ setup(
         "rmt-export=rmt_export.cli:main",
         "rmt-check-trt=rmt_export.cli:check_trt_main",
         "rmt-triton=rmt_export.cli:triton_main",
-        "rmt-build=rmt_export.cli:build_main",
+        "rmt-build=rmt_runtime.build_cli:main",
         "rmt-run=rmt_runtime.cli:main",
         "rmt-generate=rmt_runtime.generate_cli:main",
-        "rmt-bench=rmt_runtime.bench:main",
+        "rmt-bench=rmt_export.bench:main",
     ]},
 )

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rmt_export.reference_backend import reference_runtime  # noqa: E402
 from runtime_bench import build, bundle_for, pytorch_last_logits_loop  # noqa: E402
 
 from rmt_model import save_checkpoint  # noqa: E402
@@ -61,7 +62,7 @@ def main() -> None:
         "tensorrt native + CUDA graphs": opener(backend="tensorrt", cuda_graphs=True),
         "onnxruntime TensorRT EP": opener(backend="onnxruntime", provider="tensorrt"),
         "onnxruntime CUDA EP": opener(backend="onnxruntime", provider="cuda"),
-        "torch backend (rmt_model, cuda)": opener(backend="torch", provider="cuda", checkpoint=checkpoint),
+        "torch backend (rmt_model, cuda)": lambda: reference_runtime(out, checkpoint, device="cuda"),
     }
     runtimes = {}
     for name, open_runtime in candidates.items():

@@ -40,7 +40,7 @@ from rmt_export.exporter import ExportOptions, export_model
 from rmt_model import RMTConfig, build_model, family_config_dict
 from rmt_model.tiny import tiny_config
 from rmt_runtime import RMTRuntime
-from rmt_runtime.bench import machine
+from rmt_export.bench import machine
 from rmt_runtime.spec import INGEST, STEP
 
 DEFAULT_SEGMENTS = {"tiny": 64, "gpt2-small": 4}
@@ -208,7 +208,7 @@ def overhead_sources(rt: RMTRuntime, ids: np.ndarray, mask: np.ndarray) -> list[
     size = rt.segment_size
     seg_ids, seg_mask = np.ascontiguousarray(ids[:, :size]), np.ascontiguousarray(mask[:, :size])
     runner = rt.runner
-    spec = runner.specs[STEP]
+    spec = runner.spec(STEP)
     state = rt.new_state(1)
     session = runner._sessions[INGEST]
     vocab = rt.bundle.vocab_size
@@ -217,17 +217,18 @@ def overhead_sources(rt: RMTRuntime, ids: np.ndarray, mask: np.ndarray) -> list[
         b = session.io_binding()
         b.bind_cpu_input("input_ids", seg_ids)
         b.bind_cpu_input("attention_mask", seg_mask)
-        b.bind_ortvalue_input("memory", state.memory)
-        b.bind_ortvalue_output("new_memory", state.scratch)
+        for name, output in rt.state_pairs.items():
+            b.bind_ortvalue_input(name, state.handles[name])
+            b.bind_ortvalue_output(output, state.scratch[name])
         b.bind_output("last_logits", "cpu")
         return b
 
     logits = np.zeros((1, vocab), np.float32)
     pieces = [
-        ("check_inputs (run() checks each segment up front, run_graph again: 2x per segment)", "per segment x2",
-         lambda: runner.check_inputs(spec, seg_ids, seg_mask)),
-        ("memory_to_host + isfinite (every segment on CPU)", "per segment",
-         lambda: rt._check_finite(runner.memory_to_host(state.memory), "x")),
+        ("runner.check (run() checks each segment once, up front)", "per segment",
+         lambda: runner.check(spec, {"input_ids": seg_ids, "attention_mask": seg_mask, **state.handles})),
+        ("state_tensors + isfinite (every segment on CPU)", "per segment",
+         lambda: rt._check_finite(rt.state_tensors(state), "x")),
         ("io_binding() + 5 binds (new binding every segment)", "per segment", binding),
         ("last_logits .numpy() copy [1, vocab]", "per segment", lambda: logits.copy()),
         ("mask.any + counters + _record_logits", "per segment",
@@ -236,7 +237,7 @@ def overhead_sources(rt: RMTRuntime, ids: np.ndarray, mask: np.ndarray) -> list[
          lambda: [(np.ascontiguousarray(ids[:, s:s + size]), np.ascontiguousarray(mask[:, s:s + size]))
                   for s in range(0, ids.shape[1], size)]),
         ("new_state(1) (repeat, isfinite, 2 OrtValues)", "per run", lambda: rt.new_state(1)),
-        ("final memory read + isfinite", "per run", lambda: rt._check_finite(rt.memory(state), "x")),
+        ("final state read + isfinite", "per run", lambda: rt._check_finite(rt.state_tensors(state), "x")),
     ]
     rows = []
     for label, when, fn in pieces:

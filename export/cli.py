@@ -7,13 +7,14 @@ from pathlib import Path
 import click
 
 from rmt_runtime.bundle import BundleError
+from rmt_runtime.errors import EngineError
 from rmt_runtime.cli_support import fail, raise_if_interrupted, run_guarded, terminate_as_interrupt
 
 from .errors import ExportError
 
 
 def _run_guarded(verbose: bool, as_json: bool, work, interrupted=lambda: "interrupted: nothing was written"):
-    return run_guarded(verbose, as_json, work, (ExportError, BundleError), interrupted)
+    return run_guarded(verbose, as_json, work, (ExportError, BundleError, EngineError), interrupted)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -93,8 +94,10 @@ def main(ckpt, out, fp16, int8, opset, force, no_validate, segments, no_generati
         if stage != "save":  # after save the bundle is complete and in place
             raise_if_interrupted()
 
+    from rmt_runtime.engines import BuildOptions, build_bundle_engines
+
     if engine:  # a builder that is not here fails before minutes of export, not after
-        from .engines import import_builder
+        from rmt_runtime.engines import import_builder
 
         _run_guarded(verbose, as_json, lambda: import_builder(engine_builder))
     result = _run_guarded(verbose, as_json, lambda: export_bundle(ckpt, out, options, reference, progress))
@@ -103,8 +106,9 @@ def main(ckpt, out, fp16, int8, opset, force, no_validate, segments, no_generati
         def build():
             say = (lambda message: None) if as_json else (lambda message: click.echo(f"[engine] {message}", err=True))
             try:
-                return _build_engines(result.path, engine_builder, max_batch, workspace_mb, say)
-            except ExportError as exc:
+                return build_bundle_engines(result.path, BuildOptions(builder=engine_builder, max_batch=max_batch,
+                                                                      workspace_mb=workspace_mb), say)
+            except EngineError as exc:
                 raise ExportError(f"the bundle {result.path} is written and validated, but building its "
                                   f"engines failed: {exc}") from None
 
@@ -202,48 +206,3 @@ def triton_main(bundle_dir, repository, name, graph, max_batch, instances, cpu, 
                             kind="KIND_CPU" if cpu else "KIND_GPU")
     model_dir = _run_guarded(verbose, False, lambda: write_triton_repository(bundle_dir, repository, options, force))
     click.echo(str(model_dir))
-
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--bundle", "bundle_dir", required=True,
-              type=click.Path(exists=True, file_okay=False, path_type=Path), help="Bundle directory.")
-@click.option("--builder", type=click.Choice(["tensorrt", "tensorrt_rtx"]), default="tensorrt", show_default=True,
-              help="tensorrt: the deployment builder (TensorRT 10/11, JetPack); tensorrt_rtx: RTX GPUs / CPU AOT.")
-@click.option("--fp16", is_flag=True, help="TensorRT 10 only: let an fp32 graph run layers in fp16 "
-                                           "(TensorRT 11 needs an fp16 export instead).")
-@click.option("--workspace", "workspace_mb", type=click.IntRange(min=16), default=1024, show_default=True,
-              help="Builder workspace cap in MB (keep it small on 8 GB Jetson boards).")
-@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the engine paths as JSON on stdout.")
-@click.option("--verbose", is_flag=True, help="Show tracebacks.")
-def build_main(bundle_dir, builder, fp16, workspace_mb, max_batch, as_json, verbose):
-    """Build the TensorRT engines of a bundle on this machine, cached in <bundle>/engines.
-
-    \b
-    Examples:
-      rmt-build --bundle model-fp16                 # on the Jetson / GPU that will run it
-      rmt-build --bundle model-fp32 --fp16          # TensorRT 10: fp16 layers from an fp32 graph
-
-    An engine is reused only when its key matches this machine (builder and version, GPU and
-    compute capability, precision, profile, graph hash); otherwise it is rebuilt.
-    """
-    def work():
-        say = (lambda message: None) if as_json else (lambda message: click.echo(message, err=True))
-        # The segment graphs: what the native TensorRT backend runs (generation runs on ONNX Runtime).
-        return _build_engines(bundle_dir, builder, max_batch, workspace_mb, say, fp16)
-
-    engines = _run_guarded(verbose, as_json, work)
-    click.echo(json.dumps({"ok": True, "engines": engines}, indent=2) if as_json else "\n".join(engines.values()))
-
-
-def _build_engines(bundle_dir, builder: str, max_batch: int, workspace_mb: int, say, fp16_flag: bool = False
-                   ) -> dict[str, str]:
-    """Engines for the bundle's segment graphs (what the native TensorRT backend runs;
-    generation runs on ONNX Runtime), built or reused from <bundle>/engines."""
-    from rmt_runtime.bundle import Bundle
-
-    from .engines import BuildOptions, build_engine
-
-    bundle = Bundle.load(bundle_dir)
-    options = BuildOptions(builder=builder, max_batch=max_batch, workspace_mb=workspace_mb, fp16_flag=fp16_flag)
-    return {graph: str(build_engine(bundle, graph, options, say)) for graph in bundle.segment_graph_names}

@@ -6,7 +6,6 @@ export does the same with its step module).
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import os
 import warnings
@@ -18,13 +17,13 @@ from torch import nn
 from transformers import DynamicCache
 
 from rmt_model import RMTBase, RMTDecoder
+from rmt_model.step import PRECISION_DTYPES, StepModule, model_in_precision
 from rmt_runtime.spec import (DECODE, INGEST, PREFILL, SPEC_VERSION, CacheLayer, GraphSpec, cache_names,
                               generation_specs)
 
 from .errors import ExportError
 
-# The dtype each precision is traced in; int8 is traced in fp32 and then quantized.
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.float32}
+DTYPES = PRECISION_DTYPES
 CACHE_DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "float32"}
 QUANTIZED_OPS = ("MatMul", "Gemm")
 DEFAULT_OPSET = 18
@@ -34,35 +33,13 @@ SUPPORTED_OPSETS = range(18, 21)
 EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
-class StepModule(nn.Module):
-    """The traced function: (input_ids, attention_mask, memory) -> the graph's outputs.
-
-    Memory enters and leaves as float32 in every precision; the model inside may be fp16.
-    """
-
-    def __init__(self, model: RMTBase, graph: str, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.model = model
-        self.graph = graph
-        self.dtype = dtype
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, memory: torch.Tensor):
-        memory = memory.to(self.dtype)
-        if self.model.config.kind == "encoder":
-            logits, new_memory = self.model.step(input_ids, attention_mask, memory)
-            if self.graph == INGEST:
-                return (new_memory.float(),)
-            return logits.float(), new_memory.float()
-        logits, new_memory = self.model.step(input_ids, attention_mask, memory,
-                                             logits="last" if self.graph == INGEST else "all")
-        return logits.float(), new_memory.float()
-
-
-def model_in_precision(model: RMTBase, precision: str) -> RMTBase:
-    """The model to trace: the model itself for fp32 and int8, an fp16 copy for fp16."""
-    if DTYPES[precision] == torch.float32:
-        return model
-    return copy.deepcopy(model).to(DTYPES[precision]).eval()
+def step_module(model: RMTBase, graph: str, precision: str) -> StepModule:
+    """The module traced for a segment graph: step (all logits) or ingest (last / none)."""
+    if graph == INGEST:
+        logits = "none" if model.config.kind == "encoder" else "last"
+    else:
+        logits = "all"
+    return StepModule(model, logits, DTYPES[precision])
 
 
 def _check_opset(opset: int) -> None:
@@ -138,7 +115,7 @@ def export_graph(model: RMTBase, spec: GraphSpec, precision: str, opset: int,
     """
     _check_opset(opset)
     config = model.config
-    module = StepModule(model, spec.name, DTYPES[precision]).eval()
+    module = step_module(model, spec.name, precision).eval()
     batch = torch.export.Dim("batch", min=1, max=1024)
     seq = torch.export.Dim("seq", min=1, max=config.segment_size)
     dynamic_shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq},

@@ -21,18 +21,14 @@ import os
 import sys
 import tempfile
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from rmt_runtime.engines import BuildSettings, parse_and_build, profile_shapes
 from rmt_runtime.spec import GraphSpec
 
 PACKAGE = "tensorrt-rtx-cu12"
 _MODULE = "tensorrt_rtx"
-
-# The numpy dtype names of the spec, as TensorRT names them.
-_TRT_DTYPES = {"float32": "FLOAT", "float16": "HALF", "bfloat16": "BF16", "int64": "INT64",
-               "int32": "INT32", "int8": "INT8", "uint8": "UINT8", "bool": "BOOL"}
 
 # TensorRT ignores a new builder's logger while another builder is alive (it warns and
 # keeps the first), so one collecting logger serves every call; the lock keeps concurrent
@@ -163,79 +159,6 @@ def _captured_stderr(lines: list[str]):
             lines += [line for line in text.splitlines() if line.strip()]
 
 
-def profile_shapes(spec: GraphSpec, segment_size: int, max_batch: int, opt_batch: int, num_mem_tokens: int = 0
-                    ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
-    """min/opt/max of every spec input: batch 1/opt_batch/max_batch, seq 1/segment/segment,
-    and for the decode graph's cache ``past`` 1/M + segment/2/M + segment - 1 (with rollover,
-    generation's default, the cache never holds more than M + segment positions)."""
-    top = num_mem_tokens + segment_size - 1
-    return {t.name: (t.shape(1, 1, 1), t.shape(opt_batch, segment_size, max(1, num_mem_tokens + segment_size // 2)),
-                     t.shape(max_batch, segment_size, max(1, top))) for t in spec.inputs}
-
-
-def _check_io(network, spec: GraphSpec) -> tuple[list[str], bool]:
-    """Spec vs the parsed network: names, dtypes, ranks and fixed dims.
-
-    Returns the problems and whether one of them leaves no profile that fits the graph.
-    """
-    problems: list[str] = []
-    fatal = False
-    inputs = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
-    outputs = {network.get_output(i).name: network.get_output(i)
-               for i in range(network.num_outputs)}
-    for kind, tensors, specs in (("input", inputs, spec.inputs), ("output", outputs, spec.outputs)):
-        for extra in sorted(set(tensors) - {t.name for t in specs}):
-            problems.append(f"graph {kind} {extra!r} is not in the spec")
-        for t in specs:
-            tensor = tensors.get(t.name)
-            if tensor is None:
-                problems.append(f"spec {kind} {t.name!r} is not in the graph")
-                fatal |= kind == "input"
-                continue
-            want = _TRT_DTYPES.get(t.dtype, t.dtype.upper())
-            if tensor.dtype.name != want:
-                problems.append(f"{kind} {t.name!r}: graph dtype {tensor.dtype.name}, "
-                                f"spec {t.dtype}")
-            shape = tuple(tensor.shape)
-            if len(shape) != len(t.dims):
-                problems.append(f"{kind} {t.name!r}: graph rank {len(shape)} {shape}, "
-                                f"spec {t.dims}")
-                fatal |= kind == "input"
-                continue
-            for axis, (have, dim) in enumerate(zip(shape, t.dims)):
-                if isinstance(dim, str):  # batch, seq, past, or past + 1
-                    # A fixed graph dim where the spec wants a dynamic one cannot take the profile.
-                    if kind == "input" and have != -1:
-                        problems.append(f"input {t.name!r}: axis {axis} is fixed at {have} in the "
-                                        f"graph, spec says {dim!r}")
-                        fatal = True
-                elif have not in (-1, int(dim)):
-                    problems.append(f"{kind} {t.name!r}: axis {axis} is {have} in the graph, "
-                                    f"spec says {dim}")
-                    fatal |= kind == "input"
-    return problems, fatal
-
-
-def _parser_errors(parser, result: TrtGateResult) -> None:
-    """Every parser error: node-level ones become unsupported_nodes, the rest errors."""
-    for i in range(parser.num_errors):
-        error = parser.get_error(i)
-        code = getattr(error.code(), "name", str(error.code()))
-        desc = error.desc()
-        where = error.func()
-        reason = f"{desc} [{code}" + (f" in {where}]" if where else "]")
-        index = error.node()
-        if index >= 0 or error.node_name():
-            entry = {"node": error.node_name() or f"#{index}", "op_type": error.node_operator(),
-                     "reason": reason, "index": index}
-            stack = list(error.local_function_stack() or [])
-            if stack:
-                entry["function_stack"] = stack
-            result.unsupported_nodes.append(entry)
-        else:
-            result.errors.append(f"parse: {reason}")
-
-
 def check_graph(onnx_path: str | os.PathLike, graph_spec: GraphSpec, segment_size: int,
                 max_batch: int = 8, workspace_mb: int = 1024, *, opt_batch: int = 1,
                 compute_capabilities: Sequence[str] | None = None, num_mem_tokens: int = 0) -> TrtGateResult:
@@ -262,14 +185,23 @@ def check_graph(onnx_path: str | os.PathLike, graph_spec: GraphSpec, segment_siz
     logger = _logger()
     phases: dict[str, list[tuple[Any, str]]] = {"parse": [], "build": []}
     stderr: list[str] = []
+    result.profile = profile_shapes(graph_spec, segment_size, max_batch, opt_batch, num_mem_tokens)
+    settings = BuildSettings(workspace_mb=workspace_mb, compute_capabilities=compute_capabilities)
     with _LOCK:
         logger.sink = phases["parse"]
         try:
             with _captured_stderr(stderr):
-                _parse_and_build(trt, logger, path, graph_spec, segment_size, max_batch,
-                                 opt_batch, workspace_mb, compute_capabilities, result, phases, num_mem_tokens)
+                outcome = parse_and_build(trt, logger, path, graph_spec, result.profile, settings,
+                                          after_parse=lambda: setattr(logger, "sink", phases["build"]))
         finally:
             logger.sink = None
+    result.built, result.build_seconds = outcome.built, outcome.build_seconds
+    result.engine_bytes = int(outcome.serialized.nbytes) if outcome.built else 0
+    result.unsupported_nodes = outcome.unsupported_nodes
+    logged_build_error = any(sev <= trt.ILogger.Severity.ERROR for sev, _ in phases["build"])
+    # "returned no engine" only when TensorRT logged nothing that says why.
+    result.errors = [e for e in outcome.errors if not (logged_build_error and "returned no engine" in e)]
+    result.errors += outcome.io_problems
     # The parser's logged errors repeat its structured ones (kept above) line by line.
     parse_errors_known = bool(result.errors or result.unsupported_nodes)
     for phase, messages in phases.items():
@@ -287,79 +219,12 @@ def check_graph(onnx_path: str | os.PathLike, graph_spec: GraphSpec, segment_siz
     return result
 
 
-def _parse_and_build(trt, logger, path, spec, segment_size, max_batch, opt_batch, workspace_mb,
-                     compute_capabilities, result, phases, num_mem_tokens=0) -> None:
-    builder = trt.Builder(logger)
-    if builder is None:
-        result.errors.append("could not create a TensorRT builder")
-        return
-    # Strongly typed is the only mode of RTX networks; asking for it is harmless.
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    if network is None:
-        result.errors.append("could not create a TensorRT network")
-        return
-    parser = trt.OnnxParser(network, logger)
-    if parser is None:
-        result.errors.append("could not create the TensorRT ONNX parser")
-        return
-    parsed = parser.parse_from_file(path)
-    logger.sink = phases["build"]
-    _parser_errors(parser, result)
-    if not parsed:
-        if not result.errors:
-            result.errors.append(f"parse failed: {len(result.unsupported_nodes)} node(s) "
-                                 "TensorRT cannot take")
-        return
-    io_problems, fatal = _check_io(network, spec)
-    result.errors += io_problems
-    if fatal:
-        result.errors.append("build skipped: no optimisation profile fits this graph")
-        return
-    config = builder.create_builder_config()
-    if config is None:
-        result.errors.append("could not create a TensorRT builder config")
-        return
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
-    if compute_capabilities:
-        try:
-            targets = [getattr(trt.ComputeCapability, str(c).upper()) for c in compute_capabilities]
-        except AttributeError as exc:
-            names = [n for n in trt.ComputeCapability.__members__ if n.startswith("SM")]
-            result.errors.append(f"unknown compute capability ({exc}); known: {names}")
-            return
-        config.num_compute_capabilities = len(targets)
-        for i, target in enumerate(targets):
-            config.set_compute_capability(target, i)
-    profile = builder.create_optimization_profile()
-    result.profile = profile_shapes(spec, segment_size, max_batch, opt_batch, num_mem_tokens)
-    try:
-        for name, (low, opt, high) in result.profile.items():
-            profile.set_shape(name, low, opt, high)
-    except (ValueError, TypeError) as exc:
-        result.errors.append(f"optimisation profile rejected: {exc}")
-        return
-    if config.add_optimization_profile(profile) < 0:
-        result.errors.append("optimisation profile rejected by the builder config")
-        return
-    start = time.perf_counter()
-    engine = builder.build_serialized_network(network, config)
-    result.build_seconds = time.perf_counter() - start
-    if engine is None:
-        if not any(sev <= trt.ILogger.Severity.ERROR for sev, _ in phases["build"]):
-            result.errors.append("build_serialized_network returned no engine")
-        return
-    result.engine_bytes = int(engine.nbytes)
-    result.built = result.engine_bytes > 0
-    if not result.built:
-        result.errors.append("build_serialized_network returned an empty engine")
-
-
 def check_bundle(bundle_dir: str | os.PathLike, max_batch: int = 8, workspace_mb: int = 1024,
                  compute_capabilities: Sequence[str] | None = None) -> list[TrtGateResult]:
     """Run :func:`check_graph` on every graph of a bundle (hashes verified first)."""
     from rmt_runtime.bundle import Bundle  # noqa: PLC0415
 
-    from .engines import INT8_FOR_TENSORRT, EngineError  # noqa: PLC0415
+    from rmt_runtime.engines import INT8_FOR_TENSORRT, EngineError  # noqa: PLC0415
 
     bundle = Bundle.load(bundle_dir)
     if bundle.precision == "int8":

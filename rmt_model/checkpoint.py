@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-
-from rmt_runtime.atomic import write_atomically
 
 from .config import RMTConfig
 from .errors import CheckpointError, ConfigError
@@ -85,8 +84,24 @@ def save_checkpoint(model: RMTBase, path: str | os.PathLike) -> Path:
         "config": json.dumps(model.config.to_dict(), sort_keys=True),
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
     }
-    write_atomically(path, lambda handle: torch.save(payload, handle))
+    _save_atomically(payload, Path(path))
     return path
+
+
+def _save_atomically(payload: dict, path: Path) -> None:
+    """torch.save into a temporary file beside ``path``, fsynced, then renamed over it: a reader
+    (or a crash) sees the old checkpoint or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    try:
+        with handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
 
 
 def load_checkpoint(path: str | os.PathLike) -> RMTBase:

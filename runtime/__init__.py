@@ -1,7 +1,7 @@
 """rmt_runtime: runs an exported RMT bundle segment by segment.
 
-Needs numpy and one backend (onnxruntime, or torch for the reference backend), never
-torch for the ONNX Runtime path: heavy imports happen inside the backend asked for.
+Needs numpy and one backend (onnxruntime; tensorrt + cuda-python), never torch: heavy
+imports happen inside the backend asked for. It imports nothing of rmt_model or rmt_export.
 
     from rmt_runtime import RMTRuntime
     rt = RMTRuntime.load("model-fp32")            # verifies the bundle; rt.picked says what runs
@@ -10,10 +10,10 @@ torch for the ONNX Runtime path: heavy imports happen inside the backend asked f
     rt.generate(prompt_ids, GenerationConfig(max_new_tokens=64)).tokens  # decoder bundles
 """
 from .bundle import Bundle, BundleError
-from .errors import BackendError, RuntimeInputError, StateError
+from .errors import BackendError, EngineError, RuntimeInputError, StateError
 from .generation import Generation, GenerationConfig
 from .runtime import Output, RMTRuntime
 from .state import SequenceState
 
-__all__ = ["Bundle", "BundleError", "BackendError", "RuntimeInputError", "StateError", "Output", "Generation", "GenerationConfig",
-           "RMTRuntime", "SequenceState"]
+__all__ = ["Bundle", "BundleError", "BackendError", "EngineError", "RuntimeInputError", "StateError", "Output",
+           "Generation", "GenerationConfig", "RMTRuntime", "SequenceState"]

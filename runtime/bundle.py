@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .spec import GENERATION_GRAPHS, SEGMENT_GRAPHS, SPEC_VERSION, GraphSpec
 
 MANIFEST_NAME = "manifest.json"
@@ -27,7 +29,7 @@ REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
     "precision": str, "opset": int, "graphs": dict, "memory_init": str, "files": dict,
     "producer": dict, "validation": (dict, type(None)),
 }
-OPTIONAL_FIELDS = {"num_labels", "encoder_ids", "tokenizer", "rmt_config", "created", "max_positions"}
+OPTIONAL_FIELDS = {"num_labels", "encoder_ids", "tokenizer", "rmt_config", "created", "max_positions", "state_init"}
 
 
 class BundleError(Exception):
@@ -184,6 +186,49 @@ class Bundle:
     @property
     def memory_init_path(self) -> Path:
         return self.path / self.manifest["memory_init"]
+
+    # ---- state: the named pairs of the segment graphs --------------------------------------
+    @property
+    def state_pairs(self) -> dict[str, str]:
+        """State input -> the output that replaces it, shared by every segment graph."""
+        pairs = {name: self.graph_spec(name).state for name in self.segment_graph_names}
+        distinct = {tuple(sorted(p.items())) for p in pairs.values()}
+        if len(distinct) != 1:
+            raise BundleError(f"{self.path}: the segment graphs declare different state pairs: {pairs}")
+        return dict(next(iter(pairs.values())))
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each state tensor's shape after the batch axis (fixed by the spec)."""
+        spec = self.graph_spec(self.segment_graph_names[0])
+        shapes = {}
+        for name in self.state_pairs:
+            dims = spec.input(name).dims
+            if dims[0] != "batch" or not all(isinstance(d, int) for d in dims[1:]):
+                raise BundleError(f"{self.path}: state {name!r} must be [batch, fixed sizes...], spec says {dims}")
+            shapes[name] = tuple(dims[1:])
+        return shapes
+
+    def initial_state(self) -> dict[str, np.ndarray]:
+        """Each state tensor's value for a new sequence (no batch axis): from the file the manifest
+        names (``memory_init`` for the RMT's memory, ``state_init`` for others), zeros otherwise."""
+        files = dict(self.manifest.get("state_init", {}))
+        if "memory" in self.state_pairs:
+            files.setdefault("memory", self.manifest["memory_init"])
+        initial = {}
+        for name, shape in self.state_shapes().items():
+            if name not in files:
+                initial[name] = np.zeros(shape, np.float32)
+                continue
+            path = self.path / files[name]
+            try:
+                value = np.load(path, allow_pickle=False)
+            except (OSError, ValueError, EOFError) as exc:
+                raise BundleError(f"{path}: not a readable .npy array ({exc})") from None
+            if value.dtype != np.float32 or value.shape != shape:
+                raise BundleError(f"{path}: initial {name!r} is {value.dtype}{list(value.shape)}, the spec needs "
+                                  f"float32{list(shape)}")
+            initial[name] = value
+        return initial
 
     @property
     def identity(self) -> str:

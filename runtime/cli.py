@@ -30,7 +30,7 @@ class CliInputError(Exception):
 _EXPECTED = (BundleError, RuntimeInputError, BackendError, StateError, CliInputError)
 
 
-def _run_guarded(verbose, as_json, work, interrupted=lambda: "interrupted: nothing was written"):
+def run_guarded_cli(verbose, as_json, work, interrupted=lambda: "interrupted: nothing was written"):
     return run_guarded(verbose, as_json, work, _EXPECTED, interrupted)
 
 
@@ -97,7 +97,7 @@ def load_tokenizer(bundle: Bundle, ids_option: str = "--ids"):
         raise CliInputError(f"{bundle.path / 'tokenizer.json'}: not a readable tokenizer ({exc})") from None
 
 
-def _optional_tokenizer(bundle: Bundle):
+def optional_tokenizer(bundle: Bundle):
     """The tokenizer for decoding output ids, or None when the bundle or the library has none."""
     try:
         return load_tokenizer(bundle)
@@ -121,7 +121,7 @@ def read_input(bundle: Bundle, text, text_file, ids_file,
             ids_file = "-"
     if ids_file is not None:
         ids = parse_ids(*_read_bytes(ids_file))
-        tokenizer = _optional_tokenizer(bundle) if bundle.kind == "decoder" else None
+        tokenizer = optional_tokenizer(bundle) if bundle.kind == "decoder" else None
     else:
         tokenizer = load_tokenizer(bundle, options[2])
         if text is None:
@@ -209,23 +209,22 @@ class _Progress:
 @click.option("--text-file", default=None, metavar="FILE", help="Input text from FILE ('-': stdin).")
 @click.option("--ids", "ids_file", default=None, metavar="FILE",
               help="Token ids: a .npy 1-D integer array or whitespace-separated integers ('-': stdin).")
-@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "torch"]), default="auto",
-              show_default=True, help="What runs the graphs; an explicit choice never falls back.")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto",
+              show_default=True, help="What runs the graphs (tensorrt: engines from rmt-build); an explicit "
+                                      "choice never falls back.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default=None,
-              help="Execution provider (device for --backend torch); an explicit one never falls back.")
-@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="--backend torch: the checkpoint the bundle was exported from.")
+              help="ONNX Runtime execution provider; an explicit one never falls back.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op CPU threads.")
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True,
               help="Next tokens (decoder) or classes (encoder) to show.")
 @click.option("--state", "state_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Continue the sequence saved in FILE (if it exists), then save it there.")
 @click.option("--save-outputs", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              metavar="FILE.npz", help="Write the final memory and last_logits arrays (np.savez).")
+              metavar="FILE.npz", help="Write the final state (memory) and last_logits arrays (np.savez).")
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable result on stdout.")
 @click.option("--verbose", is_flag=True, help="Show tracebacks.")
-def main(bundle_dir, text, text_file, ids_file, backend, provider, checkpoint, threads, top_k, state_file,
+def main(bundle_dir, text, text_file, ids_file, backend, provider, threads, top_k, state_file,
          save_outputs, no_progress, as_json, verbose):
     """Run an exported RMT bundle over an input of any length, segment by segment.
 
@@ -235,7 +234,6 @@ def main(bundle_dir, text, text_file, ids_file, backend, provider, checkpoint, t
       rmt-run --bundle model-fp32 --ids ids.npy --top-k 10 --json
       echo "17 4 88 23" | rmt-run --bundle model-fp32 --ids -
       cat book.txt | rmt-run --bundle model-fp32 --save-outputs out.npz
-      rmt-run --bundle model-fp32 --backend torch --checkpoint model.pt --ids ids.txt
     \b
     Streaming across invocations (a decoder gives the same result as one run over all chunks):
       rmt-run --bundle model-fp32 --ids part1.txt --state seq.npz
@@ -255,9 +253,6 @@ def main(bundle_dir, text, text_file, ids_file, backend, provider, checkpoint, t
     it), exit status 130: the next invocation continues exactly. Without --state, Ctrl-C
     exits with status 130 and writes nothing.
     """
-    if checkpoint is not None and backend != "torch":
-        fail("--checkpoint is for --backend torch (ONNX backends run the bundle's graphs)", as_json)
-
     def prepare():
         bundle = Bundle.load(bundle_dir)
         ids, tokenizer = read_input(bundle, text, text_file, ids_file)
@@ -265,7 +260,7 @@ def main(bundle_dir, text, text_file, ids_file, backend, provider, checkpoint, t
             raise CliInputError(f"{state_file}: is a directory, not a state file")
         return bundle, ids, tokenizer
 
-    bundle, ids, tokenizer = _run_guarded(verbose, as_json, prepare)
+    bundle, ids, tokenizer = run_guarded_cli(verbose, as_json, prepare)
     progress = _Progress(enabled=not (as_json or no_progress))
     written: list[str] = []
 
@@ -283,8 +278,7 @@ def main(bundle_dir, text, text_file, ids_file, backend, provider, checkpoint, t
         stopping = stop_requests() if state_file is not None else contextlib.nullcontext()
         with stopping as stop:
             started = time.perf_counter()
-            rt = RMTRuntime.load(bundle, backend=backend, provider=provider, threads=threads,
-                                 checkpoint=checkpoint)
+            rt = RMTRuntime.load(bundle, backend=backend, provider=provider, threads=threads)
             loaded = time.perf_counter()
             if not as_json:
                 click.echo(f"backend: {rt.picked}", err=True)
@@ -312,7 +306,7 @@ def main(bundle_dir, text, text_file, ids_file, backend, provider, checkpoint, t
             rt.save_state(state, state_file)
             written.append(f"state {state_file}")
         if save_outputs is not None:
-            arrays = {"memory": output.memory}
+            arrays = dict(output.state)  # every named state tensor (the RMT's: memory)
             if output.last_logits is not None:
                 arrays["last_logits"] = output.last_logits
             save_outputs.parent.mkdir(parents=True, exist_ok=True)
@@ -321,7 +315,7 @@ def main(bundle_dir, text, text_file, ids_file, backend, provider, checkpoint, t
             written.append(f"outputs {save_outputs}")
         return rt, state, output, resumed, loaded - started, ran - loaded
 
-    rt, state, output, resumed, load_seconds, run_seconds = _run_guarded(verbose, as_json, work, interrupted)
+    rt, state, output, resumed, load_seconds, run_seconds = run_guarded_cli(verbose, as_json, work, interrupted)
     summary = summarize(bundle, output.last_logits, top_k, tokenizer)
     tokens = int(ids.size)
     if as_json:
@@ -329,8 +323,10 @@ def main(bundle_dir, text, text_file, ids_file, backend, provider, checkpoint, t
             "ok": True, "bundle": str(bundle.path), "kind": bundle.kind, "backend": rt.picked,
             "tokens": tokens, "tokens_seen": int(state.tokens_seen[0]),
             "segments": int(state.segments_done[0]), "pending": int(len(state.pending[0])),
-            "memory_shape": list(output.memory.shape),
-            "memory_norm": float(np.linalg.norm(output.memory.astype(np.float64))),
+            "state_shapes": {name: list(value.shape) for name, value in output.state.items()},
+            **({} if output.memory is None else {
+                "memory_shape": list(output.memory.shape),
+                "memory_norm": float(np.linalg.norm(output.memory.astype(np.float64)))}),
             **summary,
             "seconds": run_seconds, "load_seconds": load_seconds,
             "tokens_per_second": tokens / run_seconds if run_seconds > 0 else None,

@@ -10,8 +10,12 @@ class BackendError(RuntimeError):
     """A backend or provider that cannot run, or that is not what was asked for."""
 
 
+class EngineError(BackendError):
+    """A TensorRT engine that cannot be built, or a cached one that does not fit this machine."""
+
+
 class StateError(Exception):
     """A state file that cannot be restored: corrupt, of another version, or of another bundle."""
 
 
-__all__ = ["BundleError", "RuntimeInputError", "BackendError", "StateError"]
+__all__ = ["BundleError", "RuntimeInputError", "BackendError", "EngineError", "StateError"]

@@ -14,7 +14,7 @@ import click
 import numpy as np
 
 from .bundle import Bundle
-from .cli import CliInputError, _optional_tokenizer, _run_guarded, read_input
+from .cli import CliInputError, optional_tokenizer, run_guarded_cli, read_input
 from .cli_support import fail, stop_requests
 from .generation import GenerationConfig
 from .runtime import RMTRuntime
@@ -123,7 +123,7 @@ def main(bundle_dir, prompt, prompt_file, prompt_ids, max_new_tokens, temperatur
                                 "decoder bundle")
         ids, tokenizer = read_input(bundle, prompt, prompt_file, prompt_ids, PROMPT_OPTIONS)
         if tokenizer is None:
-            tokenizer = _optional_tokenizer(bundle)
+            tokenizer = optional_tokenizer(bundle)
         if state_file is not None and state_file.is_dir():
             raise CliInputError(f"{state_file}: is a directory, not a state file")
         stops = () if no_stop else tuple(stop_tokens) or _default_stops(bundle)
@@ -133,7 +133,7 @@ def main(bundle_dir, prompt, prompt_file, prompt_ids, max_new_tokens, temperatur
         config.check(bundle.vocab_size)
         return bundle, ids, tokenizer, config
 
-    bundle, ids, tokenizer, config = _run_guarded(verbose, as_json, prepare)
+    bundle, ids, tokenizer, config = run_guarded_cli(verbose, as_json, prepare)
     stream = _TextStream(tokenizer, enabled=not as_json)
 
     def work():
@@ -162,7 +162,7 @@ def main(bundle_dir, prompt, prompt_file, prompt_ids, max_new_tokens, temperatur
             rt.save_state(state, state_file)
         return rt, state, resumed, finished, loaded - started, (first or done) - loaded, done - (first or done)
 
-    rt, state, resumed, finished, load_s, prompt_s, decode_s = _run_guarded(verbose, as_json, work)
+    rt, state, resumed, finished, load_s, prompt_s, decode_s = run_guarded_cli(verbose, as_json, work)
     new = len(stream.ids)
     if not finished:
         click.echo(f"interrupted after {new} tokens: state saved to {state_file}", err=True)

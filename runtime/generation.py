@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 
 from .errors import BackendError, RuntimeInputError
+from .segments import full_segment, pad_rows, rows_of
 from .spec import DECODE, INGEST, PREFILL
 from .state import SequenceState
 
@@ -109,22 +110,6 @@ def choose_tokens(logits: np.ndarray, histories: list[np.ndarray], config: Gener
     return chosen
 
 
-def _rows(prompts, batch: int, vocab_size: int) -> list[np.ndarray]:
-    from .runtime import _as_ids, _is_ragged
-
-    chunks = [prompts] if batch == 1 and not _is_ragged(prompts) else list(prompts)
-    if len(chunks) != batch:
-        raise RuntimeInputError(f"got {len(chunks)} prompts for a state of batch {batch}")
-    rows = [_as_ids(chunk, f"prompt of row {row}") for row, chunk in enumerate(chunks)]
-    for row, ids in enumerate(rows):
-        bad = (ids < 0) | (ids >= vocab_size)
-        if bad.any():
-            position = int(np.argmax(bad))
-            raise RuntimeInputError(f"token id {int(ids[position])} at row {row}, position {position} of the "
-                                    f"prompt is outside the vocabulary 0..{vocab_size - 1}")
-    return rows
-
-
 class _Cache:
     """The decode graph's inputs between tokens: caches (backend handles), mask, row lengths."""
 
@@ -138,36 +123,32 @@ class _Cache:
         self._past_of = {present: past for past, present in runtime.bundle.graph_spec(DECODE).state.items()}
 
     def _keep(self, handles: dict[str, object]) -> None:
-        self.handles = {self._past_of[name]: value for name, value in handles.items()}
+        self.handles = {self._past_of[name]: value for name, value in handles.items() if name in self._past_of}
 
     def prefill(self) -> np.ndarray:
         """Read every row's pending context afresh; returns the next-token logits [B, V]."""
         state, batch = self.state, self.state.batch
         # Rows still generating hold at most a segment here; a stopped row may hold one token
         # more (its stop token filled the segment) and only needs some valid input.
-        contexts = [p[-self.runtime.segment_size:] for p in state.pending]
-        width = max(len(c) for c in contexts)
-        ids = np.zeros((batch, width), np.int64)
-        mask = np.zeros((batch, width), np.int64)
-        for row, context in enumerate(contexts):
-            ids[row, :len(context)], mask[row, :len(context)] = context, 1
-        host, handles = self.runtime.runner.run_cached(
-            PREFILL, {"input_ids": ids, "attention_mask": mask}, {"memory": state.memory}, ("last_logits",))
-        self._keep(handles)
+        ids, mask = pad_rows([p[-self.runtime.segment_size:] for p in state.pending])
+        runner = self.runtime.runner
+        # The prefill graph reads the state tensors it declares (the RMT's memory) where they are.
+        state_inputs = {name: state.handles[name] for name in runner.spec(PREFILL).input_names if name in state.handles}
+        result = runner.run(PREFILL, {"input_ids": ids, "attention_mask": mask, **state_inputs}, ("last_logits",))
+        self._keep(result.device)
         self.mask = np.concatenate([np.ones((batch, self.m), np.int64), mask], axis=1)
-        return host["last_logits"]
+        return result.host["last_logits"]
 
     def decode(self, tokens: np.ndarray, active: np.ndarray) -> np.ndarray:
         """Append one token per row (inactive rows: masked out) and return the next logits."""
         state = self.state
         self.mask = np.concatenate([self.mask, active.astype(np.int64)[:, None]], axis=1)
         positions = np.array([[self.m + len(p) - 1] for p in state.pending], np.int64)
-        host, handles = self.runtime.runner.run_cached(
+        result = self.runtime.runner.run(
             DECODE, {"input_ids": np.where(active, tokens, 0)[:, None].astype(np.int64),
-                     "attention_mask": self.mask, "position_ids": positions},
-            self.handles, ("logits",))
-        self._keep(handles)
-        return host["logits"]
+                     "attention_mask": self.mask, "position_ids": positions, **self.handles}, ("logits",))
+        self._keep(result.device)
+        return result.host["logits"]
 
 
 def _check_can_generate(runtime: "RMTRuntime") -> None:
@@ -188,7 +169,7 @@ def generate_tokens(runtime: "RMTRuntime", state: SequenceState, prompts,
     _check_can_generate(runtime)
     bundle, size = runtime.bundle, runtime.segment_size
     config.check(bundle.vocab_size)
-    rows = _rows(prompts, state.batch, bundle.vocab_size)
+    rows = rows_of(prompts, state.batch, bundle.vocab_size, "prompt")
     contexts = [np.concatenate([pending, row]) for pending, row in zip(state.pending, rows)]
     empty = [row for row, context in enumerate(contexts) if len(context) == 0]
     if empty:
@@ -214,7 +195,7 @@ def _generate(runtime: "RMTRuntime", state: SequenceState, rows: list[np.ndarray
     # 1. Every full segment but the last into memory (the ingest graph, as feed does).
     state.pending = [context[:commit] for context, commit in zip(contexts, commits)]
     state.tokens_seen += np.array([len(row) for row in rows], np.int64)
-    runtime._commit_full_segments(state)
+    runtime.commit_full_segments(state)
     state.pending = [context[commit:] for context, commit in zip(contexts, commits)]
     # 2. Prefill the last segment.
     cache = _Cache(runtime, state)
@@ -238,11 +219,8 @@ def _generate(runtime: "RMTRuntime", state: SequenceState, rows: list[np.ndarray
         # 3./4. The next logits: roll filled segments into memory, or decode one token.
         full = np.array([len(p) > size for p in state.pending]) & active
         if config.rollover and full.any():
-            ids = np.zeros((batch, size), np.int64)
-            mask = np.zeros((batch, size), np.int64)
-            for row in np.nonzero(full)[0]:
-                ids[row], mask[row] = state.pending[row][:size], 1
-            runtime._segment(state, ids, mask, INGEST, ())
+            ids, mask = full_segment([p if f else p[:0] for p, f in zip(state.pending, full)], size)
+            runtime.run_segment(state, ids, mask, INGEST, ())
             state.pending = [p[size:] if f else p for p, f in zip(state.pending, full)]
             logits = cache.prefill()
         elif not config.use_cache:

@@ -35,7 +35,10 @@ class TensorSpec:
 
     def shape(self, batch: int, seq: int, past: int = 0) -> tuple[int, ...]:
         """Concrete shape for a batch size, segment length and cache length."""
-        sizes = {BATCH: batch, SEQ: seq, PAST: past}
+        return self.resolve({BATCH: batch, SEQ: seq, PAST: past})
+
+    def resolve(self, sizes: dict[str, int]) -> tuple[int, ...]:
+        """Concrete shape for the symbols' sizes (``bind_symbols``)."""
         return tuple(resolve_dim(d, sizes) for d in self.dims)
 
     def to_dict(self) -> dict[str, Any]:
@@ -52,6 +55,30 @@ def resolve_dim(dim: Dim, sizes: dict[str, int]) -> int:
         return dim
     symbol, _, offset = dim.partition(" + ")
     return sizes[symbol] + (int(offset) if offset else 0)
+
+
+class ShapeMismatch(ValueError):
+    """A tensor whose shape does not fit its spec (or the sizes the other inputs gave)."""
+
+
+def bind_symbols(tensors: "tuple[TensorSpec, ...]", shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    """The sizes of the symbols (batch, seq, past) that ``shapes`` give ``tensors``, checking
+    every int dim and that each symbol has one size across tensors."""
+    sizes: dict[str, int] = {}
+    for tensor in tensors:
+        shape = tuple(shapes[tensor.name])
+        if len(shape) != len(tensor.dims):
+            raise ShapeMismatch(f"{tensor.name} must have {len(tensor.dims)} dims {list(tensor.dims)}, got shape "
+                                f"{list(shape)}")
+        for axis, (dim, have) in enumerate(zip(tensor.dims, shape)):
+            if isinstance(dim, str):
+                symbol, _, offset = dim.partition(" + ")
+                sizes.setdefault(symbol, have - (int(offset) if offset else 0))
+            expected = resolve_dim(dim, sizes)
+            if have != expected:
+                raise ShapeMismatch(f"{tensor.name} shape {list(shape)} does not fit the spec {list(tensor.dims)} "
+                                    f"(axis {axis} is {have}, expected {expected} from the other inputs)")
+    return sizes
 
 
 @dataclass(frozen=True)

@@ -1,38 +1,30 @@
 """Backends behind one runner interface; heavy imports happen inside the backend asked for."""
 from __future__ import annotations
 
-import os
-
 from ..bundle import Bundle
 from ..errors import BackendError
 from .base import Runner
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
 # Best first. The native TensorRT backend is explicit only (it may build engines for minutes).
 _AUTO_ORDER = ("tensorrt", "cuda", "cpu")
 
 
 def open_runner(bundle: Bundle, backend: str = "auto", provider: str | None = None,
-                threads: int | None = None, checkpoint: str | os.PathLike | None = None,
-                cuda_graphs: bool = False) -> tuple[Runner, str]:
+                threads: int | None = None, cuda_graphs: bool = False) -> tuple[Runner, str]:
     """The runner for ``backend``/``provider``, activated, and a sentence saying what was picked and why.
 
     An explicit backend or provider that cannot run is an error; only ``auto`` moves on
     to the next candidate, and says which ones it skipped. ``cuda_graphs``: the native
     TensorRT backend captures and replays full segments (an error for any other backend).
     """
+    if backend == "torch":
+        raise BackendError("the PyTorch reference backend is part of the export stack (it needs torch and the "
+                           "checkpoint): rmt_export.reference_backend.reference_runtime(bundle, checkpoint)")
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}: expected one of {BACKENDS}")
     if cuda_graphs and backend != "tensorrt":
         raise BackendError(f"cuda_graphs is a feature of the native tensorrt backend, not of {backend!r}")
-    if backend == "torch":
-        if provider not in (None, "cpu", "cuda"):
-            raise BackendError(f"the torch backend runs on cpu or cuda, not {provider!r}")
-        from .pytorch import PyTorchRunner
-
-        runner = PyTorchRunner(bundle, checkpoint, device=provider or "cpu", threads=threads)
-        return runner.activate(), f"{runner.name} (asked for)"
-
     if backend == "tensorrt":
         from .tensorrt import TensorRTRunner
 

@@ -1,34 +1,49 @@
 """The runner interface every backend implements (loader/runner split, as Polygraphy's).
 
-A runner is built from a verified bundle; ``activate`` loads lazily (sessions, engines);
-``run_graph`` runs one segment of one graph. Memory lives in backend handles (OrtValues,
-device buffers, tensors) between segments; only ``memory_to_host`` copies it out. Input
-checks against the step spec happen here, before any backend call.
+A runner is built from a verified bundle; ``activate`` loads lazily (sessions, engines).
+It has ONE run call, driven by the graph's spec: host arrays and backend handles in by
+input name; the outputs named in ``want`` back on the host, every other output as a
+handle that stays where the backend computes. State pairs (``memory -> new_memory``,
+``past.0.key -> present.0.key``, per-layer matrices) need no runner code of their own:
+the caller passes each pair's input handle and, for ping-pong, the buffer its output is
+written into (``into``). Input checks against the spec happen here, before any backend call.
 """
 from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 import numpy as np
 
 from ..bundle import Bundle
 from ..errors import BackendError, RuntimeInputError
-from ..spec import GraphSpec
+from ..spec import BATCH, SEQ, GraphSpec, ShapeMismatch, bind_symbols
+
+
+@dataclass
+class RunResult:
+    """One graph run: ``host`` outputs (numpy, the ones asked for) and ``device`` outputs
+    (backend handles: every other output, the ``into`` buffers included)."""
+
+    host: dict[str, np.ndarray]
+    device: dict[str, Any]
 
 
 class Runner(ABC):
     """One backend running a bundle's graphs. Thread-safe: per-sequence data lives elsewhere."""
 
-    #: True when memory handles are host arrays, so checking them costs no transfer.
-    memory_on_host: bool = True
+    #: True when handles are host arrays, so reading them costs no transfer.
+    state_on_host: bool = True
+    #: True when the generation graphs (prefill, decode) run here.
+    supports_generation: bool = False
     #: Largest batch the backend takes (None: any).
     max_batch: int | None = None
 
     def __init__(self, bundle: Bundle) -> None:
         self.bundle = bundle
-        # The segment loop's graphs; generation graphs are opened on demand (``generation_session``).
+        # The segment loop's graphs are opened at activation; generation graphs on first use.
         self.specs: dict[str, GraphSpec] = {name: bundle.graph_spec(name) for name in bundle.segment_graph_names}
         self._lock = threading.Lock()
         self._active = False
@@ -65,74 +80,109 @@ class Runner(ABC):
     def _deactivate(self) -> None:
         pass
 
-    # ---- memory handles --------------------------------------------------------------------
+    # ---- handles -----------------------------------------------------------------------------
     @abstractmethod
-    def memory_from_host(self, memory: np.ndarray) -> Any:
-        """A backend handle holding a float32 [B, M, D] copy of ``memory``."""
+    def to_device(self, array: np.ndarray) -> Any:
+        """A backend handle holding a copy of a host array (float32 state)."""
 
     @abstractmethod
-    def memory_to_host(self, handle: Any) -> np.ndarray:
-        """The float32 [B, M, D] contents of a handle, on the host."""
+    def to_host(self, handle: Any) -> np.ndarray:
+        """The contents of a handle, copied to the host."""
 
     @abstractmethod
-    def empty_memory(self, batch: int) -> Any:
-        """An uninitialised handle for a [batch, M, D] output (the other half of a ping-pong)."""
+    def empty(self, shape: tuple[int, ...], dtype: str) -> Any:
+        """An uninitialised handle (the other half of a state pair's ping-pong)."""
+
+    @abstractmethod
+    def shape_of(self, handle: Any) -> tuple[int, ...]:
+        """The shape of a handle, without copying it."""
 
     # ---- running -----------------------------------------------------------------------------
-    def run_graph(self, graph: str, input_ids: np.ndarray, attention_mask: np.ndarray,
-                  memory: Any, new_memory: Any, want: tuple[str, ...] = (),
-                  checked: bool = False) -> dict[str, np.ndarray]:
-        """Run one segment: memory -> new_memory (two different handles), and return the
-        outputs named in ``want`` on the host. ``checked``: the caller already ran
-        ``check_inputs`` on these arrays (the runtime checks a whole input before any work)."""
-        spec = self.specs[graph]
+    def spec(self, graph: str) -> GraphSpec:
+        """The spec of a segment graph, or of a generation graph where this backend runs them."""
+        if graph not in self.specs:
+            if not self.supports_generation:
+                raise BackendError(f"{self.name} does not run the {graph} graph; generate with the onnxruntime "
+                                   "backend")
+            self.specs[graph] = self.bundle.graph_spec(graph)
+        return self.specs[graph]
+
+    def run(self, graph: str, inputs: Mapping[str, Any], want: tuple[str, ...] = (),
+            into: Mapping[str, Any] | None = None, checked: bool = False) -> RunResult:
+        """Run one call of ``graph``.
+
+        inputs: every input the spec names, as a numpy array (uploaded) or a backend handle
+            (bound in place: state, caches).
+        want: outputs to copy to the host; the others stay on the device (``RunResult.device``).
+        into: output name -> handle to write that output into (a state pair's ping-pong
+            buffer; it must not be one of the inputs).
+        checked: the caller already ran ``check`` on these inputs (the runtime checks a
+            whole input before any work).
+        """
+        spec = self.spec(graph)
+        into = dict(into or {})
         if not checked:
-            self.check_inputs(spec, input_ids, attention_mask)
-        unknown = [name for name in want if name not in spec.output_names or name == "new_memory"]
+            self.check(spec, inputs)
+        outputs = spec.output_names
+        unknown = [name for name in [*want, *into] if name not in outputs]
         if unknown:
-            raise RuntimeInputError(f"graph {graph!r} has no host output {unknown}; it has {spec.output_names}")
-        if memory is new_memory:
-            raise RuntimeInputError("memory and new_memory must be different buffers (ping-pong)")
+            raise RuntimeInputError(f"graph {graph!r} has no output {unknown}; it has {outputs}")
+        if set(want) & set(into):
+            raise RuntimeInputError(f"outputs {sorted(set(want) & set(into))} are asked for both on the host and "
+                                    "in a device buffer")
+        handles = {id(value) for value in inputs.values() if not isinstance(value, np.ndarray)}
+        shared = [name for name, value in into.items() if id(value) in handles]
+        if shared:
+            raise RuntimeInputError(f"outputs {shared} would be written into an input's buffer: state pairs need "
+                                    "two buffers (ping-pong)")
         self.activate()
-        return self._run(graph, input_ids, attention_mask, memory, new_memory, want)
+        return self._run(graph, spec, dict(inputs), want, into)
 
     @abstractmethod
-    def _run(self, graph: str, input_ids: np.ndarray, attention_mask: np.ndarray, memory: Any,
-             new_memory: Any, want: tuple[str, ...]) -> dict[str, np.ndarray]: ...
+    def _run(self, graph: str, spec: GraphSpec, inputs: dict[str, Any], want: tuple[str, ...],
+             into: dict[str, Any]) -> RunResult: ...
 
-    # ---- generation graphs ---------------------------------------------------------------------
-    #: True when ``run_cached`` runs the prefill and decode graphs.
-    supports_generation: bool = False
-
-    def run_cached(self, graph: str, host_inputs: dict[str, np.ndarray], handle_inputs: dict[str, Any],
-                   host_outputs: tuple[str, ...]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """Run a generation graph: host arrays and backend handles (memory, caches) in; the
-        outputs named in ``host_outputs`` as host arrays, every other output as a handle that
-        stays on the device (the next call's ``handle_inputs``)."""
-        raise BackendError(f"{self.name} does not run the generation graphs; generate with the "
-                           "onnxruntime backend")
-
-    def check_inputs(self, spec: GraphSpec, input_ids: np.ndarray, attention_mask: np.ndarray) -> None:
-        """Dtypes, shapes, id range and mask values against the spec and the bundle's limits."""
-        segment, vocab = self.bundle.segment_size, self.bundle.vocab_size
-        for name, array in (("input_ids", input_ids), ("attention_mask", attention_mask)):
-            if not isinstance(array, np.ndarray) or array.dtype != np.int64:
-                got = array.dtype if isinstance(array, np.ndarray) else type(array).__name__
-                raise RuntimeInputError(f"{name} must be an int64 numpy array, got {got}")
-            if array.ndim != 2:
-                raise RuntimeInputError(f"{name} must be [batch, seq], got shape {array.shape}")
-        batch, length = input_ids.shape
-        if attention_mask.shape != input_ids.shape:
-            raise RuntimeInputError(f"attention_mask shape {attention_mask.shape} must equal input_ids shape "
-                                    f"{input_ids.shape}")
-        if not 1 <= length <= segment:
-            raise RuntimeInputError(f"segment length {length} is outside 1..{segment} (the bundle's segment_size)")
+    def check(self, spec: GraphSpec, inputs: Mapping[str, Any]) -> None:
+        """Every input of the spec is there, with its dtype and a shape that fits the spec
+        (one batch and one segment length across inputs, within the bundle's limits); token
+        ids inside the vocabulary, masks of 0 and 1."""
+        missing = [name for name in spec.input_names if name not in inputs]
+        extra = [name for name in inputs if name not in spec.input_names]
+        if missing or extra:
+            raise RuntimeInputError(f"graph {spec.name!r} takes inputs {spec.input_names}; missing {missing}, "
+                                    f"unknown {extra}")
+        shapes = {}
+        for tensor in spec.inputs:
+            value = inputs[tensor.name]
+            if isinstance(value, np.ndarray):
+                if value.dtype != np.dtype(tensor.dtype):
+                    raise RuntimeInputError(f"{tensor.name} must be a {tensor.dtype} numpy array, got {value.dtype}")
+                shapes[tensor.name] = value.shape
+            elif isinstance(value, (list, tuple, int, float)):
+                raise RuntimeInputError(f"{tensor.name} must be a {tensor.dtype} numpy array, got "
+                                        f"{type(value).__name__}")
+            else:
+                shapes[tensor.name] = tuple(self.shape_of(value))
+        try:
+            sizes = bind_symbols(spec.inputs, shapes)
+        except ShapeMismatch as exc:
+            raise RuntimeInputError(str(exc)) from None
+        batch, length = sizes.get(BATCH, 1), sizes.get(SEQ, 1)
         if batch < 1 or (self.max_batch is not None and batch > self.max_batch):
             raise RuntimeInputError(f"batch {batch} is outside 1..{self.max_batch} for {self.name}")
-        bad = (input_ids < 0) | (input_ids >= vocab)
-        if bad.any():
-            row, col = (int(i[0]) for i in np.nonzero(bad))
-            raise RuntimeInputError(f"token id {int(input_ids[row, col])} at row {row}, position {col} is outside "
-                                    f"the vocabulary 0..{vocab - 1}")
-        if not ((attention_mask == 0) | (attention_mask == 1)).all():
+        if SEQ in sizes and not 1 <= length <= self.bundle.segment_size:
+            raise RuntimeInputError(f"segment length {length} is outside 1..{self.bundle.segment_size} (the "
+                                    "bundle's segment_size)")
+        ids, mask = inputs.get("input_ids"), inputs.get("attention_mask")
+        if isinstance(ids, np.ndarray):
+            vocab = self.bundle.vocab_size
+            bad = (ids < 0) | (ids >= vocab)
+            if bad.any():
+                row, col = (int(i[0]) for i in np.nonzero(bad))
+                raise RuntimeInputError(f"token id {int(ids[row, col])} at row {row}, position {col} is outside "
+                                        f"the vocabulary 0..{vocab - 1}")
+        if isinstance(mask, np.ndarray) and not ((mask == 0) | (mask == 1)).all():
             raise RuntimeInputError("attention_mask must hold only 0 and 1")
+
+
+__all__ = ["RunResult", "Runner"]

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..errors import BackendError
-from .base import Runner
+from .base import Runner, RunResult
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider"}
@@ -43,7 +43,7 @@ class OnnxRuntimeRunner(Runner):
         self.threads = threads
         self.engine_cache = engine_cache
         self.device = _DEVICE[provider]
-        self.memory_on_host = self.device == "cpu"
+        self.state_on_host = self.device == "cpu"
         self._ort = import_onnxruntime()
         available = self._ort.get_available_providers()
         if PROVIDERS[provider] not in available:
@@ -86,64 +86,53 @@ class OnnxRuntimeRunner(Runner):
                                "silently); refusing to run on another provider")
         return session
 
+    supports_generation = True
+
     def _activate(self) -> None:
         for graph in self.specs:
             self._sessions[graph] = self._open_session(graph)
 
-    # ---- generation graphs (prefill, decode): opened on first use --------------------------
-    supports_generation = True
-
-    def _generation_session(self, graph: str):
-        self.activate()
-        with self._lock:
-            if graph not in self._sessions:
-                self._sessions[graph] = self._open_session(graph)
-            return self._sessions[graph]
-
-    def run_cached(self, graph: str, host_inputs: dict[str, np.ndarray], handle_inputs: dict[str, Any],
-                   host_outputs: tuple[str, ...]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        session = self._generation_session(graph)
-        binding = session.io_binding()
-        for name, array in host_inputs.items():
-            binding.bind_cpu_input(name, array)
-        for name, handle in handle_inputs.items():
-            binding.bind_ortvalue_input(name, handle)
-        names = [o.name for o in session.get_outputs()]
-        for name in names:  # caches stay on the provider's device; ORT's arena reuses their memory
-            binding.bind_output(name, "cpu" if name in host_outputs else self.device)
-        session.run_with_iobinding(binding)
-        values = dict(zip(names, binding.get_outputs()))
-        host = {name: np.array(values.pop(name).numpy(), copy=True) for name in host_outputs}
-        return host, values
+    def _session(self, graph: str):
+        """The graph's session: segment graphs from activation, generation graphs opened on first use."""
+        session = self._sessions.get(graph)
+        if session is None:
+            with self._lock:
+                if graph not in self._sessions:
+                    self._sessions[graph] = self._open_session(graph)
+                session = self._sessions[graph]
+        return session
 
     def _deactivate(self) -> None:
         self._sessions.clear()
 
-    def memory_from_host(self, memory: np.ndarray) -> Any:
-        return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(memory, dtype=np.float32),
-                                                      self.device, 0)
+    # ---- handles: OrtValues on the provider's device ----------------------------------------
+    def to_device(self, array: np.ndarray) -> Any:
+        return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
 
-    def memory_to_host(self, handle: Any) -> np.ndarray:
+    def to_host(self, handle: Any) -> np.ndarray:
         # A CPU OrtValue's numpy() can be a view of its buffer, which dies with the OrtValue.
         return np.array(handle.numpy(), copy=True)
 
-    def empty_memory(self, batch: int) -> Any:
-        shape = [batch, self.bundle.num_mem_tokens, self.bundle.hidden_size]
-        return self._ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self.device, 0)
+    def empty(self, shape: tuple[int, ...], dtype: str) -> Any:
+        return self._ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.dtype(dtype), self.device, 0)
 
-    def _run(self, graph, input_ids, attention_mask, memory, new_memory, want):
-        session = self._sessions[graph]
-        expected = (input_ids.shape[0], self.bundle.num_mem_tokens, self.bundle.hidden_size)
-        if tuple(memory.shape()) != expected or tuple(new_memory.shape()) != expected:
-            raise BackendError(f"memory buffers {memory.shape()} / {new_memory.shape()} do not match {expected}")
+    def shape_of(self, handle: Any) -> tuple[int, ...]:
+        return tuple(handle.shape())
+
+    def _run(self, graph, spec, inputs, want, into):
+        session = self._session(graph)
         binding = session.io_binding()
-        binding.bind_cpu_input("input_ids", input_ids)
-        binding.bind_cpu_input("attention_mask", attention_mask)
-        binding.bind_ortvalue_input("memory", memory)
-        binding.bind_ortvalue_output("new_memory", new_memory)
-        names = [o for o in self.specs[graph].output_names if o != "new_memory"]
-        for name in names:  # copied to the host only when asked for
-            binding.bind_output(name, "cpu" if name in want else self.device)
+        for name, value in inputs.items():
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, value)
+            else:
+                binding.bind_ortvalue_input(name, value)
+        for name in spec.output_names:  # in spec order; get_outputs() returns them in binding order
+            if name in into:
+                binding.bind_ortvalue_output(name, into[name])
+            else:  # copied to the host only when asked for; ORT's arena reuses device memory
+                binding.bind_output(name, "cpu" if name in want else self.device)
         session.run_with_iobinding(binding)
-        outputs = binding.get_outputs()  # in binding order: new_memory, then the host outputs
-        return {name: np.array(outputs[1 + names.index(name)].numpy(), copy=True) for name in want}
+        values = dict(zip(spec.output_names, binding.get_outputs()))
+        host = {name: np.array(values.pop(name).numpy(), copy=True) for name in want}
+        return RunResult(host=host, device=values)

@@ -8,9 +8,13 @@ per segment into buffers kept per shape (no allocation per segment); outputs com
 the host only when asked for. Every CUDA and TensorRT call is checked and turned into a
 BackendError.
 
+The runner knows no tensor by name: it binds every input and output the graph's spec
+declares, so each state pair (RMT memory, per-layer state) is a pair of device buffers the
+caller passes in (``inputs`` and ``into``), whatever the model.
+
 ``cuda_graphs=True`` captures each full-segment launch as a CUDA graph and replays it: one
-graph per (graph, batch, memory buffer, new-memory buffer), so a state's two ping-pong
-arrangements give two graphs; partial segments (once per input) run uncaptured. TensorRT
+graph per (graph, bound addresses and shapes), so a state's two ping-pong arrangements give
+two graphs; partial segments (once per input) run uncaptured. TensorRT
 needs one plain execution after a shape change before capture, which is also the first
 segment's result.
 
@@ -27,8 +31,10 @@ import numpy as np
 from collections import OrderedDict
 
 from ..bundle import Bundle
+from ..engines import BuildOptions, build_engine, cached_engine, import_builder
 from ..errors import BackendError
-from .base import Runner
+from ..spec import SEQ, bind_symbols
+from .base import Runner, RunResult
 
 
 def _cudart():
@@ -103,22 +109,20 @@ class _CapturedGraph:
 class TensorRTRunner(Runner):
     """Runs the bundle's engines with TensorRT on the current CUDA device."""
 
-    memory_on_host = False
+    state_on_host = False
     #: Captured graphs kept (least recently used dropped): two per stream of full segments.
     max_captured_graphs = 32
 
     def __init__(self, bundle: Bundle, builder: str = "tensorrt", build: bool = True, max_batch: int = 8,
                  cuda_graphs: bool = False) -> None:
         super().__init__(bundle)
-        from rmt_export.engines import import_builder  # torch-free module of the same distribution
-
         self._trt = import_builder(builder)
         self._cuda = _cudart()
         self.builder, self.build, self.max_batch, self.cuda_graphs = builder, build, max_batch, cuda_graphs
         self._contexts: dict[str, Any] = {}
         self._engines: dict[str, Any] = {}
         self._context_locks = {graph: threading.Lock() for graph in self.specs}
-        self._io: dict[tuple[str, int, int], dict[str, DeviceBuffer]] = {}
+        self._io: dict[tuple[str, str, tuple[int, ...]], DeviceBuffer] = {}
         self._bound: dict[str, tuple] = {}  # graph -> the (shape, addresses) its context holds now
         self._captured: OrderedDict[tuple, _CapturedGraph] = OrderedDict()
         self._stream = None
@@ -128,8 +132,6 @@ class TensorRTRunner(Runner):
         return f"tensorrt/{self._trt.__version__}" + (" (CUDA graphs)" if self.cuda_graphs else "")
 
     def _activate(self) -> None:
-        from rmt_export.engines import BuildOptions, build_engine, cached_engine
-
         options = BuildOptions(builder=self.builder, max_batch=self.max_batch)
         runtime = self._trt.Runtime(self._trt.Logger(self._trt.Logger.WARNING))
         for graph in self.specs:
@@ -153,46 +155,41 @@ class TensorRTRunner(Runner):
             self._cuda.cudaStreamDestroy(self._stream)
             self._stream = None
 
-    def memory_from_host(self, memory: np.ndarray) -> Any:
+    def to_device(self, array: np.ndarray) -> Any:
         self.activate()
-        buffer = DeviceBuffer(self._cuda, memory.shape, np.float32)
-        buffer.upload(memory, self._stream)
+        buffer = DeviceBuffer(self._cuda, array.shape, array.dtype)
+        buffer.upload(array, self._stream)
         return buffer
 
-    def memory_to_host(self, handle: Any) -> np.ndarray:
+    def to_host(self, handle: Any) -> np.ndarray:
         return handle.download(self._stream)
 
-    def empty_memory(self, batch: int) -> Any:
+    def empty(self, shape: tuple[int, ...], dtype: str) -> Any:
         self.activate()
-        return DeviceBuffer(self._cuda, (batch, self.bundle.num_mem_tokens, self.bundle.hidden_size), np.float32)
+        return DeviceBuffer(self._cuda, shape, dtype)
 
-    def _io_buffers(self, graph: str, batch: int, length: int) -> dict[str, DeviceBuffer]:
-        """Token and output buffers for one shape, allocated once and reused every segment."""
-        key = (graph, batch, length)
+    def shape_of(self, handle: Any) -> tuple[int, ...]:
+        return handle.shape
+
+    def _buffer(self, graph: str, name: str, shape: tuple[int, ...], dtype: str) -> DeviceBuffer:
+        """An I/O buffer for one tensor and shape, allocated once and reused every segment."""
+        key = (graph, name, tuple(shape))
         if key not in self._io:
-            buffers = {"input_ids": DeviceBuffer(self._cuda, (batch, length), np.int64),
-                       "attention_mask": DeviceBuffer(self._cuda, (batch, length), np.int64)}
-            for t in self.specs[graph].outputs:
-                if t.name != "new_memory":
-                    buffers[t.name] = DeviceBuffer(self._cuda, t.shape(batch, length), np.float32)
-            self._io[key] = buffers
+            self._io[key] = DeviceBuffer(self._cuda, shape, dtype)
         return self._io[key]
 
-    def _bind(self, graph: str, context, buffers: dict[str, DeviceBuffer], memory, new_memory) -> None:
-        arrangement = (buffers["input_ids"].shape, *(int(b.ptr) for b in buffers.values()),
-                       int(memory.ptr), int(new_memory.ptr))
+    def _bind(self, graph: str, context, inputs: dict[str, DeviceBuffer], outputs: dict[str, DeviceBuffer]) -> tuple:
+        """Shapes and addresses of every tensor on the graph's context (skipped when unchanged)."""
+        arrangement = tuple((name, b.shape, int(b.ptr)) for name, b in [*inputs.items(), *outputs.items()])
         if self._bound.get(graph) == arrangement:
-            return
-        for name in ("input_ids", "attention_mask"):
-            if not context.set_input_shape(name, buffers[name].shape):
-                raise BackendError(f"TensorRT refused shape {buffers[name].shape} for {name} (outside the profile?)")
-        if not context.set_input_shape("memory", memory.shape):
-            raise BackendError(f"TensorRT refused shape {memory.shape} for memory (outside the profile?)")
-        for name, buffer in buffers.items():
+            return arrangement
+        for name, buffer in inputs.items():
+            if not context.set_input_shape(name, buffer.shape):
+                raise BackendError(f"TensorRT refused shape {buffer.shape} for {name} (outside the profile?)")
+        for name, buffer in [*inputs.items(), *outputs.items()]:
             context.set_tensor_address(name, int(buffer.ptr))
-        context.set_tensor_address("memory", int(memory.ptr))
-        context.set_tensor_address("new_memory", int(new_memory.ptr))
         self._bound[graph] = arrangement
+        return arrangement
 
     def _execute(self, graph: str, context) -> None:
         if not context.execute_async_v3(int(self._stream)):
@@ -209,25 +206,33 @@ class TensorRTRunner(Runner):
         executable = _check(cuda, cuda.cudaGraphInstantiate(captured, 0), "cudaGraphInstantiate")
         return _CapturedGraph(cuda, captured, executable)
 
-    def _run(self, graph, input_ids, attention_mask, memory, new_memory, want):
-        batch, length = input_ids.shape
+    def _run(self, graph, spec, inputs, want, into):
         with self._context_locks[graph]:
             context = self._contexts[graph]
-            buffers = self._io_buffers(graph, batch, length)
-            buffers["input_ids"].upload(input_ids, self._stream)
-            buffers["attention_mask"].upload(attention_mask, self._stream)
-            key = (graph, batch, length, int(memory.ptr), int(new_memory.ptr))
+            bound: dict[str, DeviceBuffer] = {}
+            for tensor in spec.inputs:
+                value = inputs[tensor.name]
+                if isinstance(value, np.ndarray):  # token ids, masks: uploaded into reused buffers
+                    buffer = self._buffer(graph, tensor.name, value.shape, tensor.dtype)
+                    buffer.upload(value, self._stream)
+                    value = buffer
+                bound[tensor.name] = value
+            sizes = bind_symbols(spec.inputs, {name: b.shape for name, b in bound.items()})
+            outputs = {t.name: into[t.name] if t.name in into else self._buffer(graph, t.name, t.resolve(sizes), t.dtype)
+                       for t in spec.outputs}
+            arrangement = self._bind(graph, context, bound, outputs)
+            key = (graph, arrangement)
             captured = self._captured.get(key) if self.cuda_graphs else None
             if captured is not None:
                 self._captured.move_to_end(key)
                 captured.launch(self._stream)
             else:
-                self._bind(graph, context, buffers, memory, new_memory)
                 self._execute(graph, context)  # this segment's result, and TensorRT's setup for capture
-                if self.cuda_graphs and length == self.bundle.segment_size:
+                if self.cuda_graphs and sizes.get(SEQ) == self.bundle.segment_size:
                     _check(self._cuda, self._cuda.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
                     self._captured[key] = self._capture(graph, context)
                     while len(self._captured) > self.max_captured_graphs:
                         self._captured.popitem(last=False)
             _check(self._cuda, self._cuda.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
-            return {name: buffers[name].download(self._stream) for name in want}
+            host = {name: outputs.pop(name).download(self._stream) for name in want}
+            return RunResult(host=host, device=outputs)

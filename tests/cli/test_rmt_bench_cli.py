@@ -3,7 +3,7 @@ import json
 
 from click.testing import CliRunner
 
-from rmt_runtime.bench import main
+from rmt_export.bench import main
 from tests.cli.support import one_line_error
 
 

@@ -289,20 +289,10 @@ def test_encoder_prints_the_class(bert, ids_npy):
     np.testing.assert_allclose(data["class_logits"], expected[0], atol=1e-6)
 
 
-def test_torch_backend_with_the_checkpoint(tokenized, ids_npy):
-    bundle, _, checkpoint = tokenized
-    result = run("--bundle", bundle, "--ids", ids_npy, "--backend", "torch", "--checkpoint", checkpoint, "--json")
-    assert result.exit_code == 0, result.output
-    data = json.loads(result.stdout)
-    assert data["backend"].startswith("torch/cpu")
-    expected = reference(bundle, IDS)
-    assert [e["id"] for e in data["top_k"]] == top_ids(expected.last_logits)
-    np.testing.assert_allclose([e["logit"] for e in data["top_k"]],
-                               expected.last_logits[0, top_ids(expected.last_logits)], atol=1e-4)
-    assert data["memory_norm"] == pytest.approx(float(np.linalg.norm(expected.memory)), rel=1e-4)
-    one_line_error(run("--bundle", bundle, "--ids", ids_npy, "--backend", "torch"), "needs the checkpoint")
-    one_line_error(run("--bundle", bundle, "--ids", ids_npy, "--checkpoint", checkpoint),
-                   "--checkpoint is for --backend torch")
+def test_the_torch_backend_is_not_part_of_the_runtime_cli(tokenized, ids_npy):
+    bundle, _, _ = tokenized
+    result = run("--bundle", bundle, "--ids", ids_npy, "--backend", "torch")
+    assert result.exit_code == 2 and "'torch' is not one of" in result.stderr
 
 
 @pytest.mark.skipif("CUDAExecutionProvider" in onnxruntime.get_available_providers(),

@@ -4,7 +4,7 @@ import pytest
 from click.testing import CliRunner
 
 from rmt_export.cli import main as export_main
-from rmt_export.engines import BuildOptions, EngineError, build_engine
+from rmt_runtime.engines import BuildOptions, EngineError, build_engine
 from rmt_export.validate import TOLERANCES
 from rmt_runtime import BackendError, RMTRuntime
 from rmt_runtime.bundle import Bundle
@@ -38,11 +38,12 @@ def test_int8_bundle_runs_on_onnxruntime_and_is_refused_where_it_cannot_run(bund
     assert int8.generate(ids[:5]).tokens[0]  # the generation graphs are quantized too
     with pytest.raises(EngineError, match="TensorRT does not take"):
         build_engine(Bundle.load(result.path), "step", BuildOptions(builder="tensorrt_rtx"))
+    from rmt_export.reference_backend import reference_runtime
     from rmt_model import save_checkpoint
 
     checkpoint = save_checkpoint(model, tmp_path / "model.pt")
     with pytest.raises(BackendError, match="int8 .* torch reference backend cannot run"):
-        RMTRuntime.load(result.path, backend="torch", checkpoint=checkpoint)
+        reference_runtime(result.path, checkpoint)
 
 
 def test_cli_int8_excludes_fp16_and_engine(tiny_checkpoint, tmp_path):

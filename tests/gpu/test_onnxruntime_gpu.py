@@ -27,9 +27,9 @@ def test_memory_stays_on_the_device_between_segments(bundle_factory):
     rt = RMTRuntime.load(exported.path, provider="cuda")
     state = rt.new_state()
     rt.feed(state, ids_for(model.config.vocab_size, 64))
-    assert state.memory.device_name().lower() == "cuda"
-    assert state.scratch.device_name().lower() == "cuda"
-    assert state.memory.data_ptr() != state.scratch.data_ptr()  # ping-pong, never the same address
+    assert state.handles["memory"].device_name().lower() == "cuda"
+    assert state.scratch["memory"].device_name().lower() == "cuda"
+    assert state.handles["memory"].data_ptr() != state.scratch["memory"].data_ptr()  # ping-pong, never the same address
 
 
 def test_tensorrt_provider_runs_or_says_why(bundle_factory):

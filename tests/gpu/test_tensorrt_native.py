@@ -22,7 +22,7 @@ def test_tensorrt_matches_onnxruntime_cpu_over_128_segments(bundle_factory, tmp_
     assert np.abs(a.memory - b.memory).max() < tolerance
     assert np.abs(a.last_logits - b.last_logits).max() < tolerance
     state = trt_runtime.new_state()
-    assert state.memory.ptr != state.scratch.ptr  # ping-pong buffers
+    assert state.handles["memory"].ptr != state.scratch["memory"].ptr  # ping-pong buffers
 
 
 def test_cuda_graph_replay_equals_plain_execution(bundle_factory, tmp_path):

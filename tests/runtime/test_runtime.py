@@ -250,16 +250,24 @@ def test_bad_inputs_are_refused_before_any_work(bundle_factory):
         rt.run(np.zeros((1, 0), np.int64))
     with pytest.raises(RuntimeInputError, match="attention_mask shape"):
         rt.run(np.ones((2, 5), np.int64), np.ones((2, 4), np.int64))
-    with pytest.raises(RuntimeInputError, match="memory must be float32"):
+    with pytest.raises(RuntimeInputError, match=r"memory must be float32 \[1, 4, 32\]"):
         rt.new_state(1, memory=np.zeros((1, 3, 32), np.float32))
     with pytest.raises(RuntimeInputError, match="NaN or Inf"):
         rt.new_state(1, memory=np.full((1, 4, 32), np.nan, np.float32))
     assert state.tokens_seen[0] == 0 and len(state.pending[0]) == 0  # the refused feed changed nothing
-    spec = rt.runner.specs["step"]
+    spec = rt.runner.spec("step")
+    memory = state.handles["memory"]
     with pytest.raises(RuntimeInputError, match="outside 1..16"):
-        rt.runner.check_inputs(spec, np.zeros((1, 17), np.int64), np.ones((1, 17), np.int64))
-    with pytest.raises(RuntimeInputError, match="int64"):
-        rt.runner.check_inputs(spec, np.zeros((1, 4), np.int32), np.ones((1, 4), np.int64))
+        rt.runner.check(spec, {"input_ids": np.zeros((1, 17), np.int64), "attention_mask": np.ones((1, 17), np.int64),
+                               "memory": memory})
+    with pytest.raises(RuntimeInputError, match="input_ids must be a int64 numpy array, got int32"):
+        rt.runner.check(spec, {"input_ids": np.zeros((1, 4), np.int32), "attention_mask": np.ones((1, 4), np.int64),
+                               "memory": memory})
+    with pytest.raises(RuntimeInputError, match=r"missing \['memory'\]"):
+        rt.runner.check(spec, {"input_ids": np.zeros((1, 4), np.int64), "attention_mask": np.ones((1, 4), np.int64)})
+    with pytest.raises(RuntimeInputError, match=r"memory shape \[2, 4, 32\] does not fit"):
+        rt.runner.check(spec, {"input_ids": np.zeros((1, 4), np.int64), "attention_mask": np.ones((1, 4), np.int64),
+                               "memory": rt.runner.empty((2, 4, 32), "float32")})
 
 
 def test_memory_that_overflows_fp16_is_an_error_naming_the_segment(bundle_factory):
@@ -299,7 +307,7 @@ def test_requested_provider_that_is_missing_is_an_error_not_a_fallback(bundle_fa
 
 def test_cuda_graphs_on_a_backend_without_them_is_an_error(bundle_factory):
     _, exported = bundle_factory("gpt2", "fp32")
-    for backend in ("auto", "onnxruntime", "torch"):
+    for backend in ("auto", "onnxruntime"):
         with pytest.raises(BackendError, match="cuda_graphs is a feature of the native tensorrt backend"):
             RMTRuntime.load(exported.path, backend=backend, cuda_graphs=True)
 
@@ -307,20 +315,21 @@ def test_cuda_graphs_on_a_backend_without_them_is_an_error(bundle_factory):
 def test_torch_backend_is_the_reference(bundle_factory, tiny_checkpoint, tmp_path):
     ckpt, model = tiny_checkpoint
     from rmt_export.exporter import ExportOptions, export_model
+    from rmt_export.reference_backend import reference_runtime
     from rmt_export.validate import ValidationPlan
 
     bundle = export_model(model, tmp_path / "b", ExportOptions(plan=ValidationPlan(segments=2), generation=False)).path
     ids = random_ids(97, (2, 100), seed=12)
-    reference = RMTRuntime.load(bundle, backend="torch", checkpoint=ckpt)
-    assert reference.picked == "torch/cpu (asked for)"
+    reference = reference_runtime(bundle, ckpt)
+    assert reference.picked.startswith("torch/cpu (the PyTorch reference")
     np.testing.assert_array_equal(reference.run(ids).memory, pytorch_loop(model, ids).memory.numpy())
     np.testing.assert_allclose(RMTRuntime.load(bundle).run(ids).memory, reference.run(ids).memory,
                                rtol=0, atol=1e-4)
-    with pytest.raises(BackendError, match="needs the checkpoint"):
-        RMTRuntime.load(bundle, backend="torch")
+    with pytest.raises(BackendError, match="rmt_export.reference_backend.reference_runtime"):
+        RMTRuntime.load(bundle, backend="torch")  # the runtime itself never imports torch
     _, other = bundle_factory("llama", "fp32")
     with pytest.raises(BackendError, match="does not hold the model of bundle"):
-        RMTRuntime.load(other.path, backend="torch", checkpoint=ckpt)
+        reference_runtime(other.path, ckpt)
 
 
 def test_threads_sharing_one_runtime_match_sequential_use(bundle_factory):

@@ -5,8 +5,8 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from rmt_export.cli import build_main
-from rmt_export.engines import BuildOptions, EngineError, build_engine, cached_engine, import_builder
+from rmt_runtime.build_cli import main as build_main
+from rmt_runtime.engines import BuildOptions, EngineError, build_engine, cached_engine, import_builder
 from rmt_runtime import Bundle
 
 pytest.importorskip("tensorrt_rtx", reason="tensorrt_rtx is not installed (pip install tensorrt-rtx-cu12)")

@@ -9,7 +9,8 @@ PyTorch segment loop (``--ckpt``: the reference's ``model(ids)``, full logits, e
 same threads; the like-for-like ``step(logits='last')`` loop is shown too). Variants run
 interleaved, rotating the order each repeat, so machine drift hits them alike.
 
-Torch is imported only with --ckpt; everything else needs numpy and onnxruntime.
+Torch is imported only with --ckpt; everything else needs numpy and onnxruntime, so it runs
+on a deploying device too. It lives in rmt_export because its PyTorch baseline needs rmt_model.
 """
 from __future__ import annotations
 
@@ -24,11 +25,11 @@ from typing import Callable
 import click
 import numpy as np
 
-from .bundle import Bundle, BundleError
-from .cli_support import run_guarded
-from .errors import BackendError, RuntimeInputError
-from .runtime import RMTRuntime
-from .spec import INGEST, STEP
+from rmt_runtime.bundle import Bundle, BundleError
+from rmt_runtime.cli_support import run_guarded
+from rmt_runtime.errors import BackendError, RuntimeInputError
+from rmt_runtime.runtime import RMTRuntime
+from rmt_runtime.spec import INGEST, STEP
 
 BACKEND_CANDIDATES = (("onnxruntime", "cpu"), ("onnxruntime", "cuda"), ("onnxruntime", "tensorrt"), ("tensorrt", None))
 
@@ -135,9 +136,8 @@ def _runtime_variant(rt: RMTRuntime, graph: str, ids: np.ndarray, segment_times:
             segment = np.ascontiguousarray(ids[:, start:start + size])
             mask = np.ones_like(segment)
             started = time.perf_counter()
-            rt.runner.run_graph(graph, segment, mask, state.memory, state.scratch, want)
+            rt.run_segment(state, segment, mask, graph, want)
             segment_times.append(time.perf_counter() - started)
-            state.swap()
     return run
 
 

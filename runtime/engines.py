@@ -1,0 +1,390 @@
+"""TensorRT engines built on the machine that runs them, cached in the bundle.
+
+Engines are not portable across GPUs or TensorRT versions, so each is keyed by what makes
+it valid: the builder (``tensorrt`` 10/11, or ``tensorrt_rtx``) and its version, the GPU
+name and compute capability, the precision and builder flags, the optimisation profile
+(batch 1..max, seq 1..segment_size, tuned for full segments) and the graph's sha256. A
+cached engine whose key differs is stale: it is rebuilt, or refused when building is off,
+and never run. Layout, inside the bundle:
+
+    engines/<graph>-<key>.plan    the serialized engine
+    engines/<graph>-<key>.json    the key's fields (what it was built for)
+    engines/timing.cache          TensorRT's timing cache, shared by every build (not for RTX)
+
+This is the one TensorRT build path: ``parse_and_build`` parses an ONNX graph, checks it
+against its spec, sets the optimisation profile and builds; ``build_engine`` (rmt-build, the
+deployment build) and the CPU gate (``rmt_export.trt_gate``, rmt-check-trt) both call it.
+It lives in the runtime because the deploying device builds its own engines.
+
+Torch-free; ``tensorrt``/``tensorrt_rtx`` and ``cuda-python`` are imported when needed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .atomic import write_atomically
+from .bundle import Bundle
+from .errors import EngineError
+from .spec import GraphSpec
+
+BUILDERS = ("tensorrt", "tensorrt_rtx")
+ENGINE_DIR = "engines"
+TIMING_CACHE = "timing.cache"
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """How to build: the builder module, profile limits, workspace cap, the TensorRT 10 fp16 flag."""
+
+    builder: str = "tensorrt"
+    max_batch: int = 8
+    opt_batch: int = 1
+    workspace_mb: int = 1024      # capped: on Jetson the GPU shares memory with the CPU
+    fp16_flag: bool = False       # TensorRT 10 only: let an fp32 graph run layers in fp16
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    name: str
+    compute_capability: str       # "8.7" for Orin; "aot" for a GPU-less ahead-of-time build
+
+
+def import_builder(name: str):
+    """The TensorRT Python module ``name``, or an EngineError saying how to get it."""
+    if name not in BUILDERS:
+        raise EngineError(f"builder must be one of {BUILDERS}, got {name!r}")
+    try:
+        return __import__(name)
+    except (ImportError, OSError):
+        hint = ("TensorRT comes with JetPack on Jetson (apt), or from NVIDIA's pip index on x86 GPUs"
+                if name == "tensorrt" else "pip install tensorrt-rtx-cu12")
+        raise EngineError(f"the {name} module is not importable here: {hint}") from None
+
+
+def trt_major(trt) -> int:
+    return int(str(trt.__version__).split(".")[0])
+
+
+# ---- the one build path ------------------------------------------------------------------------
+# The spec's numpy dtype names, as TensorRT names them.
+_TRT_DTYPES = {"float32": "FLOAT", "float16": "HALF", "bfloat16": "BF16", "int64": "INT64",
+               "int32": "INT32", "int8": "INT8", "uint8": "UINT8", "bool": "BOOL"}
+
+Profile = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
+
+
+def profile_shapes(spec: GraphSpec, segment_size: int, max_batch: int, opt_batch: int, num_mem_tokens: int = 0
+                   ) -> Profile:
+    """min/opt/max of every spec input: batch 1/opt_batch/max_batch, seq 1/segment/segment,
+    and for the decode graph's cache ``past`` 1/M + segment/2/M + segment - 1 (with rollover,
+    generation's default, the cache never holds more than M + segment positions)."""
+    top = num_mem_tokens + segment_size - 1
+    return {t.name: (t.shape(1, 1, 1), t.shape(opt_batch, segment_size, max(1, num_mem_tokens + segment_size // 2)),
+                     t.shape(max_batch, segment_size, max(1, top))) for t in spec.inputs}
+
+
+def check_network_io(network, spec: GraphSpec) -> tuple[list[str], bool]:
+    """Spec vs the parsed network: names, dtypes, ranks and fixed dims.
+
+    Returns the problems and whether one of them leaves no profile that fits the graph.
+    """
+    problems: list[str] = []
+    fatal = False
+    inputs = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
+    outputs = {network.get_output(i).name: network.get_output(i) for i in range(network.num_outputs)}
+    for kind, tensors, specs in (("input", inputs, spec.inputs), ("output", outputs, spec.outputs)):
+        for extra in sorted(set(tensors) - {t.name for t in specs}):
+            problems.append(f"graph {kind} {extra!r} is not in the spec")
+        for t in specs:
+            tensor = tensors.get(t.name)
+            if tensor is None:
+                problems.append(f"spec {kind} {t.name!r} is not in the graph")
+                fatal |= kind == "input"
+                continue
+            want = _TRT_DTYPES.get(t.dtype, t.dtype.upper())
+            if tensor.dtype.name != want:
+                problems.append(f"{kind} {t.name!r}: graph dtype {tensor.dtype.name}, spec {t.dtype}")
+            shape = tuple(tensor.shape)
+            if len(shape) != len(t.dims):
+                problems.append(f"{kind} {t.name!r}: graph rank {len(shape)} {shape}, spec {t.dims}")
+                fatal |= kind == "input"
+                continue
+            for axis, (have, dim) in enumerate(zip(shape, t.dims)):
+                if isinstance(dim, str):  # batch, seq, past, or past + 1
+                    # A fixed graph dim where the spec wants a dynamic one cannot take the profile.
+                    if kind == "input" and have != -1:
+                        problems.append(f"input {t.name!r}: axis {axis} is fixed at {have} in the graph, "
+                                        f"spec says {dim!r}")
+                        fatal = True
+                elif have not in (-1, int(dim)):
+                    problems.append(f"{kind} {t.name!r}: axis {axis} is {have} in the graph, spec says {dim}")
+                    fatal |= kind == "input"
+    return problems, fatal
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """Builder-config choices of one build (the profile comes separately, from the spec)."""
+
+    workspace_mb: int = 1024
+    fp16_flag: bool = False
+    strongly_typed: bool = True
+    compute_capabilities: Sequence[str] | None = None   # TensorRT-RTX targets, e.g. ["SM86"]
+    timing_cache: bytes | None = None                   # None: no timing cache; b"": start a new one
+
+
+@dataclass
+class BuildOutcome:
+    """What TensorRT made of one graph; ``stopped`` says why no engine came (None when built)."""
+
+    serialized: Any = None
+    unsupported_nodes: list[dict[str, Any]] = field(default_factory=list)  # node, op_type, reason, index
+    errors: list[str] = field(default_factory=list)
+    io_problems: list[str] = field(default_factory=list)
+    build_seconds: float = 0.0
+    timing_cache: bytes | None = None
+
+    @property
+    def built(self) -> bool:
+        return self.serialized is not None and int(self.serialized.nbytes) > 0
+
+    def problems(self) -> list[str]:
+        nodes = [f"{n['node']} ({n['op_type']}): {n['reason']}" for n in self.unsupported_nodes]
+        return nodes + self.errors + self.io_problems
+
+
+def _parser_errors(parser, outcome: BuildOutcome) -> None:
+    """Every parser error: node-level ones become unsupported_nodes, the rest errors."""
+    for i in range(parser.num_errors):
+        error = parser.get_error(i)
+        code = getattr(error.code(), "name", str(error.code()))
+        where = error.func()
+        reason = f"{error.desc()} [{code}" + (f" in {where}]" if where else "]")
+        index = error.node()
+        if index >= 0 or error.node_name():
+            entry = {"node": error.node_name() or f"#{index}", "op_type": error.node_operator(),
+                     "reason": reason, "index": index}
+            stack = list(error.local_function_stack() or [])
+            if stack:
+                entry["function_stack"] = stack
+            outcome.unsupported_nodes.append(entry)
+        else:
+            outcome.errors.append(f"parse: {reason}")
+
+
+def parse_and_build(trt, logger, onnx_path: str | os.PathLike, spec: GraphSpec, profile: Profile,
+                    settings: BuildSettings = BuildSettings(), after_parse: Callable[[], None] | None = None
+                    ) -> BuildOutcome:
+    """Parse ``onnx_path``, check it against ``spec``, set one optimisation profile and build.
+
+    Failures are recorded in the outcome, never raised: the CPU gate reports every one,
+    ``build_engine`` turns them into an EngineError. ``after_parse`` runs between parsing and
+    building (the gate files the logger's messages by phase).
+    """
+    outcome = BuildOutcome()
+    builder = trt.Builder(logger)
+    if builder is None:
+        outcome.errors.append("could not create a TensorRT builder")
+        return outcome
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if settings.strongly_typed else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger) if network is not None else None
+    if parser is None:
+        outcome.errors.append("could not create a TensorRT network and ONNX parser")
+        return outcome
+    parsed = parser.parse_from_file(os.fspath(onnx_path))
+    if after_parse is not None:
+        after_parse()
+    _parser_errors(parser, outcome)
+    if not parsed:
+        if not outcome.errors:
+            outcome.errors.append(f"parse failed: {len(outcome.unsupported_nodes)} node(s) TensorRT cannot take")
+        return outcome
+    outcome.io_problems, fatal = check_network_io(network, spec)
+    if fatal:
+        outcome.errors.append("build skipped: no optimisation profile fits this graph")
+        return outcome
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings.workspace_mb) << 20)
+    if settings.fp16_flag:
+        config.set_flag(trt.BuilderFlag.FP16)
+    if settings.compute_capabilities:
+        try:
+            targets = [getattr(trt.ComputeCapability, str(c).upper()) for c in settings.compute_capabilities]
+        except AttributeError as exc:
+            names = [n for n in trt.ComputeCapability.__members__ if n.startswith("SM")]
+            outcome.errors.append(f"unknown compute capability ({exc}); known: {names}")
+            return outcome
+        config.num_compute_capabilities = len(targets)
+        for i, target in enumerate(targets):
+            config.set_compute_capability(target, i)
+    if settings.timing_cache is not None:
+        config.set_timing_cache(config.create_timing_cache(settings.timing_cache), ignore_mismatch=False)
+    optimisation = builder.create_optimization_profile()
+    try:
+        for name, (low, opt, high) in profile.items():
+            optimisation.set_shape(name, low, opt, high)
+    except (ValueError, TypeError) as exc:
+        outcome.errors.append(f"optimisation profile rejected: {exc}")
+        return outcome
+    if config.add_optimization_profile(optimisation) < 0:
+        outcome.errors.append("optimisation profile rejected by the builder config")
+        return outcome
+    started = time.perf_counter()
+    outcome.serialized = builder.build_serialized_network(network, config)
+    outcome.build_seconds = time.perf_counter() - started
+    if outcome.serialized is None:
+        outcome.errors.append("build_serialized_network returned no engine")
+    elif not outcome.built:
+        outcome.errors.append("build_serialized_network returned an empty engine")
+    if settings.timing_cache is not None and outcome.built:
+        cache = config.get_timing_cache()  # None when the cache did not fit this GPU/version
+        outcome.timing_cache = bytes(cache.serialize()) if cache is not None else None
+    return outcome
+
+
+def current_device(builder: str) -> DeviceInfo:
+    """The GPU engines are built for (through cuda-python); an AOT marker for TensorRT-RTX without one."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        try:
+            from cuda import cudart  # cuda-python < 12.6 layout
+        except ImportError:
+            cudart = None
+    if cudart is not None:
+        error, count = cudart.cudaGetDeviceCount()
+        if int(error) == 0 and count > 0:
+            error, props = cudart.cudaGetDeviceProperties(0)
+            if int(error) == 0:
+                name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
+                return DeviceInfo(name.strip("\x00 "), f"{props.major}.{props.minor}")
+    if builder == "tensorrt_rtx":
+        return DeviceInfo("none", "aot")
+    raise EngineError("no CUDA GPU is visible (cuda-python found none): TensorRT engines are built on the "
+                      "GPU that runs them")
+
+
+def engine_fields(bundle: Bundle, graph: str, trt_name: str, trt_version: str, device: DeviceInfo,
+                  options: BuildOptions) -> dict[str, Any]:
+    """Everything an engine's validity depends on."""
+    spec = bundle.graph_spec(graph)
+    profile = profile_shapes(spec, bundle.segment_size, options.max_batch, options.opt_batch,
+                             bundle.num_mem_tokens)
+    return {
+        "builder": trt_name, "trt_version": trt_version, "gpu": device.name,
+        "compute_capability": device.compute_capability, "precision": bundle.precision,
+        "fp16_flag": options.fp16_flag, "graph": graph,
+        "graph_sha256": bundle.manifest["files"][bundle.manifest["graphs"][graph]["file"]],
+        "profile": {name: [list(s) for s in shapes] for name, shapes in profile.items()},
+    }
+
+
+def engine_key(fields: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def engine_path(bundle: Bundle, fields: dict[str, Any]) -> Path:
+    return bundle.path / ENGINE_DIR / f"{fields['graph']}-{engine_key(fields)}.plan"
+
+
+def stale_engines(bundle: Bundle, fields: dict[str, Any]) -> list[str]:
+    """Cached engines of this graph built for something else, each with the first field that differs."""
+    found = []
+    for meta in sorted((bundle.path / ENGINE_DIR).glob(f"{fields['graph']}-*.json")):
+        try:
+            theirs = json.loads(meta.read_text())
+        except (OSError, json.JSONDecodeError):
+            found.append(f"{meta.name}: unreadable")
+            continue
+        differs = [k for k in fields if theirs.get(k) != fields[k]]
+        if differs:
+            k = differs[0]
+            found.append(f"{meta.stem}.plan was built for {k}={theirs.get(k)!r}, this machine needs {fields[k]!r}")
+    return found
+
+
+INT8_FOR_TENSORRT = ("int8 bundles hold ONNX Runtime's dynamic quantization (MatMulInteger), which TensorRT does "
+                     "not take: run them on ONNX Runtime's CPU provider, and build TensorRT engines from the fp16 or "
+                     "fp32 bundle")
+
+
+def _check_precision(trt, bundle: Bundle, options: BuildOptions) -> None:
+    if bundle.precision == "int8":
+        raise EngineError(f"{bundle.path}: {INT8_FOR_TENSORRT}")
+    if options.fp16_flag and bundle.precision == "fp16":
+        raise EngineError("the bundle is already fp16 inside the graph; the fp16 builder flag adds nothing")
+    if options.fp16_flag and (not hasattr(trt, "BuilderFlag") or not hasattr(trt.BuilderFlag, "FP16")):
+        raise EngineError(f"this TensorRT ({trt.__version__}) has no FP16 builder flag (TensorRT 11 and RTX "
+                          "build strongly typed networks): export the bundle with --fp16 instead")
+
+
+def build_engine(bundle: Bundle, graph: str, options: BuildOptions = BuildOptions(),
+                 progress: Callable[[str], None] | None = None) -> Path:
+    """Build (or reuse) the engine of ``graph`` for this machine; return the .plan path."""
+    trt = import_builder(options.builder)
+    _check_precision(trt, bundle, options)
+    device = current_device(options.builder)
+    fields = engine_fields(bundle, graph, options.builder, str(trt.__version__), device, options)
+    path = engine_path(bundle, fields)
+    if path.is_file():
+        return path
+    say = progress or (lambda message: None)
+    say(f"building the TensorRT engine of {graph} for {device.name} (sm {device.compute_capability}), "
+        f"{bundle.precision}; this can take minutes (9.5 min reported on an Orin)")
+    cache_file = bundle.path / ENGINE_DIR / TIMING_CACHE
+    keep_timing = options.builder == "tensorrt"  # timing caches are no-ops in TensorRT-RTX
+    strongly_typed = bundle.precision == "fp16" or trt_major(trt) >= 11 or options.builder == "tensorrt_rtx"
+    started = time.perf_counter()
+    outcome = parse_and_build(
+        trt, trt.Logger(trt.Logger.WARNING), bundle.graph_path(graph), bundle.graph_spec(graph),
+        {name: tuple(tuple(s) for s in shapes) for name, shapes in fields["profile"].items()},
+        BuildSettings(workspace_mb=options.workspace_mb, fp16_flag=options.fp16_flag, strongly_typed=strongly_typed,
+                      timing_cache=(cache_file.read_bytes() if cache_file.is_file() else b"") if keep_timing else None))
+    if not outcome.built:
+        raise EngineError(f"TensorRT could not build the {graph} engine: " + "; ".join(outcome.problems()[:5]))
+    serialized = outcome.serialized
+    (bundle.path / ENGINE_DIR).mkdir(exist_ok=True)
+    _write_atomically(path, bytes(serialized))
+    _write_atomically(path.with_suffix(".json"), json.dumps(fields, indent=2, sort_keys=True).encode())
+    if outcome.timing_cache:
+        _write_atomically(cache_file, outcome.timing_cache)
+    say(f"built {path.name} ({path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - started:.1f}s")
+    return path
+
+
+def cached_engine(bundle: Bundle, graph: str, options: BuildOptions = BuildOptions()) -> Path:
+    """The engine valid for this machine; never builds. A stale or missing one is an EngineError."""
+    trt = import_builder(options.builder)
+    fields = engine_fields(bundle, graph, options.builder, str(trt.__version__),
+                           current_device(options.builder), options)
+    path = engine_path(bundle, fields)
+    if path.is_file():
+        return path
+    stale = stale_engines(bundle, fields)
+    detail = ("; ".join(stale) + "; ") if stale else ""
+    raise EngineError(f"no TensorRT engine of {graph} for this machine in {bundle.path / ENGINE_DIR}: {detail}"
+                      f"build one with rmt-build --bundle {bundle.path}")
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    write_atomically(path, lambda handle: handle.write(data))
+
+
+def build_bundle_engines(bundle_dir: str | os.PathLike, options: BuildOptions,
+                         progress: Callable[[str], None] | None = None) -> dict[str, str]:
+    """Engines for the bundle's segment graphs (what the native TensorRT backend runs;
+    generation runs on ONNX Runtime), built or reused from <bundle>/engines."""
+    bundle = Bundle.load(bundle_dir)
+    return {graph: str(build_engine(bundle, graph, options, progress)) for graph in bundle.segment_graph_names}
+
+
+__all__ = ["BuildOptions", "BuildOutcome", "BuildSettings", "DeviceInfo", "EngineError", "build_bundle_engines",
+           "build_engine", "cached_engine", "check_network_io", "current_device", "engine_fields", "engine_key",
+           "parse_and_build", "profile_shapes", "stale_engines"]

@@ -1,0 +1,97 @@
+"""Segmentation: turning token ids into the [batch, seq] ids and masks a segment graph takes.
+
+Pure numpy, no runner and no state: the runtime's reading loop and generation both use it.
+Decoders segment left-aligned (the reference's segmentation: from each sequence's first
+token); encoders right-aligned (rows end together, the first segment may be short).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .errors import RuntimeInputError
+
+Segment = tuple[np.ndarray, np.ndarray]  # ids [B, S] int64, mask [B, S] int64
+
+
+def as_ids(tokens, name: str = "tokens") -> np.ndarray:
+    """One sequence of token ids as int64 [N] (empty input gives [0])."""
+    array = np.asarray(tokens)
+    if array.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if not np.issubdtype(array.dtype, np.integer):
+        raise RuntimeInputError(f"{name} must be integer token ids, got dtype {array.dtype}")
+    if array.ndim != 1:
+        raise RuntimeInputError(f"{name} must be one sequence of ids (1-D), got shape {array.shape}")
+    return array.astype(np.int64)
+
+
+def is_ragged(tokens) -> bool:
+    """True for a list of sequences (one per row), False for one sequence of ids."""
+    if isinstance(tokens, np.ndarray):
+        return tokens.ndim == 2
+    tokens = list(tokens) if not isinstance(tokens, (list, tuple)) else tokens
+    return bool(tokens) and isinstance(tokens[0], (list, tuple, np.ndarray))
+
+
+def rows_of(tokens, batch: int, vocab_size: int, what: str = "sequence",
+            offsets: Sequence[int] | None = None) -> list[np.ndarray]:
+    """``tokens`` as one int64 id array per row, every id checked against the vocabulary.
+
+    Batch 1 takes one sequence; batch B takes B sequences. ``offsets``: where each row's
+    tokens start in its sequence, so an error names the position in the whole input.
+    """
+    chunks = [tokens] if batch == 1 and not is_ragged(tokens) else list(tokens)
+    if len(chunks) != batch:
+        raise RuntimeInputError(f"got {len(chunks)} {what}s for a state of batch {batch}")
+    rows = [as_ids(chunk, f"{what} of row {row}") for row, chunk in enumerate(chunks)]
+    for row, ids in enumerate(rows):
+        bad = (ids < 0) | (ids >= vocab_size)
+        if bad.any():
+            index = int(np.argmax(bad))
+            position = index + (int(offsets[row]) if offsets is not None else 0)
+            raise RuntimeInputError(f"token id {int(ids[index])} at row {row}, position {position} is outside the "
+                                    f"vocabulary 0..{vocab_size - 1} (in the {what})")
+    return rows
+
+
+def pad_rows(rows: Sequence[np.ndarray], width: int | None = None) -> Segment:
+    """Rows of different lengths as right-padded ids and a 0/1 mask, ``width`` wide
+    (default: the longest row)."""
+    width = max((len(r) for r in rows), default=0) if width is None else width
+    ids = np.zeros((len(rows), width), np.int64)
+    mask = np.zeros((len(rows), width), np.int64)
+    for row, tokens in enumerate(rows):
+        ids[row, :len(tokens)], mask[row, :len(tokens)] = tokens, 1
+    return ids, mask
+
+
+def full_segment(pending: Sequence[np.ndarray], size: int) -> Segment:
+    """The next full segment of every row that holds at least ``size`` pending tokens;
+    rows with fewer are masked out (they keep their memory)."""
+    return pad_rows([p[:size] if len(p) >= size else p[:0] for p in pending], size)
+
+
+def left_aligned(ids: np.ndarray, mask: np.ndarray, size: int) -> list[Segment]:
+    """[B, T] ids and mask cut into segments of ``size`` from the first position (the last may be short)."""
+    return [(np.ascontiguousarray(ids[:, s:s + size]), np.ascontiguousarray(mask[:, s:s + size]))
+            for s in range(0, ids.shape[1], size)]
+
+
+def right_aligned(ids: np.ndarray, mask: np.ndarray, size: int) -> list[Segment]:
+    """Each row's tokens in segments counted from its end (the first may be short), rows ending together."""
+    rows = [row_ids[row_mask > 0] for row_ids, row_mask in zip(ids, mask)]
+    if min(len(r) for r in rows) == 0:
+        raise RuntimeInputError("every row of an encoder input needs at least one token")
+    counts = [-(-len(r) // size) for r in rows]
+    total = max(counts)
+    out = []
+    for index in range(total):
+        pieces = []
+        for tokens, count in zip(rows, counts):
+            own = index - (total - count)
+            end = len(tokens) - (count - 1 - own) * size
+            pieces.append(tokens[max(0, end - size):end] if own >= 0 else tokens[:0])
+        out.append(pad_rows(pieces))
+    return out

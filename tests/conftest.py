@@ -1,12 +1,18 @@
-"""Shared fixtures: tiny random-initialised models and their exported bundles, seeded."""
+"""Shared fixtures: tiny random-initialised models and their exported bundles, seeded.
+
+Exporting (tracing with dynamo) is what the suite spends its time on, so each bundle is
+exported once per test run: under pytest-xdist the workers share one on-disk cache, and a
+file lock makes the first worker that needs a bundle export it while the others wait.
+"""
 import pytest
 import torch
+from filelock import FileLock
 
-from rmt_export.exporter import ExportOptions, export_model
+from rmt_export.exporter import ExportOptions, ExportResult, export_model
 from rmt_export.validate import ValidationPlan
-
 from rmt_model import build_model, save_checkpoint
 from rmt_model.tiny import tiny_config
+from rmt_runtime import Bundle
 
 
 @pytest.fixture
@@ -19,18 +25,31 @@ def make_model():
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory):
+def shared_dir(tmp_path_factory, worker_id):
+    """A directory every xdist worker of this run sees (the session's own one without xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if worker_id != "master" else base) / "shared"
+    root.mkdir(exist_ok=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(shared_dir):
     """A saved tiny GPT-2 RMT checkpoint and the model it holds."""
     torch.manual_seed(0)
     model = build_model(tiny_config("gpt2", num_mem_tokens=4, segment_size=16))
-    path = save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "model.pt")
+    path = shared_dir / "ckpt" / "model.pt"
+    with FileLock(str(shared_dir / "ckpt.lock")):
+        if not path.exists():
+            save_checkpoint(model, path)
     return path, model
 
 
 @pytest.fixture(scope="session")
-def bundle_factory(tmp_path_factory):
-    """bundle_factory(family, precision, **config_overrides) -> (model, ExportResult); cached
-    for the session. Overrides go to tiny_config (e.g. initializer_range=0.2)."""
+def bundle_factory(shared_dir):
+    """bundle_factory(family, precision, **config_overrides) -> (model, ExportResult), exported once
+    per run (32 validation segments: validating costs under a second, tracing ~7-15 s).
+    Overrides go to tiny_config (e.g. initializer_range=0.2)."""
     cache = {}
 
     def make(family: str, precision: str = "fp32", **overrides):
@@ -39,8 +58,11 @@ def bundle_factory(tmp_path_factory):
             torch.manual_seed(0)
             model = build_model(tiny_config(family, **{"num_mem_tokens": 4, "segment_size": 16, **overrides}))
             suffix = "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
-            out = tmp_path_factory.mktemp("bundles") / f"{family}-{precision}{suffix}"
-            result = export_model(model, out, ExportOptions(precision=precision, plan=ValidationPlan(segments=32)))
-            cache[key] = (model, result)
+            out = shared_dir / "bundles" / f"{family}-{precision}{suffix}"
+            with FileLock(str(out) + ".lock"):
+                if not out.exists():
+                    export_model(model, out, ExportOptions(precision=precision, plan=ValidationPlan(segments=32)))
+            bundle = Bundle.load(out)
+            cache[key] = (model, ExportResult(path=out, manifest=bundle.manifest, seconds={}))
         return cache[key]
     return make

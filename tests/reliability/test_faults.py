@@ -101,7 +101,9 @@ def test_signal_during_export_cleans_up(tiny_checkpoint, tmp_path, sig):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+# SIGTERM only: rmt-run's one handler (cli_support.stop_requests) takes SIGINT and SIGTERM alike;
+# the export's SIGINT path, which differs, keeps both signals above.
+@pytest.mark.parametrize("sig", [signal.SIGTERM])
 def test_signal_during_a_long_run_saves_the_state_and_resumes_exactly(bundle_factory, tmp_path, sig):
     model, exported = bundle_factory("gpt2", "fp32")
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, 300_000)

@@ -46,8 +46,8 @@ def test_task_needs_memory_by_construction():
 
 
 def test_training_is_seeded_and_learns(tmp_path):
-    first = train_sample.train(steps=40, seed=3, batch=8, log=lambda line: None)
-    second = train_sample.train(steps=40, seed=3, batch=8, log=lambda line: None)
+    first = train_sample.train(steps=12, seed=3, batch=8, log=lambda line: None)
+    second = train_sample.train(steps=12, seed=3, batch=8, log=lambda line: None)
     a, b = first.state_dict(), second.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)  # reproducible bit for bit
 

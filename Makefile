@@ -13,7 +13,7 @@ $(VENV)/.installed: setup.py requirements-dev.txt
 ## test: create the venv, install the project with its test extras, run the whole suite
 ## (one pytest worker per core; the workers share one cache of exported test bundles)
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -n auto --dist loadfile
+	$(PY) -m pytest -q -n auto --dist load
 
 ## demo: the main job on the sample model
 demo: $(VENV)/.installed

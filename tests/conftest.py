@@ -4,6 +4,8 @@ Exporting (tracing with dynamo) is what the suite spends its time on, so each bu
 exported once per test run: under pytest-xdist the workers share one on-disk cache, and a
 file lock makes the first worker that needs a bundle export it while the others wait.
 """
+import shutil
+
 import pytest
 import torch
 from filelock import FileLock
@@ -31,6 +33,25 @@ def shared_dir(tmp_path_factory, worker_id):
     root = (base.parent if worker_id != "master" else base) / "shared"
     root.mkdir(exist_ok=True)
     return root
+
+
+@pytest.fixture(scope="session")
+def shared_once(shared_dir):
+    """shared_once(name, make) -> path: ``make(path)`` creates ``path`` (a file or a directory
+    that does not exist yet) once per test run, whichever worker asks first; the others wait
+    for it and reuse it. A make that fails leaves nothing behind, so the next one retries."""
+    def once(name: str, make):
+        path = shared_dir / name
+        with FileLock(str(path) + ".lock"):
+            if not path.exists():
+                staging = path.with_name(f".{path.name}.partial")
+                if staging.is_dir():
+                    shutil.rmtree(staging)
+                staging.unlink(missing_ok=True)
+                make(staging)
+                staging.rename(path)
+        return path
+    return once
 
 
 @pytest.fixture(scope="session")

@@ -62,7 +62,7 @@ def ids_npy(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tokenized(tiny_checkpoint, tmp_path_factory):
+def tokenized(tiny_checkpoint, tmp_path_factory, shared_once):
     """(bundle shipping a byte-level BPE tokenizer.json, that Tokenizer, the checkpoint it was exported from).
 
     One export serves the tokenizer tests and the torch backend (which needs the checkpoint).
@@ -78,8 +78,8 @@ def tokenized(tiny_checkpoint, tmp_path_factory):
     directory = tmp_path_factory.mktemp("tokenizer")
     tokenizer.save(str(directory / "tokenizer.json"))
     checkpoint, model = tiny_checkpoint
-    out = tmp_path_factory.mktemp("tok-bundle") / "gpt2-tok"
-    export_model(model, out, ExportOptions(tokenizer_dir=directory, plan=ValidationPlan(segments=2), generation=False))
+    out = shared_once("gpt2-tok", lambda path: export_model(
+        model, path, ExportOptions(tokenizer_dir=directory, plan=ValidationPlan(segments=2), generation=False)))
     return out, tokenizer, checkpoint
 
 

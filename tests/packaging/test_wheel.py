@@ -46,13 +46,14 @@ def _run(*args, **kwargs) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="session")
-def dist(tmp_path_factory):
+def dist(tmp_path_factory, shared_once):
     """(wheel, sdist) built from a copy of the source (the build writes build/ and egg-info)."""
-    source = tmp_path_factory.mktemp("source")
-    ignore = shutil.ignore_patterns(".venv", ".git", "__pycache__", "*.egg-info", "build", ".pytest_cache", "out")
-    shutil.copytree(ROOT, source, dirs_exist_ok=True, ignore=ignore)
-    out = tmp_path_factory.mktemp("dist")
-    _run(sys.executable, "-m", "build", "--no-isolation", "--outdir", out, source)
+    def build(out):
+        source = tmp_path_factory.mktemp("source")
+        ignore = shutil.ignore_patterns(".venv", ".git", "__pycache__", "*.egg-info", "build", ".pytest_cache", "out")
+        shutil.copytree(ROOT, source, dirs_exist_ok=True, ignore=ignore)
+        _run(sys.executable, "-m", "build", "--no-isolation", "--outdir", out, source)
+    out = shared_once("dist", build)
     (wheel,), (sdist,) = out.glob("*.whl"), out.glob("*.tar.gz")
     return wheel, sdist
 
@@ -91,17 +92,19 @@ def test_the_sdist_holds_every_module_of_the_source(dist):
 
 
 @pytest.fixture(scope="session")
-def exported(tmp_path_factory):
+def exported(shared_once):
     """The shipped sample exported (2 validation segments) and the reference the checks compare with."""
     from tests.installed.check_installed import make_reference
 
-    work = tmp_path_factory.mktemp("exported")
-    bundle = export_bundle(SAMPLE, work / "bundle", ExportOptions(plan=ValidationPlan(segments=2))).path
-    rng = np.random.default_rng(0)
-    rt = RMTRuntime.load(bundle)
-    reference = make_reference(rt, rng.integers(0, rt.bundle.vocab_size, 150), rng.integers(0, 256, 20), 12)
-    np.savez(work / "reference.npz", **reference)
-    return bundle, work / "reference.npz"
+    def export(work):
+        work.mkdir()
+        bundle = export_bundle(SAMPLE, work / "bundle", ExportOptions(plan=ValidationPlan(segments=2))).path
+        rng = np.random.default_rng(0)
+        rt = RMTRuntime.load(bundle)
+        reference = make_reference(rt, rng.integers(0, rt.bundle.vocab_size, 150), rng.integers(0, 256, 20), 12)
+        np.savez(work / "reference.npz", **reference)
+    work = shared_once("installed-check", export)
+    return work / "bundle", work / "reference.npz"
 
 
 @pytest.mark.slow

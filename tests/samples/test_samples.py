@@ -21,9 +21,13 @@ CHECKPOINT = ROOT / "samples" / "keyrecall" / "model.pt"
 
 
 @pytest.fixture(scope="module")
-def sample_out(tmp_path_factory):
-    """One directory for the sample's bundles: each is exported once and reused."""
-    return tmp_path_factory.mktemp("sample")
+def sample_out(shared_once):
+    """One directory holding the sample's fp32, fp16 and int8 bundles, exported once per run."""
+    def export_all(path):
+        path.mkdir()
+        for precision in ("fp32", "fp16", "int8"):
+            accuracy_table.bundle_for(precision, path, CHECKPOINT)
+    return shared_once("sample", export_all)
 
 
 @pytest.fixture(scope="module")

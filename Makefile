@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test demo clean
+.PHONY: test demo check-aarch64 clean
 
 $(VENV)/.installed: setup.py requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,10 @@ $(VENV)/.installed: setup.py requirements-dev.txt
 ## (one pytest worker per core; the workers share one cache of exported test bundles)
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n auto --dist load
+
+## check-aarch64: the built wheel on arm64 (Debian root under qemu-user; needs root; ~5 min cold, ~1 min cached)
+check-aarch64: $(VENV)/.installed
+	scripts/check_aarch64.sh
 
 ## demo: the main job on the sample model
 demo: $(VENV)/.installed

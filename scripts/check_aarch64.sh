@@ -10,7 +10,8 @@
 # environment: export + reference), network to the Debian mirror and PyPI the first time.
 # The arm64 root and its venv are cached in ${RMT_AARCH64_ROOT:-/var/cache/rmt-edge/aarch64-root}
 # (first run ~4 min more); delete that folder to start over. RMT_AARCH64_MIRROR overrides the
-# Debian mirror. See docs/JETSON.md for what this proves and what it does not.
+# Debian mirror, RMT_AARCH64_CPU the emulated CPU (qemu -cpu model; default cortex-a76).
+# See docs/JETSON.md for what this proves and what it does not.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -21,6 +22,10 @@ INCLUDE=python3,python3-venv,ca-certificates,libstdc++6
 ROOT_KEY="suite=$SUITE arch=arm64 variant=minbase include=$INCLUDE"
 ROOT_DONE=.rmt-edge-root            # written last: holds ROOT_KEY
 ROOT_BUILDING=.rmt-edge-building    # present while the root is being made
+# The emulated CPU: qemu's model nearest Jetson Orin's Cortex-A78AE (Armv8.2-A with fp16 and
+# dot product; no SVE, i8mm or bf16), so ONNX Runtime picks the kernels it would pick there.
+# qemu's default, "max", would offer SVE/SME, which no Jetson has.
+CPU=${RMT_AARCH64_CPU:-cortex-a76}
 VENV=/opt/rmt-venv                  # inside the root
 VENV_DONE=$VENV/.rmt-edge-venv-done
 VENV_PACKAGES=(numpy onnxruntime pytest click)
@@ -30,7 +35,7 @@ KEEP=0
 
 say() { printf '[check_aarch64] %s\n' "$*" >&2; }
 die() { say "ERROR: $*"; exit 1; }
-usage() { sed -n '2,13s/^# \{0,1\}//p' "$0" >&2; exit "${1:-0}"; }
+usage() { sed -n '2,14s/^# \{0,1\}//p' "$0" >&2; exit "${1:-0}"; }
 
 while [ $# -gt 0 ]; do
   case $1 in
@@ -78,8 +83,8 @@ unmount_under() {
 cleanup() {
   local rc=$?
   set +e
-  if [ "$MOUNTED" -eq 1 ]; then unmount_under "$ROOT/proc"; unmount_under "$ROOT/sys"; unmount_under "$ROOT/dev"; fi
-  if [ "$KEEP" -eq 1 ]; then say "kept $TMP and $ROOT/$RUN"
+  if [ "$MOUNTED" -eq 1 ]; then (unmount_under "$ROOT/proc"); (unmount_under "$ROOT/sys"); (unmount_under "$ROOT/dev"); fi
+  if [ "$KEEP" -eq 1 ]; then say "kept $TMP and $ROOT/$RUN (the latter until the next run)"
   else rm -rf "$TMP"; [ -d "$ROOT/$RUN" ] && rm -rf --one-file-system "${ROOT:?}/$RUN"; fi
   [ $rc -eq 0 ] || [ -z "$CUR_STEP" ] || say "$CUR_STEP: FAILED after $(elapsed "$CUR_START")s"
   [ $rc -eq 0 ] || say "FAILED (exit $rc) after $(elapsed "$T0")s in total"
@@ -155,7 +160,11 @@ host_packages() {
       || die "cannot mount binfmt_misc on $bm (a container without CAP_SYS_ADMIN? run it on the host or a --privileged container)"
   fi
   if ! grep -qx enabled "$bm/qemu-aarch64" 2>/dev/null; then
-    update-binfmts --enable qemu-aarch64 || die "update-binfmts --enable qemu-aarch64 failed"
+    if [ -f /usr/lib/binfmt.d/qemu-aarch64.conf ] && ! update-binfmts --display qemu-aarch64 >/dev/null 2>&1; then
+      grep -v '^#' /usr/lib/binfmt.d/qemu-aarch64.conf > "$bm/register"   # qemu >= 9.1 packages: systemd's binfmt.d
+    else
+      update-binfmts --enable qemu-aarch64 || die "update-binfmts --enable qemu-aarch64 failed"
+    fi
   fi
   grep -qx enabled "$bm/qemu-aarch64" || die "$bm/qemu-aarch64 is not enabled"
   say "binfmt: $(grep -E '^(interpreter|flags)' "$bm/qemu-aarch64" | tr '\n' ' ')"
@@ -163,16 +172,25 @@ host_packages() {
 step "host packages and binfmt_misc (qemu-aarch64)" host_packages
 
 in_root() {  # run a command in the root with a clean environment (no host pip config, proxies)
-  env -i PATH="$VENV/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" HOME=/root LANG=C.UTF-8 \
+  env -i PATH="$VENV/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" HOME=/root LANG=C.UTF-8 QEMU_CPU="$CPU" \
     PIP_CERT=/etc/rmt-host-ca.crt PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_DEFAULT_TIMEOUT=180 PIP_ROOT_USER_ACTION=ignore \
     "$@"
 }
 mount_root() {
   [ "$MOUNTED" -eq 0 ] || return 0
   MOUNTED=1
-  mountpoint -q "$ROOT/proc" || mount -t proc proc "$ROOT/proc"
-  mountpoint -q "$ROOT/sys" || mount --bind /sys "$ROOT/sys"
-  mountpoint -q "$ROOT/dev" || mount --bind /dev "$ROOT/dev"
+  local d
+  for d in proc sys dev; do unmount_under "$ROOT/$d"; done   # left by a run that was killed
+  mount -t proc proc "$ROOT/proc"
+  mount --bind /sys "$ROOT/sys"
+  mount --bind /dev "$ROOT/dev"
+  # Without binfmt's F flag the kernel looks for the interpreter inside the root.
+  local bm=/proc/sys/fs/binfmt_misc/qemu-aarch64 interp
+  if ! grep -q '^flags:.*F' "$bm"; then
+    interp=$(awk '$1 == "interpreter" { print $2 }' "$bm")
+    mkdir -p "$ROOT$(dirname "$interp")"
+    cp -L "$interp" "$ROOT$interp"
+  fi
 }
 root_network() {  # for pip: the host's resolver and CA bundle
   cp -L /etc/resolv.conf "$ROOT/etc/resolv.conf"
@@ -206,19 +224,56 @@ make_root() {
     return 1
   fi
   unmount_under "$ROOT"   # debootstrap's own proc/sys mounts, should any be left
-  rm -f "$ROOT/$ROOT_BUILDING"
   printf '%s\n' "$ROOT_KEY" > "$ROOT/$ROOT_DONE"
+  rm -f "$ROOT/$ROOT_BUILDING"
 }
 step "arm64 Debian $SUITE root (debootstrap, cached)" make_root
+# qemu-user before 8.2 (Debian 12 has 7.2) shows aarch64 programs the HOST's x86 /proc/cpuinfo.
+# ONNX Runtime's cpuinfo library finds no ARM processor in it and crashes at import (SIGSEGV,
+# NULL pointer). qemu >= 8.2 writes an aarch64 /proc/cpuinfo for the emulated CPU itself; for
+# older qemu this writes the same text, in qemu's format, from what the emulated CPU reports
+# (MIDR_EL1 read with mrs, HWCAP/HWCAP2 from the aux vector), to bind-mount over it.
+emulated_cpuinfo() {
+  in_root chroot "$ROOT" /usr/bin/python3 - <<'PY'
+import ctypes, mmap, os
+HWCAP = ("fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm jscvt fcma lrcpc "
+         "dcpop sha3 sm3 sm4 asimddp sha512 sve asimdfhm dit uscat ilrcpc flagm ssbs sb paca pacg").split()
+HWCAP2 = ("dcpodp sve2 sveaes svepmull svebitperm svesha3 svesm4 flagm2 frint svei8mm svef32mm svef64mm "
+          "svebf16 i8mm bf16 dgh rng bti mte ecv afp rpres mte3 sme smei16i64 smef64f64 smei8i32 smef16f32 "
+          "smeb16f32 smef32f32 smefa64 wfxt ebf16 sveebf16 cssc rprfm sve2p1 sme2 sme2p1 smei16i32 smebi32i32 "
+          "smeb16b16 smef16f16 mops hbc").split()
+libc = ctypes.CDLL(None)
+libc.getauxval.restype = ctypes.c_ulong
+hwcap, hwcap2 = libc.getauxval(16), libc.getauxval(26)  # AT_HWCAP, AT_HWCAP2
+code = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+code.write((0xD5380000).to_bytes(4, "little") + (0xD65F03C0).to_bytes(4, "little"))  # mrs x0, midr_el1; ret
+midr = ctypes.CFUNCTYPE(ctypes.c_uint64)(ctypes.addressof(ctypes.c_char.from_buffer(code)))()
+features = [n for i, n in enumerate(HWCAP) if hwcap >> i & 1] + [n for i, n in enumerate(HWCAP2) if hwcap2 >> i & 1]
+for cpu in range(os.cpu_count()):
+    print(f"processor\t: {cpu}\nmodel name\t: ARMv8 Processor rev {midr & 0xF} (v8l)\nBogoMIPS\t: 100.00\n"
+          f"Features\t: {' '.join(features)}\nCPU implementer\t: 0x{midr >> 24 & 0xFF:02x}\n"
+          f"CPU architecture: 8\nCPU variant\t: 0x{midr >> 20 & 0xF:x}\nCPU part\t: 0x{midr >> 4 & 0xFFF:03x}\n"
+          f"CPU revision\t: {midr & 0xF}\n")
+PY
+}
 enter_root() {
   root_network
   mount_root
   local machine
   machine=$(in_root chroot "$ROOT" /bin/uname -m)
-  say "inside the root: uname -m = $machine; $(in_root chroot "$ROOT" /usr/bin/python3 --version)"
+  say "inside the root: uname -m = $machine; $(in_root chroot "$ROOT" /usr/bin/python3 --version); QEMU_CPU=$CPU;" \
+      "$( (qemu-aarch64-static --version || qemu-aarch64 --version) 2>/dev/null | head -n 1)"
   [ "$machine" = aarch64 ] || die "uname -m in the root says $machine, not aarch64"
+  if ! in_root chroot "$ROOT" /bin/grep -q '^CPU implementer' /proc/cpuinfo; then
+    say "this qemu shows aarch64 programs the host's /proc/cpuinfo (qemu < 8.2): bind-mounting" \
+        "the emulated $CPU's over it"
+    emulated_cpuinfo > "$TMP/cpuinfo"
+    mount --bind "$TMP/cpuinfo" "$ROOT/proc/cpuinfo"
+  fi
+  say "aarch64 /proc/cpuinfo: $(in_root chroot "$ROOT" /bin/sh -c \
+      'grep -m1 "^CPU part" /proc/cpuinfo; grep -m1 ^Features /proc/cpuinfo' | tr '\n\t' '  ' | tr -s ' ')"
 }
-step "mount /proc, /sys, /dev in the root; resolv.conf and CA bundle for pip" enter_root
+step "mount /proc, /sys, /dev in the root; resolv.conf and CA bundle for pip; /proc/cpuinfo" enter_root
 
 make_venv() {
   if [ -f "$ROOT$VENV_DONE" ] && in_root chroot "$ROOT" "$VENV/bin/python" -c 'import numpy, onnxruntime, pytest, click' 2>/dev/null; then
@@ -233,6 +288,8 @@ make_venv() {
 step "venv in the root: pip install ${VENV_PACKAGES[*]} (cached)" make_venv
 
 install_wheel() {
+  # Work folders of earlier runs (killed, or --keep): this run holds the lock, none is in use.
+  find "$ROOT/work" -mindepth 1 -maxdepth 1 -name 'rmt-aarch64.*' -exec rm -rf --one-file-system {} + 2>/dev/null || true
   mkdir -p "$ROOT/$RUN"
   cp "$WHEEL" "$ROOT/$RUN/"
   in_root chroot "$ROOT" "$VENV/bin/python" -m pip install --quiet --force-reinstall --no-deps "/$RUN/$(basename "$WHEEL")"
@@ -248,7 +305,7 @@ run_checks() {
   cp "$TMP/x86/reference.npz" "$ROOT/$RUN/reference.npz"
   cp "$REPO/tests/installed/check_installed.py" "$ROOT/$RUN/test_installed.py"
   in_root RMT_CHECK_BUNDLE="/$RUN/bundle" RMT_CHECK_REFERENCE="/$RUN/reference.npz" \
-    chroot "$ROOT" /bin/sh -c "cd /$RUN && exec $VENV/bin/python -m pytest -q -p no:cacheprovider test_installed.py"
+    chroot "$ROOT" /bin/sh -c "cd /$RUN && exec $VENV/bin/python -m pytest -q -p no:cacheprovider --basetemp=/$RUN/pytest test_installed.py"
 }
 step "tests/installed/check_installed.py on aarch64 (pytest in the chroot)" run_checks
 

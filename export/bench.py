@@ -171,7 +171,7 @@ def _pytorch_variants(checkpoint: Path, threads: int, ids: np.ndarray, times: di
 
 
 def run_bench(bundles: list[Path], checkpoint: Path | None, batches: list[int], segments: int, repeats: int,
-              threads: int, graphs: tuple[str, ...], say: Callable[[str], None]) -> dict:
+              threads: int, graphs: tuple[str, ...], say: Callable[[str], None], ceiling: bool = True) -> dict:
     """Measure everything; returns the JSON-able result (see the module docstring)."""
     loaded = [Bundle.load(path) for path in bundles]
     first = loaded[0]
@@ -196,7 +196,7 @@ def run_bench(bundles: list[Path], checkpoint: Path | None, batches: list[int], 
     say(f"running {', '.join(runtimes)}; skipped {len(skipped)} (see 'skipped')")
     result: dict = {"machine": machine(), "threads": threads, "segments": segments, "repeats": repeats,
                     "segment_size": first.segment_size, "bundles": [str(b.path) for b in loaded],
-                    "ceiling": matmul_ceiling(threads), "skipped": skipped, "rows": []}
+                    "ceiling": matmul_ceiling(threads) if ceiling else {"skipped": "--no-ceiling"}, "skipped": skipped, "rows": []}
     # Per graph, batch 1 (FLOPs scale with the batch): read once, not once per row.
     gflop_per_row = {graph: segment_gflop(first, graph, 1) for graph in (INGEST, STEP)}
     rng = np.random.default_rng(0)
@@ -279,9 +279,11 @@ def markdown(result: dict) -> str:
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads for every variant [usable cores].")
 @click.option("--graphs", type=click.Choice(["both", "ingest", "step"]), default="both", show_default=True)
+@click.option("--ceiling/--no-ceiling", default=True, show_default=True,
+              help="Measure the machine's fp32 matmul ceiling first (about 10 s on 2 cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @click.option("--verbose", is_flag=True, help="Show tracebacks.")
-def main(bundles, ckpt, batches, segments, repeats, threads, graphs, as_json, verbose):
+def main(bundles, ckpt, batches, segments, repeats, threads, graphs, ceiling, as_json, verbose):
     """Benchmark bundles on every backend available here, side by side, as ratios to PyTorch.
 
     \b
@@ -298,7 +300,7 @@ def main(bundles, ckpt, batches, segments, repeats, threads, graphs, as_json, ve
     chosen = (INGEST, STEP) if graphs == "both" else (graphs,)
     say = (lambda message: None) if as_json else (lambda message: click.echo(message, err=True))
     result = run_guarded(verbose, as_json, lambda: run_bench(
-        list(bundles), ckpt, batch_sizes, segments, repeats, threads or _usable_cores(), chosen, say),
+        list(bundles), ckpt, batch_sizes, segments, repeats, threads or _usable_cores(), chosen, say, ceiling),
         (RuntimeInputError, BackendError, BundleError))
     click.echo(json.dumps({"ok": True, **result}, indent=2) if as_json else markdown(result))
 

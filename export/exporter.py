@@ -20,7 +20,8 @@ from typing import Any, Callable
 import numpy as np
 
 from rmt_model import CheckpointError, ConfigError, RMTBase, import_reference_checkpoint, load_checkpoint
-from rmt_runtime.bundle import MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, MEMORY_INIT_NAME, PRECISIONS, write_manifest
+from rmt_runtime.bundle import (MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, MEMORY_INIT_NAME, PRECISIONS, not_a_bundle,
+                                write_manifest)
 from rmt_runtime.spec import SPEC_VERSION, step_specs
 
 from .errors import ExportError, ValidationError
@@ -88,19 +89,38 @@ def _producer() -> dict[str, str]:
     return versions
 
 
-def check_destination(out: Path, force: bool) -> None:
-    """Refuse before any work: an existing --out without force, a file, or a non-bundle."""
-    if out.exists():
-        if not out.is_dir():
-            raise ExportError(f"--out {out} is an existing file; expected a directory path for the bundle")
-        if not force:
-            raise ExportError(f"--out {out} already exists; pass --force to replace it")
-        if any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
-            raise ExportError(f"--out {out} exists and is not a bundle (no {MANIFEST_NAME}); "
-                              "refusing to replace it even with --force")
-    parent = out.parent if str(out.parent) else Path(".")
-    if parent.exists() and not parent.is_dir():
-        raise ExportError(f"--out {out}: {parent} is not a directory")
+def check_destination(out: Path, force: bool, inputs: tuple[Path, ...] = ()) -> None:
+    """Refuse before any work: an existing --out without force, a file, a symlink, or a
+    directory that is not verifiably an rmt-edge bundle (``--force`` replaces only what
+    rmt-export wrote), or one that holds an input of this export (``inputs``)."""
+    for parent in out.absolute().parents:  # a path under a regular file
+        if parent.exists() and not parent.is_dir():
+            raise ExportError(f"--out {out}: {parent} is a file, not a directory (it cannot hold the bundle)")
+    if out.is_symlink():
+        raise ExportError(f"--out {out} is a symbolic link; give the bundle directory itself")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ExportError(f"--out {out} is an existing file; expected a directory path for the bundle")
+    if not force:
+        raise ExportError(f"--out {out} already exists; pass --force to replace it")
+    resolved = out.resolve()
+    for source in inputs:
+        source = Path(source).resolve()
+        if source == resolved or resolved in source.parents:
+            raise ExportError(f"--out {out} holds {source}, an input of this export; refusing to replace it "
+                              "even with --force (write the bundle elsewhere)")
+    reason = not_a_bundle(out) if any(out.iterdir()) else None
+    if reason:
+        raise ExportError(f"--out {out} is not an rmt-edge bundle ({reason}); --force replaces only a bundle "
+                          "that rmt-export wrote, so nothing was deleted")
+
+
+def _bundle_path(out: str | os.PathLike) -> Path:
+    """``out`` as given, or absolute where it has no name of its own ('.', '..'): the bundle is
+    staged and replaced beside it, under its name."""
+    out = Path(out)
+    return out.resolve() if out.name in ("", ".", "..") else out
 
 
 def load_model(ckpt: str | os.PathLike, reference: ReferenceLayout | None = None) -> RMTBase:
@@ -124,8 +144,10 @@ def export_bundle(ckpt: str | os.PathLike, out: str | os.PathLike, options: Expo
                   reference: ReferenceLayout | None = None, progress: Progress | None = None) -> ExportResult:
     """Load ``ckpt`` and export it to the bundle directory ``out`` (see ``export_model``)."""
     options.check()
-    out = Path(out)
-    check_destination(out, options.force)
+    out = _bundle_path(out)
+    inputs = tuple(Path(p) for p in (ckpt, options.tokenizer_dir,
+                                     reference.backbone_config if reference else None) if p is not None)
+    check_destination(out, options.force, inputs)
     if not Path(ckpt).is_file():
         raise ExportError(f"--ckpt {ckpt}: no such file")
     started = time.perf_counter()
@@ -143,8 +165,8 @@ def export_model(model: RMTBase, out: str | os.PathLike, options: ExportOptions 
                  progress: Progress | None = None) -> ExportResult:
     """Trace, validate and write the bundle for ``model``; atomic: all of it or nothing."""
     options.check()
-    out = Path(out)
-    check_destination(out, options.force)
+    out = _bundle_path(out)
+    check_destination(out, options.force, (options.tokenizer_dir,) if options.tokenizer_dir else ())
     config = model.config
     model = model.eval()
     parent = out.parent if str(out.parent) else Path(".")

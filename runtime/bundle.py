@@ -20,6 +20,8 @@ from .spec import GENERATION_GRAPHS, SEGMENT_GRAPHS, SPEC_VERSION, GraphSpec
 MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA_VERSION = 1
 MEMORY_INIT_NAME = "memory_init.npy"
+# Written into a bundle after export by rmt-build (engines/<graph>-<key>.plan|.json, timing.cache).
+ENGINE_DIR = "engines"
 PRECISIONS = ("fp32", "fp16", "int8")
 
 # Fields every manifest of this schema has, with their JSON types.
@@ -34,6 +36,25 @@ OPTIONAL_FIELDS = {"num_labels", "encoder_ids", "tokenizer", "rmt_config", "crea
 
 class BundleError(Exception):
     """A bundle that cannot be used: missing, malformed, from a newer schema, or altered."""
+
+
+def manifest_paths(manifest: dict[str, Any]) -> list[str]:
+    """Every file path a manifest names: hashed files, graphs, initial state, tokenizer files."""
+    names = list(manifest.get("files", {}))
+    names += [g.get("file") for g in manifest.get("graphs", {}).values() if isinstance(g, dict)]
+    names += [manifest.get("memory_init")] + list(dict(manifest.get("state_init") or {}).values())
+    names += list(manifest.get("tokenizer") or [])
+    return [n for n in names if n is not None]
+
+
+def _check_relative(name: Any, source: str) -> None:
+    """A manifest path must be a plain relative path that stays inside the bundle."""
+    if not isinstance(name, str) or not name:
+        raise BundleError(f"{source}: manifest names a file as {name!r}; expected a file name inside the bundle")
+    path = Path(name)
+    if path.is_absolute() or ".." in path.parts or "\\" in name or name.startswith("~"):
+        raise BundleError(f"{source}: manifest path {name!r} leaves the bundle directory; every file of a bundle "
+                          "must be inside it (a relative path without '..')")
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -90,8 +111,41 @@ def check_manifest(manifest: Any, source: str) -> None:
     for name, graph in manifest["graphs"].items():
         if not isinstance(graph, dict) or "file" not in graph or "spec" not in graph:
             raise BundleError(f"{source}: graph {name!r} needs 'file' and 'spec'")
+    if not isinstance(manifest.get("state_init", {}), dict) or not isinstance(manifest.get("tokenizer") or [], list):
+        raise BundleError(f"{source}: manifest fields 'state_init' (an object) or 'tokenizer' (a list) have the "
+                          "wrong type")
+    for path in manifest_paths(manifest):
+        _check_relative(path, source)
+    for name, graph in manifest["graphs"].items():
         if graph["file"] not in manifest["files"]:
             raise BundleError(f"{source}: graph {name!r} file {graph['file']!r} is not hashed in 'files'")
+
+
+def not_a_bundle(directory: str | os.PathLike) -> str | None:
+    """Why ``directory`` is not a complete rmt-edge bundle (None when it is one): a readable
+    manifest of this schema, and no file besides those it lists and the engines rmt-build
+    wrote. What ``rmt-export --force`` checks before it replaces a directory."""
+    directory = Path(directory)
+    manifest_path = directory / MANIFEST_NAME
+    if not manifest_path.is_file():
+        return f"no {MANIFEST_NAME}"
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        check_manifest(manifest, str(directory))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, BundleError) as exc:
+        return f"its {MANIFEST_NAME} is not an rmt-edge manifest ({exc})"
+    known = {MANIFEST_NAME, *manifest_paths(manifest)}
+    unknown = []
+    for entry in sorted(directory.rglob("*")):
+        name = entry.relative_to(directory).as_posix()
+        if entry.is_symlink() or (entry.is_file() and name not in known and not name.startswith(f"{ENGINE_DIR}/")):
+            unknown.append(name)
+        elif entry.is_dir() and name != ENGINE_DIR and not any(k.startswith(f"{name}/") for k in known):
+            unknown.append(name + "/")
+    if unknown:
+        return f"it holds files the manifest does not list: {', '.join(unknown[:5])}" + (
+            f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+    return None
 
 
 @dataclass(frozen=True)
@@ -118,6 +172,12 @@ class Bundle:
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise BundleError(f"{manifest_path}: not valid JSON ({exc})") from None
         check_manifest(manifest, source=str(path))
+        root = path.resolve()
+        for name in manifest_paths(manifest):  # symlinks included: nothing is read from outside
+            target = (path / name).resolve()
+            if target != root and root not in target.parents:
+                raise BundleError(f"{path}: {name} resolves to {target}, outside the bundle directory; refusing "
+                                  "to read it")
         bundle = cls(path=path, manifest=manifest)
         if verify_hashes:
             bundle.verify()
@@ -130,8 +190,8 @@ class Bundle:
             file = self.path / name
             if not file.is_file():
                 problems.append(f"{name} is missing")
-            elif (actual := sha256_file(file)) != expected:
-                problems.append(f"{name} sha256 {actual[:12]}.. != manifest {expected[:12]}..")
+            elif sha256_file(file) != expected:
+                problems.append(f"{name} differs from the manifest's sha256")
         if problems:
             raise BundleError(f"{self.path}: files do not match the manifest: " + "; ".join(problems))
 
@@ -220,13 +280,21 @@ class Bundle:
                 initial[name] = np.zeros(shape, np.float32)
                 continue
             path = self.path / files[name]
-            try:
-                value = np.load(path, allow_pickle=False)
+            try:  # the header first: a header claiming 10^12 elements must not allocate them
+                with open(path, "rb") as handle:
+                    version = np.lib.format.read_magic(handle)
+                    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                            else np.lib.format.read_array_header_2_0)
+                    declared, fortran, dtype = read(handle, max_header_size=1 << 16)
+                    if dtype != np.float32 or tuple(declared) != shape or fortran:
+                        raise BundleError(f"{path}: initial {name!r} is {dtype}{list(declared)}, the spec needs "
+                                          f"float32{list(shape)}")
+                    handle.seek(0)
+                    value = np.lib.format.read_array(handle, allow_pickle=False)
             except (OSError, ValueError, EOFError) as exc:
                 raise BundleError(f"{path}: not a readable .npy array ({exc})") from None
-            if value.dtype != np.float32 or value.shape != shape:
-                raise BundleError(f"{path}: initial {name!r} is {value.dtype}{list(value.shape)}, the spec needs "
-                                  f"float32{list(shape)}")
+            if value.shape != shape:
+                raise BundleError(f"{path}: initial {name!r} holds {value.size} values, the spec needs {list(shape)}")
             initial[name] = value
         return initial
 

@@ -19,6 +19,7 @@ from .bundle import Bundle, BundleError
 from .cli_support import fail, run_guarded, stop_requests
 from .errors import BackendError, RuntimeInputError, StateError
 from .runtime import RMTRuntime
+from .state import locked_state_file
 
 _NPY_MAGIC = b"\x93NUMPY"
 
@@ -272,7 +273,7 @@ def main(bundle_dir, text, text_file, ids_file, backend, provider, threads, top_
             kept = f"; {state_file} keeps what the previous invocation saved"
         return f"interrupted: nothing was written{kept}"
 
-    def work():
+    def work_holding_the_state():
         # With --state, Ctrl-C and SIGTERM are handled from here on: feed stops between two
         # segments and the state is saved there (a signal during loading stops before the first).
         stopping = stop_requests() if state_file is not None else contextlib.nullcontext()
@@ -314,6 +315,13 @@ def main(bundle_dir, text, text_file, ids_file, backend, provider, threads, top_
                 np.savez(handle, **arrays)
             written.append(f"outputs {save_outputs}")
         return rt, state, output, resumed, loaded - started, ran - loaded
+
+    def work():
+        # One invocation at a time per state file: a second one waits instead of losing an update.
+        if state_file is None:
+            return work_holding_the_state()
+        with locked_state_file(state_file, lambda message: click.echo(message, err=True)):
+            return work_holding_the_state()
 
     rt, state, output, resumed, load_seconds, run_seconds = run_guarded_cli(verbose, as_json, work, interrupted)
     summary = summarize(bundle, output.last_logits, top_k, tokenizer)

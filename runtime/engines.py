@@ -29,12 +29,11 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .atomic import write_atomically
-from .bundle import Bundle
+from .bundle import ENGINE_DIR, Bundle
 from .errors import EngineError
 from .spec import GraphSpec
 
 BUILDERS = ("tensorrt", "tensorrt_rtx")
-ENGINE_DIR = "engines"
 TIMING_CACHE = "timing.cache"
 
 

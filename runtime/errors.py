@@ -18,4 +18,8 @@ class StateError(Exception):
     """A state file that cannot be restored: corrupt, of another version, or of another bundle."""
 
 
-__all__ = ["BundleError", "RuntimeInputError", "BackendError", "EngineError", "StateError"]
+class StateInUseError(RuntimeError):
+    """A SequenceState used from a second thread while one operation holds it."""
+
+
+__all__ = ["BundleError", "RuntimeInputError", "BackendError", "EngineError", "StateError", "StateInUseError"]

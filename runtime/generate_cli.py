@@ -18,6 +18,7 @@ from .cli import CliInputError, optional_tokenizer, run_guarded_cli, read_input
 from .cli_support import fail, stop_requests
 from .generation import GenerationConfig
 from .runtime import RMTRuntime
+from .state import locked_state_file
 
 PROMPT_OPTIONS = ("--prompt", "--prompt-file", "--prompt-ids")
 
@@ -136,7 +137,7 @@ def main(bundle_dir, prompt, prompt_file, prompt_ids, max_new_tokens, temperatur
     bundle, ids, tokenizer, config = run_guarded_cli(verbose, as_json, prepare)
     stream = _TextStream(tokenizer, enabled=not as_json)
 
-    def work():
+    def work_holding_the_state():
         stopping = stop_requests() if state_file is not None else contextlib.nullcontext()
         with stopping as stop:
             started = time.perf_counter()
@@ -161,6 +162,13 @@ def main(bundle_dir, prompt, prompt_file, prompt_ids, max_new_tokens, temperatur
         if state_file is not None:
             rt.save_state(state, state_file)
         return rt, state, resumed, finished, loaded - started, (first or done) - loaded, done - (first or done)
+
+    def work():
+        # One invocation at a time per state file: a second one waits instead of losing an update.
+        if state_file is None:
+            return work_holding_the_state()
+        with locked_state_file(state_file, lambda message: click.echo(message, err=True)):
+            return work_holding_the_state()
 
     rt, state, resumed, finished, load_s, prompt_s, decode_s = run_guarded_cli(verbose, as_json, work)
     new = len(stream.ids)

@@ -54,18 +54,34 @@ class GenerationConfig:
     use_cache: bool = True
 
     def check(self, vocab_size: int) -> None:
+        """Every field's type and range, all problems in one error, before any work."""
+        def is_int(value) -> bool:
+            return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+        def is_number(value) -> bool:
+            return isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and np.isfinite(value)
+
         problems = []
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             problems.append(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
-        if not self.temperature >= 0:
-            problems.append(f"temperature must be >= 0 (0: greedy), got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not is_number(self.temperature) or not self.temperature >= 0:
+            problems.append(f"temperature must be a finite number >= 0 (0: greedy), got {self.temperature!r}")
+        if not is_int(self.top_k) or self.top_k < 0:
             problems.append(f"top_k must be an int >= 0 (0: off), got {self.top_k!r}")
-        if not 0 < self.top_p <= 1:
+        if not is_number(self.top_p) or not 0 < self.top_p <= 1:
             problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not self.repetition_penalty > 0:
-            problems.append(f"repetition_penalty must be > 0 (1: off), got {self.repetition_penalty!r}")
-        bad_stops = [t for t in self.stop_tokens if not 0 <= int(t) < vocab_size]
+        if not is_number(self.repetition_penalty) or not self.repetition_penalty > 0:
+            problems.append(f"repetition_penalty must be a finite number > 0 (1: off), got {self.repetition_penalty!r}")
+        if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
+            problems.append(f"seed must be None or an int >= 0, got {self.seed!r}")
+        for name in ("rollover", "use_cache"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name} must be True or False, got {getattr(self, name)!r}")
+        stops = self.stop_tokens if isinstance(self.stop_tokens, (tuple, list)) else None
+        if stops is None or not all(is_int(t) for t in stops):
+            problems.append(f"stop_tokens must be a tuple of int token ids, got {self.stop_tokens!r}")
+            stops = ()
+        bad_stops = [t for t in stops if not 0 <= int(t) < vocab_size]
         if bad_stops:
             problems.append(f"stop tokens {bad_stops} are outside the vocabulary 0..{vocab_size - 1}")
         if problems:
@@ -93,14 +109,16 @@ def choose_tokens(logits: np.ndarray, histories: list[np.ndarray], config: Gener
                                             values * config.repetition_penalty)
     if config.temperature == 0:
         return logits.argmax(axis=-1).astype(np.int64)
-    logits = logits / config.temperature
     chosen = np.empty(len(logits), np.int64)
     for row, values in enumerate(logits):
         order = np.argsort(-values, kind="stable")
         if config.top_k:
             order = order[:config.top_k]
         kept = values[order]
-        probs = np.exp(kept - kept.max())
+        # Shift before scaling: with a tiny temperature (1e-310) the scaled logits overflow to
+        # inf and inf - inf is NaN; shifted, they only go to -inf and the top token keeps 1.
+        with np.errstate(over="ignore"):  # overflow to -inf is the intended limit: probability 0
+            probs = np.exp((kept - kept.max()) / config.temperature)
         probs /= probs.sum()
         if config.top_p < 1.0:
             # The smallest prefix whose probability reaches top_p (the top token always stays).
@@ -186,7 +204,13 @@ def generate_tokens(runtime: "RMTRuntime", state: SequenceState, prompts,
     if not config.use_cache and not config.rollover:
         raise RuntimeInputError("use_cache=False recomputes the segment with the prefill graph, which takes at "
                                 "most segment_size tokens: it needs rollover")
-    return _generate(runtime, state, rows, contexts, commits, config)
+    return _holding(state, _generate(runtime, state, rows, contexts, commits, config))
+
+
+def _holding(state: SequenceState, tokens: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+    """The generation holds its state from the first token to the last (or until it is closed)."""
+    with state.using():
+        yield from tokens
 
 
 def _generate(runtime: "RMTRuntime", state: SequenceState, rows: list[np.ndarray], contexts: list[np.ndarray],

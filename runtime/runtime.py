@@ -7,6 +7,7 @@ buffers between segments; host copies happen only at read-outs (``memory``, ``sa
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -18,9 +19,10 @@ from .backends.base import Runner
 from .bundle import Bundle
 from .errors import RuntimeInputError
 from .generation import Generation, GenerationConfig, generate_tokens
-from .segments import full_segment, is_ragged, left_aligned, pad_rows, right_aligned, rows_of
+from .segments import (as_ids_array, check_mask, full_segment, is_ragged, left_aligned, pad_rows, right_aligned,
+                       rows_of)
 from .spec import INGEST, STEP
-from .state import SequenceState, load_state_file, save_state_file
+from .state import SequenceState, StateLayout, load_state_file, save_state_file
 
 # The RMT's state pair; other models name theirs in their spec.
 MEMORY = "memory"
@@ -46,6 +48,19 @@ class Output:
     def __post_init__(self) -> None:
         self.memory = self.state.get(MEMORY)
 
+
+
+def _holding_state(method):
+    """Run ``method`` holding its state (the first SequenceState argument, or ``state=``):
+    a second thread using the same state meanwhile gets StateInUseError."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        state = next((a for a in args if isinstance(a, SequenceState)), kwargs.get("state"))
+        if state is None:
+            return method(self, *args, **kwargs)
+        with state.using():
+            return method(self, *args, **kwargs)
+    return wrapper
 
 
 class RMTRuntime:
@@ -144,6 +159,7 @@ class RMTRuntime:
                                      np.concatenate([s.segments_done for s in states]),
                                      stacked_logits, np.concatenate([s.has_logits for s in states]))
 
+    @_holding_state
     def unstack(self, state: SequenceState) -> list[SequenceState]:
         """One state per row of ``state``."""
         tensors = self.state_tensors(state)
@@ -189,6 +205,7 @@ class RMTRuntime:
         # Encoders: the step graph (class logits are cheap); decoders: ingest (no per-token LM head).
         return (STEP, ("logits",)) if self.kind == "encoder" else (INGEST, ("last_logits",))
 
+    @_holding_state
     def feed(self, state: SequenceState, tokens, progress: Progress | None = None,
              stop: Callable[[], bool] | None = None) -> bool:
         """Append tokens (batch 1: one id sequence; batch B: B sequences) and run every full
@@ -229,9 +246,15 @@ class RMTRuntime:
     def _pending_batch(self, state: SequenceState) -> tuple[np.ndarray, np.ndarray] | None:
         return pad_rows(state.pending) if any(len(p) for p in state.pending) else None
 
+    @_holding_state
     def peek(self, state: SequenceState) -> Output:
         """The output as if the input ended now, without committing the partial segment:
         the state continues as if nothing happened (feed more later, then flush)."""
+        if any(len(p) >= self.segment_size for p in state.pending):
+            # A feed stopped before its full segments ran: run them on a copy, never on the state.
+            state = self._state_from_host(self.state_tensors(state), state.pending, state.tokens_seen,
+                                          state.segments_done, state.last_logits, state.has_logits)
+            self.commit_full_segments(state)
         batch = self._pending_batch(state)
         if batch is None:
             return Output(state=self.state_tensors(state), last_logits=self._logits_or_none(state))
@@ -248,8 +271,10 @@ class RMTRuntime:
         self._check_finite(tensors, "the partial segment")
         return Output(state=tensors, last_logits=logits)
 
+    @_holding_state
     def flush(self, state: SequenceState) -> Output:
         """Run each row's partial segment into memory (the end of the input) and return the output."""
+        self.commit_full_segments(state)  # left over by a feed that was stopped
         batch = self._pending_batch(state)
         if batch is not None:
             graph, want = self._graph_for_feed()
@@ -262,6 +287,7 @@ class RMTRuntime:
     def _logits_or_none(self, state: SequenceState) -> np.ndarray | None:
         return None if state.last_logits is None else state.last_logits.copy()
 
+    @_holding_state
     def run(self, input_ids, attention_mask=None, return_logits: bool = False,
             progress: Progress | None = None, state: SequenceState | None = None) -> Output:
         """Run a whole input: ids [B, T] (or 1-D), right-padded rows marked by attention_mask.
@@ -276,12 +302,8 @@ class RMTRuntime:
             ids = ids[None]
         if ids.ndim != 2 or ids.shape[1] == 0:
             raise RuntimeInputError(f"input_ids must be [batch, length] with length >= 1, got shape {ids.shape}")
-        if not np.issubdtype(ids.dtype, np.integer):
-            raise RuntimeInputError(f"input_ids must be integer token ids, got dtype {ids.dtype}")
-        ids = ids.astype(np.int64)
-        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask).astype(np.int64)
-        if mask.shape != ids.shape:
-            raise RuntimeInputError(f"attention_mask shape {mask.shape} must equal input_ids shape {ids.shape}")
+        ids = as_ids_array(ids, "input_ids")
+        mask = np.ones_like(ids) if attention_mask is None else check_mask(attention_mask, ids.shape)
         if state is None:
             state = self.new_state(ids.shape[0])
         elif state.batch != ids.shape[0] or any(len(p) for p in state.pending):
@@ -344,13 +366,16 @@ class RMTRuntime:
         return Generation(tokens=generated, state=state)
 
     # ---- persistence ----------------------------------------------------------------------
+    @_holding_state
     def save_state(self, state: SequenceState, path: str | os.PathLike):
         """Write the state (every state tensor, pending tokens, counters, bundle identity) atomically."""
         return save_state_file(path, self.bundle.identity, str(self.bundle.path), self.state_tensors(state), state)
 
     def restore_state(self, path: str | os.PathLike) -> SequenceState:
         """A state saved by ``save_state`` from this same bundle; any other is refused."""
-        loaded = load_state_file(path, self.bundle.identity, str(self.bundle.path), self.state_shapes)
+        width = self.bundle.vocab_size if self.kind == "decoder" else self.bundle.manifest.get("num_labels", 0)
+        layout = StateLayout(self.state_shapes, self.bundle.vocab_size, width)
+        loaded = load_state_file(path, self.bundle.identity, str(self.bundle.path), layout)
         return self._state_from_host(loaded.tensors, loaded.pending, loaded.tokens_seen, loaded.segments_done,
                                      loaded.last_logits, loaded.has_logits)
 

@@ -15,16 +15,46 @@ from .errors import RuntimeInputError
 Segment = tuple[np.ndarray, np.ndarray]  # ids [B, S] int64, mask [B, S] int64
 
 
+def as_ids_array(array: np.ndarray, name: str) -> np.ndarray:
+    """Integer token ids of any integer dtype as int64, refusing values int64 cannot hold
+    (a uint64 2**64-1 must not turn into -1)."""
+    if not np.issubdtype(array.dtype, np.integer):
+        raise RuntimeInputError(f"{name} must be integer token ids, got dtype {array.dtype}")
+    if array.dtype.kind == "u" and array.size and array.max() > np.iinfo(np.int64).max:
+        raise RuntimeInputError(f"{name} holds token id {int(array.max())}, outside any vocabulary")
+    return array.astype(np.int64)
+
+
 def as_ids(tokens, name: str = "tokens") -> np.ndarray:
     """One sequence of token ids as int64 [N] (empty input gives [0])."""
     array = np.asarray(tokens)
     if array.size == 0:
         return np.zeros(0, dtype=np.int64)
-    if not np.issubdtype(array.dtype, np.integer):
-        raise RuntimeInputError(f"{name} must be integer token ids, got dtype {array.dtype}")
     if array.ndim != 1:
         raise RuntimeInputError(f"{name} must be one sequence of ids (1-D), got shape {array.shape}")
-    return array.astype(np.int64)
+    return as_ids_array(array, name)
+
+
+def check_mask(attention_mask, shape: tuple[int, ...]) -> np.ndarray:
+    """An attention mask for right-padded rows, as int64: integer or boolean 0/1 (a float mask
+    would be truncated silently), each row its tokens then its padding, no row empty."""
+    mask = np.asarray(attention_mask)
+    if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == bool):
+        raise RuntimeInputError(f"attention_mask must be integer or boolean 0/1, got dtype {mask.dtype}")
+    if mask.shape != tuple(shape):
+        raise RuntimeInputError(f"attention_mask shape {mask.shape} must equal input_ids shape {tuple(shape)}")
+    if not ((mask == 0) | (mask == 1)).all():
+        raise RuntimeInputError("attention_mask must hold only 0 and 1")
+    mask = mask.astype(np.int64)
+    lengths = mask.sum(axis=1)
+    empty = np.nonzero(lengths == 0)[0].tolist()
+    if empty:
+        raise RuntimeInputError(f"rows {empty} of attention_mask have no tokens; every row needs at least one")
+    gappy = np.nonzero((mask != (np.arange(mask.shape[1]) < lengths[:, None])).any(axis=1))[0].tolist()
+    if gappy:
+        raise RuntimeInputError(f"rows {gappy} of attention_mask are not right-padded (tokens first, then 0s); "
+                                "left padding or gaps would shift positions and memory: pad on the right")
+    return mask
 
 
 def is_ragged(tokens) -> bool:

@@ -8,17 +8,20 @@ partial segment not yet run, and counters. State files are .npz archives of plai
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import threading
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from .atomic import write_atomically
-from .errors import StateError
+from .errors import StateError, StateInUseError
 
 STATE_FORMAT = "rmt-edge/state"
 STATE_VERSION = 2
@@ -37,6 +40,20 @@ class SequenceState:
     segments_done: np.ndarray   # [B] int64: segments run into memory
     last_logits: np.ndarray | None = None  # [B, V] decoder / [B, labels] encoder, after the last segment
     has_logits: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    _in_use: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    @contextlib.contextmanager
+    def using(self) -> Iterator["SequenceState"]:
+        """Hold the state for one operation. A state is one thread's at a time: a second
+        thread using it meanwhile gets an error instead of silently mixing two streams."""
+        if not self._in_use.acquire(blocking=False):
+            raise StateInUseError("this SequenceState is being used by another thread (or by a generation that "
+                                  "has not finished); a state belongs to one thread at a time: give each thread "
+                                  "its own state (RMTRuntime.new_state, or unstack)")
+        try:
+            yield self
+        finally:
+            self._in_use.release()
 
     @property
     def batch(self) -> int:
@@ -45,6 +62,32 @@ class SequenceState:
     def swap(self) -> None:
         """After a segment: the buffers just written become the state."""
         self.handles, self.scratch = self.scratch, self.handles
+
+
+@contextlib.contextmanager
+def locked_state_file(path: str | os.PathLike, waiting: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive OS lock (``flock`` on ``.<name>.lock`` beside it) for one
+    read-modify-write of a state file, so that two invocations on one file run one after the
+    other instead of one overwriting the other's update. ``waiting`` is told when another
+    holder makes this one wait. Temporary files of a save that was killed are removed here."""
+    path = Path(path)
+    lock_path = path.with_name(f".{path.name}.lock")
+    try:
+        descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise StateError(f"{path}: cannot lock the state file ({exc.strerror}: {lock_path})") from None
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting is not None:
+                waiting(f"{path} is in use by another process; waiting for it to finish")
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # write_atomically's, from a killed save
+            stale.unlink(missing_ok=True)
+        yield
+    finally:
+        os.close(descriptor)
 
 
 def save_state_file(path: str | os.PathLike, bundle_identity: str, bundle_path: str,
@@ -82,24 +125,83 @@ class LoadedState:
     has_logits: np.ndarray
 
 
+@dataclass(frozen=True)
+class StateLayout:
+    """What a state file of one bundle must hold: its state tensors' shapes (without the batch
+    axis), the vocabulary pending ids must fall in, and the width of the saved logits."""
+
+    state_shapes: dict[str, tuple[int, ...]]
+    vocab_size: int
+    logits_width: int
+
+
+_COUNTERS = ("pending_lengths", "tokens_seen", "segments_done", "has_logits")
+_HEADER_LIMIT = 1 << 16
+
+
+def _member_header(archive: zipfile.ZipFile, member: str, path: Path) -> tuple[np.dtype, tuple[int, ...]]:
+    """dtype and shape of one .npy member, read from its header alone (nothing is allocated by
+    what the header claims): the member must be stored uncompressed, as rmt-edge writes it, and
+    hold exactly the bytes its header declares."""
+    info = archive.getinfo(member)
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise StateError(f"{path}: member {member} is compressed; rmt-edge writes state files uncompressed "
+                         "(refusing to inflate it)")
+    try:
+        with archive.open(member) as handle:
+            version = np.lib.format.read_magic(handle)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(handle, max_header_size=_HEADER_LIMIT)
+            offset = handle.tell()
+    except (ValueError, OSError, EOFError) as exc:
+        raise StateError(f"{path}: member {member} is not a readable .npy array ({exc})") from None
+    if dtype.hasobject or fortran:
+        raise StateError(f"{path}: member {member} holds {dtype} {'Fortran-ordered ' if fortran else ''}data; "
+                         "state files hold plain C-ordered numbers")
+    declared = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize if shape else dtype.itemsize
+    if declared != info.file_size - offset:
+        raise StateError(f"{path}: member {member} declares shape {list(shape)} ({declared} bytes) but holds "
+                         f"{info.file_size - offset} bytes")
+    return dtype, tuple(shape)
+
+
+def _read_member(archive: zipfile.ZipFile, member: str) -> np.ndarray:
+    with archive.open(member) as handle:
+        return np.lib.format.read_array(handle, allow_pickle=False)
+
+
 def load_state_file(path: str | os.PathLike, bundle_identity: str, bundle_path: str,
-                    state_shapes: dict[str, tuple[int, ...]]) -> LoadedState:
-    """Read and check a state file; it must belong to the bundle ``bundle_identity`` and hold
-    float32 tensors of ``state_shapes`` (per state name, without the batch axis)."""
+                    layout: StateLayout) -> LoadedState:
+    """Read and check a state file before anything it claims is allocated: it must be an
+    rmt-edge state of the bundle ``bundle_identity``, with the members, dtypes and shapes
+    ``layout`` gives, ids inside the vocabulary, consistent counters and finite numbers."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise StateError(f"{path}: no such state file")
+    if not path.is_file():
+        raise StateError(f"{path}: not a regular file; a state file is an .npz archive written by save_state")
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            data = {name: archive[name] for name in archive.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        with zipfile.ZipFile(path) as archive:
+            return _load_checked(archive, path, bundle_identity, bundle_path, layout)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as exc:
         raise StateError(f"{path}: not a readable rmt-edge state file ({exc})") from None
+
+
+def _load_checked(archive: zipfile.ZipFile, path: Path, bundle_identity: str, bundle_path: str,
+                  layout: StateLayout) -> LoadedState:
+    members = {name[:-4]: name for name in archive.namelist() if name.endswith(".npy")}
+    if "header" not in members or archive.getinfo(members["header"]).file_size > _HEADER_LIMIT:
+        raise StateError(f"{path}: not an rmt-edge state file (no readable header)")
+    dtype, shape = _member_header(archive, members["header"], path)
+    if dtype != np.uint8 or len(shape) != 1:
+        raise StateError(f"{path}: not an rmt-edge state file (no readable header)")
     try:
-        header = json.loads(bytes(data["header"]).decode())
-    except (KeyError, UnicodeDecodeError, json.JSONDecodeError):
+        header = json.loads(bytes(_read_member(archive, members["header"])).decode())
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError):
         raise StateError(f"{path}: not an rmt-edge state file (no readable header)") from None
-    if header.get("format") != STATE_FORMAT:
-        raise StateError(f"{path}: not an rmt-edge state file (format {header.get('format')!r})")
+    if not isinstance(header, dict) or header.get("format") != STATE_FORMAT:
+        raise StateError(f"{path}: not an rmt-edge state file (format "
+                         f"{header.get('format') if isinstance(header, dict) else None!r})")
     if header.get("version") not in READABLE_VERSIONS:
         raise StateError(f"{path}: state version {header.get('version')!r} is not supported "
                          f"(this rmt-edge reads {list(READABLE_VERSIONS)})")
@@ -107,28 +209,54 @@ def load_state_file(path: str | os.PathLike, bundle_identity: str, bundle_path: 
         raise StateError(f"{path}: saved from bundle {header.get('bundle_path')!r} "
                          f"(identity {header.get('bundle_identity')}), not from bundle {bundle_path!r} "
                          f"(identity {bundle_identity}); a state only continues on its own bundle")
+    batch = header.get("batch")
+    if not isinstance(batch, int) or isinstance(batch, bool) or not 1 <= batch <= 1 << 20:
+        raise StateError(f"{path}: header batch {batch!r} is not a batch size")
     if header["version"] == 1:  # the RMT's memory under its own name
-        data = {(STATE_PREFIX + "memory" if name == "memory" else name): value for name, value in data.items()}
-    saved = sorted(name[len(STATE_PREFIX):] for name in data if name.startswith(STATE_PREFIX))
-    if saved != sorted(state_shapes):
-        raise StateError(f"{path}: the file holds state {saved}, this bundle's state is {sorted(state_shapes)}")
-    required = ("pending_tokens", "pending_lengths", "tokens_seen", "segments_done", "has_logits")
-    missing = [name for name in required if name not in data]
+        members = {(STATE_PREFIX + "memory" if name == "memory" else name): member for name, member in members.items()}
+    # Every member, with the dtype and shape it must have (None: any length), checked on its header.
+    expected: dict[str, tuple[np.dtype, tuple[int | None, ...]]] = {
+        "header": (np.dtype(np.uint8), (None,)), "pending_tokens": (np.dtype(np.int64), (None,)),
+        "pending_lengths": (np.dtype(np.int64), (batch,)), "tokens_seen": (np.dtype(np.int64), (batch,)),
+        "segments_done": (np.dtype(np.int64), (batch,)), "has_logits": (np.dtype(bool), (batch,)),
+        "last_logits": (np.dtype(np.float32), (batch, layout.logits_width)),
+        **{STATE_PREFIX + name: (np.dtype(np.float32), (batch, *shape)) for name, shape in layout.state_shapes.items()}}
+    saved = sorted(name[len(STATE_PREFIX):] for name in members if name.startswith(STATE_PREFIX))
+    if saved != sorted(layout.state_shapes):
+        raise StateError(f"{path}: the file holds state {saved}, this bundle's state is {sorted(layout.state_shapes)}")
+    unknown = sorted(set(members) - set(expected)) + sorted(n for n in archive.namelist() if not n.endswith(".npy"))
+    if unknown:
+        raise StateError(f"{path}: unexpected members {unknown[:5]} (an rmt-edge state file holds only "
+                         f"{sorted(expected)})")
+    missing = [name for name in ("pending_tokens", *_COUNTERS) if name not in members]
     if missing:
         raise StateError(f"{path}: state file is missing {missing}")
-    batch = int(header.get("batch", -1))
+    for name, member in members.items():
+        dtype, shape = _member_header(archive, member, path)
+        want_dtype, want_shape = expected[name]
+        fits = len(shape) == len(want_shape) and all(w is None or w == h for w, h in zip(want_shape, shape))
+        if dtype != want_dtype or not fits:
+            shown = [("N" if w is None else w) for w in want_shape]
+            raise StateError(f"{path}: {name} is {dtype}{list(shape)}, expected {want_dtype}{shown}")
+    data = {name: _read_member(archive, member) for name, member in members.items() if name != "header"}
     tensors = {name: data[STATE_PREFIX + name] for name in saved}
     for name, value in tensors.items():
-        expected = (batch, *state_shapes[name])
-        if value.dtype != np.float32 or value.shape != expected:
-            raise StateError(f"{path}: state {name!r} {value.dtype}{list(value.shape)} does not fit "
-                             f"float32{list(expected)}")
         if not np.isfinite(value).all():
             raise StateError(f"{path}: state {name!r} holds NaN or Inf")
-    lengths = data["pending_lengths"]
-    if lengths.shape != (batch,) or lengths.sum() != len(data["pending_tokens"]) or (lengths < 0).any():
-        raise StateError(f"{path}: pending tokens do not add up")
-    pending = np.split(data["pending_tokens"].astype(np.int64), np.cumsum(lengths)[:-1])
-    return LoadedState(header=header, tensors=tensors, pending=pending, tokens_seen=data["tokens_seen"],
-                       segments_done=data["segments_done"], last_logits=data.get("last_logits"),
-                       has_logits=data["has_logits"])
+    lengths, tokens = data["pending_lengths"], data["pending_tokens"]
+    if (lengths < 0).any() or int(lengths.sum()) != len(tokens):
+        raise StateError(f"{path}: pending tokens do not add up ({len(tokens)} tokens, lengths {lengths.tolist()})")
+    bad = (tokens < 0) | (tokens >= layout.vocab_size)
+    if bad.any():
+        raise StateError(f"{path}: pending token id {int(tokens[np.argmax(bad)])} is outside the vocabulary "
+                         f"0..{layout.vocab_size - 1}")
+    seen, done = data["tokens_seen"], data["segments_done"]
+    if (done < 0).any() or (seen < lengths).any():
+        raise StateError(f"{path}: counters do not add up (tokens_seen {seen.tolist()}, segments_done "
+                         f"{done.tolist()}, pending {lengths.tolist()})")
+    last_logits, has_logits = data.get("last_logits"), data["has_logits"]
+    if has_logits.any() and (last_logits is None or not np.isfinite(last_logits[has_logits]).all()):
+        raise StateError(f"{path}: last_logits are missing or hold NaN or Inf for rows that have them")
+    pending = np.split(tokens, np.cumsum(lengths)[:-1])
+    return LoadedState(header=header, tensors=tensors, pending=pending, tokens_seen=seen, segments_done=done,
+                       last_logits=last_logits, has_logits=has_logits)

@@ -140,7 +140,7 @@ def test_unwritable_out(tiny_checkpoint, tmp_path):
     ckpt, _ = tiny_checkpoint
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    one_line_error(run("--ckpt", ckpt, "--out", blocker / "bundle"), "is not a directory")
+    one_line_error(run("--ckpt", ckpt, "--out", blocker / "bundle"), f"{blocker} is a file, not a directory")
     one_line_error(run("--ckpt", ckpt, "--out", blocker), "is an existing file")
 
 

@@ -145,7 +145,7 @@ def test_existing_out_is_not_replaced_without_force(tiny_checkpoint, tmp_path):
     (out / "keep.txt").write_text("mine")
     with pytest.raises(ExportError, match="already exists; pass --force"):
         export_model(model, out)
-    with pytest.raises(ExportError, match="is not a bundle.*refusing to replace it"):
+    with pytest.raises(ExportError, match=r"is not an rmt-edge bundle \(no manifest.json\); --force replaces only a bundle that rmt-export wrote, so nothing was deleted"):
         export_model(model, out, ExportOptions(force=True))
     assert (out / "keep.txt").read_text() == "mine"
 

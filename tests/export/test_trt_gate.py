@@ -144,4 +144,4 @@ def test_cli_fails_on_a_bundle_whose_graph_was_altered(trt, bundle_factory, tmp_
     (copy_dir / "step.onnx").write_bytes(b"garbage")
     result = CliRunner().invoke(check_trt_main, ["--bundle", str(copy_dir)])
     assert result.exit_code == 1
-    assert "step.onnx sha256" in result.output and "Traceback" not in result.output
+    assert "step.onnx differs from the manifest's sha256" in result.output and "Traceback" not in result.output

@@ -154,10 +154,10 @@ def test_streaming_yields_one_token_per_row_per_step_and_minus_one_after_a_stop(
 
 @pytest.mark.parametrize("config, fragment", [
     (GenerationConfig(max_new_tokens=0), "max_new_tokens must be an int >= 1"),
-    (GenerationConfig(temperature=-1.0), "temperature must be >= 0"),
+    (GenerationConfig(temperature=-1.0), "temperature must be a finite number >= 0"),
     (GenerationConfig(top_p=0.0), "top_p must be in (0, 1]"),
     (GenerationConfig(top_k=-2), "top_k must be an int >= 0"),
-    (GenerationConfig(repetition_penalty=0.0), "repetition_penalty must be > 0"),
+    (GenerationConfig(repetition_penalty=0.0), "repetition_penalty must be a finite number > 0"),
     (GenerationConfig(stop_tokens=(VOCAB,)), "outside the vocabulary"),
     (GenerationConfig(max_new_tokens=60, rollover=False), "past the backbone's 64 positions"),
     (GenerationConfig(use_cache=False, rollover=False), "needs rollover"),

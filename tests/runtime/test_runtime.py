@@ -74,7 +74,8 @@ def test_full_logits_through_the_step_graph(bundle_factory):
     np.testing.assert_allclose(ingest.last_logits, out.logits[:, -1], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "bert"])
+# Decoders: tests/reliability/test_properties.py::test_any_chunking_equals_one_shot (hypothesis).
+@pytest.mark.parametrize("family", ["bert"])
 def test_any_chunking_gives_the_same_result(bundle_factory, family):
     model, exported = bundle_factory(family, "fp32")
     rt = RMTRuntime.load(exported.path)
@@ -285,7 +286,7 @@ def test_bundle_whose_file_changed_is_refused(bundle_factory, tmp_path):
     copy = tmp_path / "bundle"
     shutil.copytree(exported.path, copy)
     np.save(copy / "memory_init.npy", np.zeros((4, 32), np.float32))
-    with pytest.raises(BundleError, match="memory_init.npy sha256"):
+    with pytest.raises(BundleError, match="memory_init.npy differs from the manifest's sha256"):
         RMTRuntime.load(copy)
     (copy / "manifest.json").unlink()
     with pytest.raises(BundleError, match="not a complete bundle"):

@@ -13,7 +13,7 @@ $(VENV)/.installed: setup.py requirements-dev.txt
 ## test: create the venv, install the project with its test extras, run the whole suite
 ## (one pytest worker per core; the workers share one cache of exported test bundles)
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -n auto --dist load
+	$(PY) -m pytest -q -n auto --dist worksteal
 
 ## check-aarch64: the built wheel on arm64 (Debian root under qemu-user; needs root; ~5 min cold, ~1 min cached)
 check-aarch64: $(VENV)/.installed

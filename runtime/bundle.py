@@ -179,9 +179,33 @@ class Bundle:
                 raise BundleError(f"{path}: {name} resolves to {target}, outside the bundle directory; refusing "
                                   "to read it")
         bundle = cls(path=path, manifest=manifest)
+        bundle.check_geometry()
         if verify_hashes:
             bundle.verify()
         return bundle
+
+    def check_geometry(self) -> None:
+        """The manifest's sizes agree with its graph specs: the id check (vocab_size) and the
+        state shapes (num_mem_tokens, hidden_size) come from here, so an edited field must not
+        disagree with the graphs it describes."""
+        size = {"vocab_size": self.vocab_size, "num_mem_tokens": self.num_mem_tokens,
+                "hidden_size": self.hidden_size, "segment_size": self.segment_size}
+        bad = [f"{name} {value}" for name, value in size.items() if not 1 <= value <= 1 << 24]
+        if bad:
+            raise BundleError(f"{self.path}: manifest sizes out of range: {', '.join(bad)}")
+        problems = []
+        for name in self.graph_names:
+            spec = self.graph_spec(name)
+            for tensor in (*spec.inputs, *spec.outputs):
+                if tensor.name in ("memory", "new_memory") and tuple(tensor.dims[1:]) != (
+                        self.num_mem_tokens, self.hidden_size):
+                    problems.append(f"{name}.{tensor.name} is {list(tensor.dims)}, the manifest says "
+                                    f"M={self.num_mem_tokens}, D={self.hidden_size}")
+                if self.kind == "decoder" and tensor.name in ("logits", "last_logits") and tensor.dims[-1] != self.vocab_size:
+                    problems.append(f"{name}.{tensor.name} is {list(tensor.dims)}, the manifest says "
+                                    f"vocab_size={self.vocab_size}")
+        if problems:
+            raise BundleError(f"{self.path}: the manifest disagrees with its graph specs: " + "; ".join(problems))
 
     def verify(self) -> None:
         """Raise BundleError naming each file that is missing or differs from the manifest."""

@@ -15,7 +15,7 @@ import pytest
 from rmt_export.errors import ExportError
 from rmt_export.exporter import ExportOptions, export_model
 from rmt_export.validate import ValidationPlan
-from rmt_runtime import Bundle, BundleError, RMTRuntime, StateError
+from rmt_runtime import BackendError, Bundle, BundleError, RMTRuntime, StateError
 
 BIN = Path(sys.executable).parent
 QUICK = dict(plan=ValidationPlan(segments=2), generation=False, validate=False)
@@ -257,3 +257,28 @@ def test_two_rmt_runs_on_one_state_file_lose_no_input(bundle_factory, tmp_path):
         rt.feed(whole, np.concatenate([parts[first], parts[second]]))
         orders.append(rt.memory(whole))
     assert any(np.array_equal(rt.memory(restored), memory) for memory in orders)
+
+
+# ---- a manifest that disagrees with its graphs ------------------------------------------------------
+def test_a_manifest_vocabulary_other_than_the_graphs_is_refused(bundle_copy):
+    _edit_manifest(bundle_copy, lambda m: m.update(vocab_size=200))
+    with pytest.raises(BundleError, match=r"disagrees with its graph specs: .*logits is \['batch', 'seq', 97\], "
+                                          r"the manifest says vocab_size=200"):
+        Bundle.load(bundle_copy)
+
+    def consistently(m):  # the specs edited too: the graph file itself still says 97
+        for graph in m["graphs"].values():
+            for tensor in graph["spec"]["outputs"]:
+                if tensor["name"] in ("logits", "last_logits"):
+                    tensor["dims"][-1] = 200
+    _edit_manifest(bundle_copy, consistently)
+    with pytest.raises(BackendError, match=r"the graph does not match its manifest spec: last_logits: graph "
+                                           r"\['batch', 97\], manifest \['batch', 200\]"):
+        RMTRuntime.load(bundle_copy, backend="onnxruntime")
+
+
+def test_a_segment_size_beyond_the_graphs_positions_is_one_clear_error(bundle_copy):
+    _edit_manifest(bundle_copy, lambda m: m.update(segment_size=4096))
+    rt = RMTRuntime.load(bundle_copy)
+    with pytest.raises(BackendError, match="onnxruntime could not run the ingest graph"):
+        rt.run(np.zeros(3000, np.int64))

@@ -1,5 +1,5 @@
 """Soak: one runtime, several threads, many streams for a while; results equal sequential
-ones and resident memory stays flat. RMT_SOAK_SECONDS sets the duration (default 20)."""
+ones and resident memory stays flat. RMT_SOAK_SECONDS sets the duration (default 10)."""
 import os
 import threading
 import time
@@ -20,7 +20,7 @@ def resident_bytes() -> int:
 
 @pytest.mark.slow
 def test_threads_and_streams_for_a_while(bundle_factory):
-    seconds = float(os.environ.get("RMT_SOAK_SECONDS", "20"))
+    seconds = float(os.environ.get("RMT_SOAK_SECONDS", "10"))
     model, exported = bundle_factory("gpt2", "fp32")
     runtime = RMTRuntime.load(exported.path)
     rng = np.random.default_rng(0)

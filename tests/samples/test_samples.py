@@ -175,3 +175,107 @@ def test_rmt_generate_answers_the_key_and_remembers_it_across_turns(sample_bundl
                for turn in turns]
     assert replies[1]["segments_in_memory"] >= 5  # the key's segment was rolled into memory long ago
     assert replies[1]["text"][0] == chr(answer)
+
+
+# ---- the HTTP service as a service: bad requests change nothing --------------------------------------
+@pytest.fixture
+def service(sample_bundle, tmp_path):
+    """The memory service in this process on a free loopback port: (host, port, its session store, state dir)."""
+    import threading
+
+    from samples.memory_service import serve
+
+    server = serve(sample_bundle, tmp_path / "sessions", port=0, max_sessions=2)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    host, port = server.server_address
+    yield host, port, server.store, tmp_path / "sessions"
+    server.shutdown()
+    server.server_close()
+
+
+def _raw(host, port, request: bytes, close_early: bool = False) -> tuple[int, dict]:
+    """Send ``request`` bytes as they are; (status, JSON reply)."""
+    import socket
+
+    with socket.create_connection((host, port), timeout=60) as sock:
+        sock.sendall(request)
+        if close_early:
+            sock.shutdown(socket.SHUT_WR)  # the client stops sending: the body stays short
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def _request(host, port, method, path, body: bytes | None = None) -> tuple[int, dict]:
+    import http.client
+
+    connection = http.client.HTTPConnection(host, port, timeout=60)
+    connection.request(method, path, body=body)
+    response = connection.getresponse()
+    return response.status, json.loads(response.read())
+
+
+@pytest.mark.parametrize("headers, status, message", [
+    (b"Content-Length: -1\r\n", 400, "Content-Length must be a non-negative integer, got '-1'"),
+    (b"Content-Length: lots\r\n", 400, "Content-Length must be a non-negative integer, got 'lots'"),
+    (b"", 411, "a feed needs a Content-Length header"),
+    (b"Content-Length: 2000000\r\n", 413, "body of 2000000 bytes is over 1048576"),
+])
+def test_service_refuses_bad_lengths_and_feeds_nothing(service, headers, status, message):
+    host, port, _, state_dir = service
+    request = b"POST /sessions/alice/feed HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + headers + b"\r\nkey=A;"
+    got, reply = _raw(host, port, request, close_early=True)
+    assert (got, reply["error"][:len(message)]) == (status, message)
+    assert _request(host, port, "GET", "/sessions/alice/answer")[0] == 404
+    assert not (state_dir / "alice.npz").exists()
+
+
+def test_a_client_that_stops_mid_body_commits_nothing(service):
+    host, port, _, state_dir = service
+    request = b"POST /sessions/bob/feed HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nkey=B; only part"
+    status, reply = _raw(host, port, request, close_early=True)
+    assert status == 400 and "body ended after 16 of 100 bytes; nothing was fed" in reply["error"]
+    assert _request(host, port, "GET", "/sessions/bob/memory")[0] == 404 and not (state_dir / "bob.npz").exists()
+
+
+def test_a_failed_save_commits_nothing_and_a_retry_feeds_once(service):
+    host, port, _, state_dir = service
+    assert _request(host, port, "POST", "/sessions/carol/feed", b"key=C; ")[1]["tokens"] == 7
+    (state_dir / "carol.npz").unlink()
+    (state_dir / "carol.npz").mkdir()  # the next save cannot replace a directory
+    status, reply = _request(host, port, "POST", "/sessions/carol/feed", b"more text")
+    assert status == 503 and "nothing was committed" in reply["error"] and str(state_dir) not in reply["error"]
+    (state_dir / "carol.npz").rmdir()
+    status, reply = _request(host, port, "POST", "/sessions/carol/feed", b"more text")
+    assert status == 200 and reply["tokens"] == 9  # what is on disk (nothing) + this feed, once
+
+
+def test_sessions_are_bounded_in_memory_and_deletable(service, sample_bundle):
+    host, port, store, state_dir = service
+    texts = {"a": b"key=A; one", "b": b"key=B; two", "c": b"key=C; three"}
+    for session, text in texts.items():
+        assert _request(host, port, "POST", f"/sessions/{session}/feed", text)[0] == 200
+    assert store.in_memory() == 2  # --max-sessions 2: the least recently used left memory, not disk
+    assert _request(host, port, "GET", "/sessions/nobody/answer")[0] == 404  # no state kept for it
+    assert store.in_memory() == 2
+    runtime = RMTRuntime.load(sample_bundle)
+    for session, text in texts.items():  # evicted or not, each session is intact
+        state = runtime.new_state()
+        runtime.feed(state, list(text))
+        memory = np.array(_request(host, port, "GET", f"/sessions/{session}/memory")[1]["memory"], np.float32)
+        np.testing.assert_array_equal(memory, runtime.peek(state).memory)
+    assert _request(host, port, "DELETE", "/sessions/a") == (200, {"session": "a", "deleted": True})
+    assert not (state_dir / "a.npz").exists() and _request(host, port, "GET", "/sessions/a/answer")[0] == 404
+    assert _request(host, port, "DELETE", "/sessions/a")[0] == 404
+    assert _request(host, port, "GET", "/sessions/b")[0] == 405 and _request(host, port, "GET", "/other")[0] == 404
+
+
+def test_service_errors_do_not_show_server_paths(service):
+    host, port, _, state_dir = service
+    state_dir.mkdir(parents=True, exist_ok=True)
+    (state_dir / "dave.npz").write_bytes(b"not a state file")
+    status, reply = _request(host, port, "GET", "/sessions/dave/answer")
+    assert status == 500 and "cannot be restored" in reply["error"] and str(state_dir) not in reply["error"]

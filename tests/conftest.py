@@ -4,6 +4,7 @@ Exporting (tracing with dynamo) is what the suite spends its time on, so each bu
 exported once per test run: under pytest-xdist the workers share one on-disk cache, and a
 file lock makes the first worker that needs a bundle export it while the others wait.
 """
+import os
 import shutil
 
 import pytest
@@ -15,6 +16,13 @@ from rmt_export.validate import ValidationPlan
 from rmt_model import build_model, save_checkpoint
 from rmt_model.tiny import tiny_config
 from rmt_runtime import Bundle
+
+
+def pytest_configure(config):
+    """Under pytest-xdist every core already runs a worker: one torch thread per worker, so
+    workers do not oversubscribe the cores (tiny models gain nothing from a second thread)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
 
 
 @pytest.fixture

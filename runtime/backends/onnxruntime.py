@@ -68,7 +68,7 @@ class OnnxRuntimeRunner(Runner):
     def _open_session(self, graph: str):
         ort = self._ort
         options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # errors come back as exceptions (BackendError); no second copy on stderr
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self.threads:
             options.intra_op_num_threads = self.threads

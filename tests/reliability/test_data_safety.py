@@ -282,3 +282,14 @@ def test_a_segment_size_beyond_the_graphs_positions_is_one_clear_error(bundle_co
     rt = RMTRuntime.load(bundle_copy)
     with pytest.raises(BackendError, match="onnxruntime could not run the ingest graph"):
         rt.run(np.zeros(3000, np.int64))
+
+
+def test_an_onnxruntime_failure_is_one_error_line_from_the_cli(bundle_copy, tmp_path):
+    _edit_manifest(bundle_copy, lambda m: m.update(segment_size=4096))
+    np.save(tmp_path / "long.npy", np.zeros(3000, np.int64))
+    result = subprocess.run([str(BIN / "rmt-run"), "--bundle", str(bundle_copy), "--ids", str(tmp_path / "long.npy"),
+                             "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("backend:")]
+    assert len(lines) == 1 and lines[0].startswith("Error: onnxruntime could not run the ingest graph"), result.stderr
+    assert "[E:onnxruntime" not in result.stderr  # ONNX Runtime's own log line is not printed as well

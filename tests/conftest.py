@@ -50,6 +50,7 @@ def shared_once(shared_dir):
     for it and reuse it. A make that fails leaves nothing behind, so the next one retries."""
     def once(name: str, make):
         path = shared_dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock"):
             if not path.exists():
                 staging = path.with_name(f".{path.name}.partial")
@@ -63,19 +64,15 @@ def shared_once(shared_dir):
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(shared_dir):
+def tiny_checkpoint(shared_once):
     """A saved tiny GPT-2 RMT checkpoint and the model it holds."""
     torch.manual_seed(0)
     model = build_model(tiny_config("gpt2", num_mem_tokens=4, segment_size=16))
-    path = shared_dir / "ckpt" / "model.pt"
-    with FileLock(str(shared_dir / "ckpt.lock")):
-        if not path.exists():
-            save_checkpoint(model, path)
-    return path, model
+    return shared_once("ckpt/model.pt", lambda path: save_checkpoint(model, path)), model
 
 
 @pytest.fixture(scope="session")
-def bundle_factory(shared_dir):
+def bundle_factory(shared_once):
     """bundle_factory(family, precision, **config_overrides) -> (model, ExportResult), exported once
     per run (32 validation segments: validating costs under a second, tracing ~7-15 s).
     Overrides go to tiny_config (e.g. initializer_range=0.2)."""
@@ -87,10 +84,8 @@ def bundle_factory(shared_dir):
             torch.manual_seed(0)
             model = build_model(tiny_config(family, **{"num_mem_tokens": 4, "segment_size": 16, **overrides}))
             suffix = "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
-            out = shared_dir / "bundles" / f"{family}-{precision}{suffix}"
-            with FileLock(str(out) + ".lock"):
-                if not out.exists():
-                    export_model(model, out, ExportOptions(precision=precision, plan=ValidationPlan(segments=32)))
+            options = ExportOptions(precision=precision, plan=ValidationPlan(segments=32))
+            out = shared_once(f"bundles/{family}-{precision}{suffix}", lambda path: export_model(model, path, options))
             bundle = Bundle.load(out)
             cache[key] = (model, ExportResult(path=out, manifest=bundle.manifest, seconds={}))
         return cache[key]

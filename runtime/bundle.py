@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import as_path
 from .spec import GENERATION_GRAPHS, SEGMENT_GRAPHS, SPEC_VERSION, GraphSpec
 
 MANIFEST_NAME = "manifest.json"
@@ -158,7 +159,7 @@ class Bundle:
     @classmethod
     def load(cls, path: str | os.PathLike, verify_hashes: bool = True) -> "Bundle":
         """Read and check manifest.json; with verify_hashes, every file must match its sha256."""
-        path = Path(path)
+        path = as_path(path, "the bundle path", BundleError)
         if not path.exists():
             raise BundleError(f"{path}: no such bundle directory")
         if not path.is_dir():
@@ -194,6 +195,13 @@ class Bundle:
         if bad:
             raise BundleError(f"{self.path}: manifest sizes out of range: {', '.join(bad)}")
         problems = []
+        limit = self.manifest.get("max_positions")
+        # One segment's positions: decoders read and write memory (2M); encoders read it once
+        # and frame the segment with 3 special tokens (rmt_model.config.positions_needed).
+        needed = self.segment_size + (2 * self.num_mem_tokens if self.kind == "decoder" else self.num_mem_tokens + 3)
+        if limit is not None and (not isinstance(limit, int) or needed > limit):
+            problems.append(f"segment_size {self.segment_size} with M={self.num_mem_tokens} needs {needed} positions, "
+                            f"the backbone has {limit!r}")
         for name in self.graph_names:
             spec = self.graph_spec(name)
             for tensor in (*spec.inputs, *spec.outputs):

@@ -1,7 +1,7 @@
 """``rmt-run``: a thin click layer over ``rmt_runtime.RMTRuntime``.
 
 Torch-free: this module imports numpy, click and rmt_runtime only; ``tokenizers`` is
-imported when text is read or decoded, and torch only by the torch backend when asked for.
+imported when text is read or decoded. (The PyTorch reference backend lives in rmt_export.)
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from .atomic import unwritable_reason, write_atomically
 from .bundle import Bundle, BundleError
 from .cli_support import fail, run_guarded, stop_requests
 from .errors import BackendError, RuntimeInputError, StateError
@@ -45,9 +46,12 @@ def _read_bytes(source: str) -> tuple[bytes, str]:
     path = Path(source)
     if path.is_dir():
         raise CliInputError(f"{path}: is a directory, not an input file")
-    if not path.is_file():
+    if not path.exists():
         raise CliInputError(f"{path}: no such file")
-    return path.read_bytes(), str(path)
+    try:  # a regular file, or a pipe such as <(...) or /dev/stdin
+        return path.read_bytes(), str(path)
+    except OSError as exc:
+        raise CliInputError(f"{path}: cannot be read ({exc.strerror or exc})") from None
 
 
 def _decode_text(data: bytes, name: str) -> str:
@@ -257,8 +261,12 @@ def main(bundle_dir, text, text_file, ids_file, backend, provider, threads, top_
     def prepare():
         bundle = Bundle.load(bundle_dir)
         ids, tokenizer = read_input(bundle, text, text_file, ids_file)
-        if state_file is not None and state_file.is_dir():
-            raise CliInputError(f"{state_file}: is a directory, not a state file")
+        for option, path in (("--state", state_file), ("--save-outputs", save_outputs)):
+            reason = None if path is None else unwritable_reason(path)
+            if reason:
+                raise CliInputError(f"{option} {path}: {reason}")
+        if state_file is not None and save_outputs is not None and state_file.resolve() == save_outputs.resolve():
+            raise CliInputError(f"--state and --save-outputs are the same file ({state_file}): give two paths")
         return bundle, ids, tokenizer
 
     bundle, ids, tokenizer = run_guarded_cli(verbose, as_json, prepare)
@@ -310,9 +318,7 @@ def main(bundle_dir, text, text_file, ids_file, backend, provider, threads, top_
             arrays = dict(output.state)  # every named state tensor (the RMT's: memory)
             if output.last_logits is not None:
                 arrays["last_logits"] = output.last_logits
-            save_outputs.parent.mkdir(parents=True, exist_ok=True)
-            with open(save_outputs, "wb") as handle:  # a handle: np.savez adds no suffix
-                np.savez(handle, **arrays)
+            write_atomically(save_outputs, lambda handle: np.savez(handle, **arrays))  # a handle: no suffix added
             written.append(f"outputs {save_outputs}")
         return rt, state, output, resumed, loaded - started, ran - loaded
 

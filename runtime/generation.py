@@ -53,8 +53,12 @@ class GenerationConfig:
     rollover: bool = True
     use_cache: bool = True
 
-    def check(self, vocab_size: int) -> None:
-        """Every field's type and range, all problems in one error, before any work."""
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self, vocab_size: int | None = None) -> None:
+        """Every field's type and range, all problems in one error, before any work (stop
+        tokens against the vocabulary when it is given: at generation)."""
         def is_int(value) -> bool:
             return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
@@ -81,9 +85,10 @@ class GenerationConfig:
         if stops is None or not all(is_int(t) for t in stops):
             problems.append(f"stop_tokens must be a tuple of int token ids, got {self.stop_tokens!r}")
             stops = ()
-        bad_stops = [t for t in stops if not 0 <= int(t) < vocab_size]
+        bad_stops = [t for t in stops if int(t) < 0 or (vocab_size is not None and int(t) >= vocab_size)]
         if bad_stops:
-            problems.append(f"stop tokens {bad_stops} are outside the vocabulary 0..{vocab_size - 1}")
+            vocabulary = "0.." + str(vocab_size - 1) if vocab_size is not None else "(ids are >= 0)"
+            problems.append(f"stop tokens {bad_stops} are outside the vocabulary {vocabulary}")
         if problems:
             raise RuntimeInputError("; ".join(problems))
 

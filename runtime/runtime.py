@@ -8,6 +8,7 @@ buffers between segments; host copies happen only at read-outs (``memory``, ``sa
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -19,8 +20,8 @@ from .backends.base import Runner
 from .bundle import Bundle
 from .errors import RuntimeInputError
 from .generation import Generation, GenerationConfig, generate_tokens
-from .segments import (as_ids_array, check_mask, full_segment, is_ragged, left_aligned, pad_rows, right_aligned,
-                       rows_of)
+from .segments import (as_ids_array, check_mask, check_token_container, full_segment, is_ragged, left_aligned,
+                       pad_rows, right_aligned, rows_of)
 from .spec import INGEST, STEP
 from .state import SequenceState, StateLayout, load_state_file, save_state_file
 
@@ -51,16 +52,26 @@ class Output:
 
 
 def _holding_state(method):
-    """Run ``method`` holding its state (the first SequenceState argument, or ``state=``):
-    a second thread using the same state meanwhile gets StateInUseError."""
+    """Check ``method``'s ``state`` argument (a SequenceState of this runtime's bundle; None where
+    the method makes its own) and run it holding that state: a second thread using the same
+    state meanwhile gets StateInUseError."""
+    signature = inspect.signature(method)
+    optional = signature.parameters["state"].default is None
+
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        state = next((a for a in args if isinstance(a, SequenceState)), kwargs.get("state"))
-        if state is None:
+        state = signature.bind(self, *args, **kwargs).arguments.get("state")
+        if state is None and optional:
             return method(self, *args, **kwargs)
+        self.check_state(state)
         with state.using():
             return method(self, *args, **kwargs)
     return wrapper
+
+
+def _check_callable(value, name: str) -> None:
+    if value is not None and not callable(value):
+        raise RuntimeInputError(f"{name} must be a callable or None, got {value!r}")
 
 
 class RMTRuntime:
@@ -73,6 +84,7 @@ class RMTRuntime:
         self.state_pairs = bundle.state_pairs          # state input -> output replacing it
         self.state_shapes = bundle.state_shapes()      # state input -> shape after the batch axis
         self._initial = bundle.initial_state()
+        self.identity = bundle.identity  # what states made here carry
 
     @classmethod
     def load(cls, bundle: str | os.PathLike | Bundle, backend: str = "auto", provider: str | None = None,
@@ -95,12 +107,30 @@ class RMTRuntime:
         return self.bundle.segment_size
 
     # ---- states -------------------------------------------------------------------------
+    def check_state(self, state, what: str = "state") -> None:
+        """``state`` must be a SequenceState holding this bundle's state tensors."""
+        if not isinstance(state, SequenceState):
+            raise RuntimeInputError(f"{what} must be a SequenceState (from new_state or restore_state), got "
+                                    f"{type(state).__name__}")
+        if state.bundle_identity != self.identity:
+            raise RuntimeInputError(f"{what} was made for bundle {state.bundle_identity or '?'}, this runtime runs "
+                                    f"{self.identity}: a state of another bundle")
+        try:
+            shapes = {name: tuple(self.runner.shape_of(handle))[1:] for name, handle in state.handles.items()}
+        except (TypeError, AttributeError):
+            raise RuntimeInputError(f"{what} holds buffers of another backend: a state belongs to the runtime that made it") from None
+        if shapes != self.state_shapes:
+            raise RuntimeInputError(f"{what} holds state {shapes}, this bundle's is {self.state_shapes}: "
+                                    "a state of another bundle")
+
     def new_state(self, batch: int = 1, memory: np.ndarray | None = None,
                   state: Mapping[str, np.ndarray] | None = None) -> SequenceState:
         """B fresh sequences starting from the bundle's initial state, or from ``state``
         (name -> [B, ...] float32; ``memory`` [B, M, D] is short for the RMT's ``{"memory": ...}``)."""
         if not isinstance(batch, (int, np.integer)) or isinstance(batch, bool) or batch < 1:
             raise RuntimeInputError(f"batch must be an int >= 1, got {batch!r}")
+        if state is not None and not isinstance(state, Mapping):
+            raise RuntimeInputError(f"state must be a mapping of state name -> array, got {type(state).__name__}")
         given = dict(state or {})
         if memory is not None:
             given[MEMORY] = memory
@@ -110,7 +140,11 @@ class RMTRuntime:
         tensors = {}
         for name, shape in self.state_shapes.items():
             if name not in given:
-                tensors[name] = np.repeat(self._initial[name][None], batch, axis=0)
+                try:
+                    tensors[name] = np.repeat(self._initial[name][None], batch, axis=0)
+                except MemoryError:
+                    raise RuntimeInputError(f"batch {batch} needs {batch * self._initial[name].nbytes / 2**30:.1f} "
+                                            f"GiB for state {name!r}: more than this machine can allocate") from None
                 continue
             value = np.asarray(given[name])
             if value.dtype != np.float32 or value.shape != (batch, *shape):
@@ -128,17 +162,20 @@ class RMTRuntime:
                              tokens_seen=np.asarray(tokens_seen, np.int64).copy(),
                              segments_done=np.asarray(segments_done, np.int64).copy(),
                              last_logits=None if last_logits is None else np.array(last_logits),
-                             has_logits=np.asarray(has_logits, bool).copy())
+                             has_logits=np.asarray(has_logits, bool).copy(),
+                             bundle_identity=self.identity)
 
     def _empty_like(self, handles: Mapping[str, Any]) -> dict[str, Any]:
         return {name: self.runner.empty(self.runner.shape_of(handle), "float32") for name, handle in handles.items()}
 
     def state_tensors(self, state: SequenceState) -> dict[str, np.ndarray]:
         """Every state tensor [B, ...] on the host (copies)."""
+        self.check_state(state)
         return {name: self.runner.to_host(handle) for name, handle in state.handles.items()}
 
     def memory(self, state: SequenceState) -> np.ndarray:
         """The RMT's current memory [B, M, D] on the host (a copy)."""
+        self.check_state(state)
         if MEMORY not in state.handles:
             raise RuntimeInputError(f"this bundle's state is {sorted(state.handles)}, not an RMT memory: "
                                     "use state_tensors()")
@@ -146,8 +183,10 @@ class RMTRuntime:
 
     def stack(self, states: Sequence[SequenceState]) -> SequenceState:
         """One state running the rows of ``states`` together (copies state through the host)."""
-        if not states:
-            raise RuntimeInputError("stack needs at least one state")
+        if isinstance(states, SequenceState) or not isinstance(states, Sequence) or not states:
+            raise RuntimeInputError(f"stack needs a non-empty sequence of states, got {states!r}")
+        for index, state in enumerate(states):
+            self.check_state(state, f"states[{index}]")
         logits = [s.last_logits for s in states]
         width = next((x.shape[1] for x in logits if x is not None), None)
         stacked_logits = None if width is None else np.concatenate(
@@ -218,6 +257,8 @@ class RMTRuntime:
         Returns True when every full segment ran.
         """
         # All checks before any work; positions count from each row's first token.
+        _check_callable(progress, "progress")
+        _check_callable(stop, "stop")
         chunks = rows_of(tokens, state.batch, self.bundle.vocab_size, "sequence", offsets=state.tokens_seen)
         for row, chunk in enumerate(chunks):
             state.pending[row] = np.concatenate([state.pending[row], chunk])
@@ -297,7 +338,14 @@ class RMTRuntime:
         Encoder: right-aligned segments, rows ending together (the reference encoder's
         segmentation); class logits of the last segment.
         """
-        ids = np.asarray(input_ids)
+        if not isinstance(return_logits, (bool, np.bool_)):
+            raise RuntimeInputError(f"return_logits must be True or False, got {return_logits!r}")
+        _check_callable(progress, "progress")
+        try:
+            ids = np.asarray(input_ids)
+        except ValueError:
+            raise RuntimeInputError("input_ids rows have different lengths: pad them on the right and mark the "
+                                    "tokens with attention_mask, or feed the rows to a state of that batch") from None
         if ids.ndim == 1:
             ids = ids[None]
         if ids.ndim != 2 or ids.shape[1] == 0:
@@ -348,12 +396,20 @@ class RMTRuntime:
         holds and generate; yields the next token of every row, [B] int64, -1 for a row that
         has stopped. The state follows along: generated tokens become its pending context, and
         with ``config.rollover`` a filled segment is written into memory. See generation.py."""
+        self.check_state(state)
+        if config is not None and not isinstance(config, GenerationConfig):
+            raise RuntimeInputError(f"config must be a GenerationConfig, got {type(config).__name__}")
         return generate_tokens(self, state, prompts, config or GenerationConfig())
 
     def generate(self, prompts, config: GenerationConfig | None = None,
                  state: SequenceState | None = None) -> Generation:
         """Generate for every row at once; returns the tokens per row and the state to continue."""
-        config = config or GenerationConfig()
+        config = GenerationConfig() if config is None else config
+        if not isinstance(config, GenerationConfig):
+            raise RuntimeInputError(f"config must be a GenerationConfig, got {type(config).__name__}")
+        check_token_container(prompts, "prompts")
+        if state is not None:
+            self.check_state(state)
         if is_ragged(prompts):
             prompts = list(prompts)  # counted here and read again by generate_tokens
         rows = len(prompts) if is_ragged(prompts) else 1

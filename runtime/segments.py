@@ -57,6 +57,15 @@ def check_mask(attention_mask, shape: tuple[int, ...]) -> np.ndarray:
     return mask
 
 
+def check_token_container(tokens, what: str) -> None:
+    """Refuse what cannot be token ids at all (None, text, a mapping, a scalar) with a message
+    saying what is expected, instead of a TypeError from deep inside numpy."""
+    if tokens is None or isinstance(tokens, (str, bytes, dict)) or not (
+            isinstance(tokens, np.ndarray) or hasattr(tokens, "__iter__")):
+        raise RuntimeInputError(f"{what} must be token ids (a sequence of ints, or one sequence per row), "
+                                f"got {type(tokens).__name__}")
+
+
 def is_ragged(tokens) -> bool:
     """True for a list of sequences (one per row), False for one sequence of ids."""
     if isinstance(tokens, np.ndarray):
@@ -72,6 +81,7 @@ def rows_of(tokens, batch: int, vocab_size: int, what: str = "sequence",
     Batch 1 takes one sequence; batch B takes B sequences. ``offsets``: where each row's
     tokens start in its sequence, so an error names the position in the whole input.
     """
+    check_token_container(tokens, f"the {what}s" if batch > 1 else f"the {what}")
     chunks = [tokens] if batch == 1 and not is_ragged(tokens) else list(tokens)
     if len(chunks) != batch:
         raise RuntimeInputError(f"got {len(chunks)} {what}s for a state of batch {batch}")

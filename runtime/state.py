@@ -20,8 +20,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .atomic import write_atomically
-from .errors import StateError, StateInUseError
+from .atomic import as_path, unwritable_reason, write_atomically
+from .errors import RuntimeInputError, StateError, StateInUseError
 
 STATE_FORMAT = "rmt-edge/state"
 STATE_VERSION = 2
@@ -40,6 +40,7 @@ class SequenceState:
     segments_done: np.ndarray   # [B] int64: segments run into memory
     last_logits: np.ndarray | None = None  # [B, V] decoder / [B, labels] encoder, after the last segment
     has_logits: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    bundle_identity: str = ""   # the bundle whose runtime made it: another bundle's runtime refuses it
     _in_use: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @contextlib.contextmanager
@@ -70,7 +71,10 @@ def locked_state_file(path: str | os.PathLike, waiting: Callable[[str], None] | 
     read-modify-write of a state file, so that two invocations on one file run one after the
     other instead of one overwriting the other's update. ``waiting`` is told when another
     holder makes this one wait. Temporary files of a save that was killed are removed here."""
-    path = Path(path)
+    path = as_path(path, "the state file path", RuntimeInputError)
+    reason = unwritable_reason(path)
+    if reason:
+        raise StateError(f"{path}: cannot be a state file: {reason}")
     lock_path = path.with_name(f".{path.name}.lock")
     try:
         descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -93,7 +97,10 @@ def locked_state_file(path: str | os.PathLike, waiting: Callable[[str], None] | 
 def save_state_file(path: str | os.PathLike, bundle_identity: str, bundle_path: str,
                     tensors: dict[str, np.ndarray], state: SequenceState) -> Path:
     """Write ``state`` (with its state ``tensors`` read from the device) atomically to ``path``."""
-    path = Path(path)
+    path = as_path(path, "the state file path", RuntimeInputError)
+    reason = unwritable_reason(path)
+    if reason:
+        raise StateError(f"{path}: cannot write the state file: {reason}")
     header = {"format": STATE_FORMAT, "version": STATE_VERSION, "bundle_identity": bundle_identity,
               "bundle_path": bundle_path, "batch": state.batch, "state": sorted(tensors)}
     lengths = np.array([len(p) for p in state.pending], dtype=np.int64)
@@ -108,7 +115,10 @@ def save_state_file(path: str | os.PathLike, bundle_identity: str, bundle_path: 
     }
     if state.last_logits is not None:
         arrays["last_logits"] = state.last_logits.astype(np.float32)
-    write_atomically(path, lambda handle: np.savez(handle, **arrays))
+    try:
+        write_atomically(path, lambda handle: np.savez(handle, **arrays))
+    except OSError as exc:
+        raise StateError(f"{path}: cannot write the state file ({exc.strerror or exc})") from None
     return path
 
 
@@ -175,7 +185,7 @@ def load_state_file(path: str | os.PathLike, bundle_identity: str, bundle_path: 
     """Read and check a state file before anything it claims is allocated: it must be an
     rmt-edge state of the bundle ``bundle_identity``, with the members, dtypes and shapes
     ``layout`` gives, ids inside the vocabulary, consistent counters and finite numbers."""
-    path = Path(path)
+    path = as_path(path, "the state file path", RuntimeInputError)
     if not path.exists():
         raise StateError(f"{path}: no such state file")
     if not path.is_file():

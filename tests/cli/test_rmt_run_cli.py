@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from functools import lru_cache
 from pathlib import Path
 
@@ -221,6 +222,32 @@ def test_malformed_ids(gpt2, tmp_path):
     np.save(floats, np.zeros(3, np.float32))
     one_line_error(run("--bundle", gpt2, "--ids", floats), "integer array", "float32")
     one_line_error(run("--bundle", gpt2, "--ids", tmp_path / "absent.txt"), "absent.txt: no such file")
+
+
+def test_ids_from_a_pipe_or_a_device_are_read_not_called_missing(gpt2, tmp_path):
+    one_line_error(run("--bundle", gpt2, "--ids", "/dev/null"), "no tokens to run")  # a device: empty, not absent
+    fifo = tmp_path / "ids.fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=fifo.write_text, args=("5 6 7",))
+    writer.start()
+    result = run("--bundle", gpt2, "--ids", fifo, "--json")
+    writer.join()
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["tokens"] == 3
+
+
+@pytest.mark.parametrize("option", ["--state", "--save-outputs"])
+def test_output_paths_that_cannot_be_written_are_refused_before_the_run(gpt2, ids_npy, tmp_path, option):
+    tmp_path = tmp_path / "outputs"
+    tmp_path.mkdir()
+    plain = tmp_path / "plain.txt"
+    plain.write_text("keep")
+    one_line_error(run("--bundle", gpt2, "--ids", ids_npy, option, plain / "x.npz"), f"{option} {plain / 'x.npz'}",
+                   f"{plain} is not a directory")
+    same = tmp_path / "s.npz"
+    one_line_error(run("--bundle", gpt2, "--ids", ids_npy, "--state", same, "--save-outputs", same),
+                   "--state and --save-outputs are the same file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.txt"] and plain.read_text() == "keep"
 
 
 def test_one_input_only(gpt2, ids_npy):

@@ -75,6 +75,8 @@ def test_a_state_header_with_odd_fields_is_refused(saved, tmp_path_factory, head
 hostile_fields = st.one_of(
     st.tuples(st.sampled_from(["vocab_size", "num_mem_tokens", "hidden_size", "segment_size"]),
               st.one_of(st.integers(max_value=0), st.integers(min_value=2 ** 25), st.text(max_size=3), st.none())),
+    st.tuples(st.just("segment_size"), st.integers(min_value=57, max_value=2 ** 24)),  # past the 64 positions
+    st.tuples(st.just("max_positions"), st.one_of(st.integers(max_value=23), st.text(max_size=3))),
     st.tuples(st.just("memory_init"), st.sampled_from(["/etc/passwd", "../x.npy", "a/../../x.npy", "", "~/x"])),
     st.tuples(st.just("files"), st.sampled_from([{"../../etc/passwd": "0" * 64}, {"/abs": "0" * 64}, [], None])),
     st.tuples(st.just("precision"), st.text(max_size=6).filter(lambda v: v not in ("fp32", "fp16", "int8"))),

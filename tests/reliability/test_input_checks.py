@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from rmt_runtime import GenerationConfig, RMTRuntime, RuntimeInputError
-from rmt_runtime.errors import StateInUseError
+from rmt_runtime.errors import BundleError, StateError, StateInUseError
 
 VOCAB = 97
 
@@ -79,17 +79,25 @@ def test_after_a_stopped_feed_peek_and_flush_finish_the_input(rt):
     np.testing.assert_array_equal(flushed.last_logits, expected.last_logits)
 
 
-@pytest.mark.parametrize("config, message", [
-    (GenerationConfig(seed=-1), "seed must be None or an int >= 0, got -1"),
-    (GenerationConfig(temperature=float("nan")), "temperature must be a finite number"),
-    (GenerationConfig(max_new_tokens=True), "max_new_tokens must be an int >= 1"),
-    (GenerationConfig(stop_tokens=5), "stop_tokens must be a tuple of int token ids"),
+@pytest.mark.parametrize("settings, message", [
+    (dict(seed=-1), "seed must be None or an int >= 0, got -1"),
+    (dict(temperature=float("nan")), "temperature must be a finite number"),
+    (dict(max_new_tokens=True), "max_new_tokens must be an int >= 1"),
+    (dict(max_new_tokens="3"), "max_new_tokens must be an int >= 1, got '3'"),
+    (dict(top_p=2.0), r"top_p must be in \(0, 1\], got 2.0"),
+    (dict(stop_tokens=5), "stop_tokens must be a tuple of int token ids"),
+    (dict(stop_tokens=(-3,)), r"stop tokens \[-3\] are outside the vocabulary"),
 ])
-def test_bad_generation_settings_leave_the_state_untouched(rt, config, message):
+def test_bad_generation_settings_fail_when_made_and_leave_a_state_untouched(rt, settings, message):
+    with pytest.raises(RuntimeInputError, match=message):
+        GenerationConfig(**settings)
+    forged = GenerationConfig()  # a config changed behind the constructor's back is still refused
+    for name, value in settings.items():
+        object.__setattr__(forged, name, value)
     state = rt.new_state()
     before = rt.memory(state)
     with pytest.raises(RuntimeInputError, match=message):
-        rt.generate(_ids(40, 5), config, state=state)
+        rt.generate(_ids(40, 5), forged, state=state)
     assert int(state.tokens_seen[0]) == 0 and int(state.segments_done[0]) == 0
     np.testing.assert_array_equal(rt.memory(state), before)
 
@@ -107,3 +115,68 @@ def test_ids_too_large_for_int64_are_named_as_they_are(rt):
         rt.run(ids)
     with pytest.raises(RuntimeInputError, match="token id 18446744073709551615"):
         rt.feed(rt.new_state(), ids)
+
+
+# Every public call with an argument of the wrong kind: a typed error naming the argument, what
+# it got and what it expects (never a TypeError/AttributeError from inside numpy or the runtime).
+_MISUSE = [
+    ("feed(None state)", lambda rt: rt.feed(None, [1, 2]), "state must be a SequenceState .* got NoneType"),
+    ("feed(tuple of states)", lambda rt: rt.feed((rt.new_state(),), [1]), "state must be a SequenceState .* got tuple"),
+    ("peek(str)", lambda rt: rt.peek("state"), "state must be a SequenceState .* got str"),
+    ("flush(int)", lambda rt: rt.flush(3), "state must be a SequenceState .* got int"),
+    ("memory(None)", lambda rt: rt.memory(None), "state must be a SequenceState"),
+    ("state_tensors(None)", lambda rt: rt.state_tensors(None), "state must be a SequenceState"),
+    ("unstack(None)", lambda rt: rt.unstack(None), "state must be a SequenceState"),
+    ("save_state(None)", lambda rt: rt.save_state(None, "x.npz"), "state must be a SequenceState"),
+    ("stack([1, 2])", lambda rt: rt.stack([1, 2]), r"states\[0\] must be a SequenceState .* got int"),
+    ("stack(state)", lambda rt: rt.stack(rt.new_state()), "stack needs a non-empty sequence of states"),
+    ("run(state='x')", lambda rt: rt.run([1, 2], state="x"), "state must be a SequenceState .* got str"),
+    ("generate(state=5)", lambda rt: rt.generate([1, 2], state=5), "state must be a SequenceState .* got int"),
+    ("generate_stream(None)", lambda rt: rt.generate_stream(None, [1]), "state must be a SequenceState"),
+    ("feed(tokens=None)", lambda rt: rt.feed(rt.new_state(), None), "the sequence must be token ids .* got NoneType"),
+    ("feed(batch 2, None)", lambda rt: rt.feed(rt.new_state(2), None), "the sequences must be token ids .* got NoneType"),
+    ("feed(stop=5)", lambda rt: rt.feed(rt.new_state(), [1], stop=5), "stop must be a callable or None, got 5"),
+    ("feed(progress='x')", lambda rt: rt.feed(rt.new_state(), [1], progress="x"), "progress must be a callable"),
+    ("generate(None)", lambda rt: rt.generate(None), "prompts must be token ids .* got NoneType"),
+    ("generate(config=dict)", lambda rt: rt.generate([1], {"max_new_tokens": 3}),
+     "config must be a GenerationConfig, got dict"),
+    ("run(ragged rows)", lambda rt: rt.run([[1, 2], [3]]), "input_ids rows have different lengths: pad them"),
+    ("run(return_logits='yes')", lambda rt: rt.run([1, 2], return_logits="yes"),
+     "return_logits must be True or False, got 'yes'"),
+    ("new_state(state=[1])", lambda rt: rt.new_state(1, state=[1]), "state must be a mapping .* got list"),
+    ("new_state(10**9)", lambda rt: rt.new_state(10**9), r"batch 1000000000 needs [\d.]+ GiB for state 'memory'"),
+    ("save_state(path=5)", lambda rt: rt.save_state(rt.new_state(), 5),
+     "the state file path must be a file system path .* got 5"),
+    ("restore_state(path=None)", lambda rt: rt.restore_state(None), "the state file path must be a file system path"),
+]
+
+
+@pytest.mark.parametrize("call, message", [(c, m) for _, c, m in _MISUSE], ids=[name for name, _, _ in _MISUSE])
+def test_every_public_call_names_a_wrong_argument(rt, call, message):
+    with pytest.raises(RuntimeInputError, match=message):
+        call(rt)
+
+
+def test_a_state_of_another_bundle_is_refused_by_name(rt, bundle_factory):
+    other = RMTRuntime.load(bundle_factory("llama", "fp32")[1].path)
+    foreign = other.new_state()
+    with pytest.raises(RuntimeInputError, match="a state of another bundle"):
+        rt.feed(foreign, [1, 2])
+    assert int(foreign.tokens_seen[0]) == 0
+
+
+def test_a_bundle_path_of_the_wrong_kind_is_a_bundle_error():
+    with pytest.raises(BundleError, match="the bundle path must be a file system path .* got 5"):
+        RMTRuntime.load(5)
+
+
+@pytest.mark.parametrize("where, message", [
+    (lambda tmp: tmp, "is a directory; give the path of a file"),
+    (lambda tmp: tmp / "plain.txt" / "state.npz", "plain.txt is not a directory"),
+])
+def test_saving_where_a_file_cannot_be_is_a_state_error(rt, tmp_path, where, message):
+    (tmp_path / "plain.txt").write_text("keep")
+    with pytest.raises(StateError, match=message):
+        rt.save_state(rt.new_state(), where(tmp_path))
+    assert (tmp_path / "plain.txt").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.txt"]  # no temporary left behind

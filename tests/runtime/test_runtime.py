@@ -156,6 +156,55 @@ def test_peek_does_not_commit(bundle_factory):
     np.testing.assert_array_equal(rt.flush(state).memory, rt.run(ids).memory)
 
 
+# Rows that hold nothing pending (exactly two segments), a partial segment after full ones, and
+# a partial segment only: the three cases a batched peek/flush/restore must keep apart.
+ROW_LENGTHS = (32, 37, 5)
+
+
+def _fed(rt, lengths, stop=None):
+    state = rt.new_state(len(lengths))
+    rt.feed(state, [random_ids(97, n, seed=20 + row) for row, n in enumerate(lengths)], stop=stop)
+    return state
+
+
+def _alone(rt, row, lengths, stop=None):
+    state = rt.new_state()
+    rt.feed(state, random_ids(97, lengths[row], seed=20 + row), stop=stop)
+    return state
+
+
+@pytest.mark.parametrize("lengths", [ROW_LENGTHS[:1], ROW_LENGTHS[1:2], ROW_LENGTHS], ids=["batch1", "batch1-partial", "batch3"])
+def test_save_restore_then_flush_with_nothing_new_is_bit_identical(bundle_factory, tmp_path, lengths):
+    _, exported = bundle_factory("gpt2", "fp32")
+    rt = RMTRuntime.load(exported.path)
+    state = _fed(rt, lengths)
+    rt.save_state(state, tmp_path / "s.npz")
+    restored = rt.restore_state(tmp_path / "s.npz")
+    for read in (rt.peek, rt.flush):
+        expected, got = read(state), read(restored)
+        assert got.last_logits is not None
+        np.testing.assert_array_equal(got.memory, expected.memory)
+        np.testing.assert_array_equal(got.last_logits, expected.last_logits)
+
+
+@pytest.mark.parametrize("stopped", [False, True], ids=["fed", "feed-stopped"])
+def test_batched_peek_and_flush_equal_each_row_alone(bundle_factory, stopped):
+    """Each row of a batch whose rows hold nothing pending, a partial segment, or (after a
+    stopped feed) several segments, equals that row run alone (1e-5: other matmul shapes)."""
+    _, exported = bundle_factory("gpt2", "fp32")
+    rt = RMTRuntime.load(exported.path)
+    stop = (lambda: True) if stopped else None
+    batch = _fed(rt, ROW_LENGTHS, stop)
+    if stopped:
+        assert [len(p) for p in batch.pending] == list(ROW_LENGTHS)
+    peeked, flushed = rt.peek(batch), rt.flush(batch)
+    for row in range(len(ROW_LENGTHS)):
+        alone = _alone(rt, row, ROW_LENGTHS, stop)
+        for got, expected in ((peeked, rt.peek(alone)), (flushed, rt.flush(alone))):
+            np.testing.assert_allclose(got.memory[row], expected.memory[0], rtol=0, atol=1e-5)
+            np.testing.assert_allclose(got.last_logits[row], expected.last_logits[0], rtol=0, atol=1e-5)
+
+
 SCRIPT = textwrap.dedent("""
     import sys, numpy as np
     from rmt_runtime import RMTRuntime
@@ -293,17 +342,51 @@ def test_bundle_whose_file_changed_is_refused(bundle_factory, tmp_path):
         RMTRuntime.load(copy)
 
 
-def test_requested_provider_that_is_missing_is_an_error_not_a_fallback(bundle_factory):
-    import onnxruntime
+class OnnxRuntimeStandIn:
+    """The real onnxruntime module, except for what it claims: ``available`` providers, and
+    sessions that run on the CPU whatever they were asked for. That is onnxruntime-gpu when a
+    CUDA library is missing (it lists CUDA, then silently runs on the CPU). It stands in for
+    the session factory only: the runner's guard against that fallback is what is tested."""
 
+    def __init__(self, available):
+        import onnxruntime
+        self._real, self._available = onnxruntime, list(available)
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def get_available_providers(self):
+        return list(self._available)
+
+    def InferenceSession(self, path, options=None, providers=None):  # noqa: N802 - onnxruntime's name
+        return self._real.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def _use_onnxruntime(monkeypatch, stand_in):
+    import rmt_runtime.backends.onnxruntime as backend
+    monkeypatch.setattr(backend, "import_onnxruntime", lambda: stand_in)
+
+
+def test_a_provider_that_falls_back_to_the_cpu_is_an_error(bundle_factory, monkeypatch):
     _, exported = bundle_factory("gpt2", "fp32")
-    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-        pytest.skip("this onnxruntime has CUDA; the GPU script checks the fallback detection there")
+    _use_onnxruntime(monkeypatch, OnnxRuntimeStandIn(["CUDAExecutionProvider", "CPUExecutionProvider"]))
+    with pytest.raises(BackendError, match=r"asked for CUDAExecutionProvider, but the \w+ session runs on "
+                                           r"\['CPUExecutionProvider'\]"):
+        RMTRuntime.load(exported.path, provider="cuda")
+    # auto tries CUDA, sees the fallback, and says so in what it picked
+    rt = RMTRuntime.load(exported.path)
+    assert rt.picked.startswith("onnxruntime/CPUExecutionProvider (auto")
+    assert "cuda: asked for CUDAExecutionProvider" in rt.picked
+
+
+def test_a_provider_missing_from_the_build_is_an_error(bundle_factory, monkeypatch):
+    _, exported = bundle_factory("gpt2", "fp32")
+    _use_onnxruntime(monkeypatch, OnnxRuntimeStandIn(["CPUExecutionProvider"]))
     with pytest.raises(BackendError, match="provider 'cuda' .* is not in this onnxruntime build"):
         RMTRuntime.load(exported.path, provider="cuda")
     rt = RMTRuntime.load(exported.path)
     assert rt.picked.startswith("onnxruntime/CPUExecutionProvider (auto")
-    assert "skipped" in rt.picked
+    assert "cuda: provider 'cuda' (CUDAExecutionProvider) is not in this onnxruntime build" in rt.picked
 
 
 def test_cuda_graphs_on_a_backend_without_them_is_an_error(bundle_factory):

@@ -101,34 +101,47 @@ class Generation:
     state: SequenceState = field(repr=False)
 
 
-def choose_tokens(logits: np.ndarray, histories: list[np.ndarray], config: GenerationConfig,
-                  rng: np.random.Generator) -> np.ndarray:
-    """The next token of every row, [B] int64, from next-token logits [B, V]."""
+def penalized(logits: np.ndarray, histories: list[np.ndarray], penalty: float) -> np.ndarray:
+    """Next-token logits [B, V] as float64 with the repetition penalty applied to each row's
+    history (ids seen in its prompt or output)."""
     logits = np.array(logits, dtype=np.float64)
-    if config.repetition_penalty != 1.0:
+    if penalty != 1.0:
         for row, seen in enumerate(histories):
             if len(seen):
                 ids = np.unique(seen)
                 values = logits[row, ids]
-                logits[row, ids] = np.where(values > 0, values / config.repetition_penalty,
-                                            values * config.repetition_penalty)
+                logits[row, ids] = np.where(values > 0, values / penalty, values * penalty)
+    return logits
+
+
+def sampling_distribution(values: np.ndarray, config: GenerationConfig) -> tuple[np.ndarray, np.ndarray]:
+    """For one row's (penalized) logits [V], the tokens that may be sampled, most likely first,
+    and their probabilities: temperature, then top_k, then top_p (Hugging Face's order)."""
+    order = np.argsort(-values, kind="stable")
+    if config.top_k:
+        order = order[:config.top_k]
+    kept = values[order]
+    # Shift before scaling: with a tiny temperature (1e-310) the scaled logits overflow to
+    # inf and inf - inf is NaN; shifted, they only go to -inf and the top token keeps 1.
+    with np.errstate(over="ignore"):  # overflow to -inf is the intended limit: probability 0
+        probs = np.exp((kept - kept.max()) / config.temperature)
+    probs /= probs.sum()
+    if config.top_p < 1.0:
+        # The smallest prefix whose probability reaches top_p (the top token always stays).
+        cutoff = int(np.searchsorted(np.cumsum(probs), config.top_p)) + 1
+        order, probs = order[:cutoff], probs[:cutoff] / probs[:cutoff].sum()
+    return order, probs
+
+
+def choose_tokens(logits: np.ndarray, histories: list[np.ndarray], config: GenerationConfig,
+                  rng: np.random.Generator) -> np.ndarray:
+    """The next token of every row, [B] int64, from next-token logits [B, V]."""
+    logits = penalized(logits, histories, config.repetition_penalty)
     if config.temperature == 0:
         return logits.argmax(axis=-1).astype(np.int64)
     chosen = np.empty(len(logits), np.int64)
     for row, values in enumerate(logits):
-        order = np.argsort(-values, kind="stable")
-        if config.top_k:
-            order = order[:config.top_k]
-        kept = values[order]
-        # Shift before scaling: with a tiny temperature (1e-310) the scaled logits overflow to
-        # inf and inf - inf is NaN; shifted, they only go to -inf and the top token keeps 1.
-        with np.errstate(over="ignore"):  # overflow to -inf is the intended limit: probability 0
-            probs = np.exp((kept - kept.max()) / config.temperature)
-        probs /= probs.sum()
-        if config.top_p < 1.0:
-            # The smallest prefix whose probability reaches top_p (the top token always stays).
-            cutoff = int(np.searchsorted(np.cumsum(probs), config.top_p)) + 1
-            order, probs = order[:cutoff], probs[:cutoff] / probs[:cutoff].sum()
+        order, probs = sampling_distribution(values, config)
         chosen[row] = order[min(int(np.searchsorted(np.cumsum(probs), rng.random())), len(order) - 1)]
     return chosen
 

@@ -75,6 +75,28 @@ def test_stop_token_ends_generation_early(bundle, prompt_file):
     assert stopped["tokens"] == free["tokens"][:first + 1] and stopped["stopped"]
 
 
+@pytest.mark.parametrize("flags, settings", [
+    (["--temperature", 1.0, "--seed", 7], dict(temperature=1.0, seed=7)),
+    (["--temperature", 1.0, "--seed", 7, "--top-k", 3], dict(temperature=1.0, seed=7, top_k=3)),
+    (["--temperature", 1.0, "--seed", 7, "--top-p", 0.3], dict(temperature=1.0, seed=7, top_p=0.3)),
+    (["--repetition-penalty", 3.0], dict(repetition_penalty=3.0)),
+    (["--no-rollover"], dict(rollover=False)),
+], ids=["temperature-seed", "top-k", "top-p", "repetition-penalty", "no-rollover"])
+def test_each_sampling_flag_reaches_the_sampler(bundle, prompt_file, flags, settings):
+    """The CLI's tokens equal the API's with the same settings, and differ from the API's
+    without the last flag's setting (so the flag changed something)."""
+    result = run("--bundle", bundle, "--prompt-ids", prompt_file, "--max-new-tokens", 20, *flags, "--json")
+    assert result.exit_code == 0, result.output
+    tokens = json.loads(result.stdout)["tokens"]
+    rt = RMTRuntime.load(bundle, backend="onnxruntime")
+    assert tokens == rt.generate(PROMPT, GenerationConfig(max_new_tokens=20, **settings)).tokens[0]
+    last = list(settings)[-1]
+    without = {name: value for name, value in settings.items() if name != last}
+    if last == "seed":
+        without["seed"] = 8
+    assert tokens != rt.generate(PROMPT, GenerationConfig(max_new_tokens=20, **without)).tokens[0]
+
+
 @pytest.mark.parametrize("args, fragments", [
     (["--prompt", "hello"], ["has no tokenizer", "--prompt-ids"]),
     (["--prompt", "hello", "--prompt-ids", "x.txt"], ["give one input, not --prompt and --prompt-ids"]),

@@ -14,7 +14,7 @@ from rmt_model import save_checkpoint
 from rmt_model.generation import generate_reference, split_context
 from rmt_runtime import GenerationConfig, RMTRuntime
 from rmt_runtime.errors import BackendError, RuntimeInputError
-from rmt_runtime.generation import choose_tokens
+from rmt_runtime.generation import choose_tokens, penalized, sampling_distribution
 
 SEGMENT, MEM, VOCAB = 16, 4, 97
 FAMILIES = ("gpt2", "llama")
@@ -111,6 +111,50 @@ def test_sampling_is_reproducible_with_a_seed_and_matches_the_reference_sampler(
     assert generate_reference(model, ids, 40, choose=choose) == first
 
 
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
+@pytest.mark.parametrize("top_k", [0, 5, 40])
+@pytest.mark.parametrize("top_p", [1.0, 0.9, 0.4])
+@pytest.mark.parametrize("penalty", [1.0, 1.3, 0.8])
+def test_the_sampling_distribution_equals_transformers_logits_processors(temperature, top_k, top_p, penalty):
+    """An independent reference: transformers' own processors, in generate()'s order, on fixed
+    logits (float64 both sides: the only difference left is summation order)."""
+    from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+    rng = np.random.default_rng(17)
+    logits = rng.normal(0, 3, (1, VOCAB))
+    history = rng.integers(0, VOCAB, 12)
+    config = GenerationConfig(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=penalty)
+    order, probs = sampling_distribution(penalized(logits, [history], penalty)[0], config)
+    ours = np.zeros(VOCAB)
+    ours[order] = probs
+    scores, seen = torch.from_numpy(logits.copy()), torch.from_numpy(history[None])
+    processors = [RepetitionPenaltyLogitsProcessor(penalty), TemperatureLogitsWarper(temperature)]
+    processors += [TopKLogitsWarper(top_k)] if top_k else []
+    processors += [TopPLogitsWarper(top_p)] if top_p < 1 else []
+    for processor in processors:
+        scores = processor(seen, scores)
+    reference = torch.softmax(scores, dim=-1)[0].numpy()
+    np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-12)
+    assert (ours > 0).sum() == (reference > 0).sum()
+
+
+def test_sampled_tokens_follow_the_distribution():
+    """The draw itself: 20,000 draws from one distribution match its probabilities (a binomial
+    4-sigma band per token: a wrong searchsorted side or an off-by-one shows at once)."""
+    rng = np.random.default_rng(5)
+    logits = rng.normal(0, 1.5, (1, VOCAB))
+    config = GenerationConfig(temperature=0.9, top_k=8, top_p=0.95)
+    order, probs = sampling_distribution(logits[0], config)
+    draws = 20_000
+    counts = np.bincount([int(choose_tokens(logits, [np.zeros(0, np.int64)], config, rng)[0]) for _ in range(draws)],
+                         minlength=VOCAB)
+    expected = np.zeros(VOCAB)
+    expected[order] = probs * draws
+    assert counts[expected == 0].sum() == 0
+    sigma = np.sqrt(expected * (1 - expected / draws))
+    assert (np.abs(counts - expected) <= 4 * sigma + 1).all(), (counts[order], expected[order])
+
+
 def test_the_state_after_generating_equals_feeding_the_whole_conversation(generator):
     """With rollover, generating is reading: the memory and pending tokens are what feeding
     prompt + generated tokens gives, so a conversation continues from the state."""
@@ -133,23 +177,27 @@ def test_stop_tokens_end_each_row_on_its_own(generator):
     _, rt = generator
     prompts = [prompt(9, seed=11), prompt(30, seed=12)]
     free = rt.generate(prompts, GenerationConfig(max_new_tokens=30)).tokens
-    stop = free[0][5]
-    stopped = rt.generate(prompts, GenerationConfig(max_new_tokens=30, stop_tokens=(stop,))).tokens
-    assert stopped[0] == free[0][:free[0].index(stop) + 1]
-    expected_row1 = free[1][:free[1].index(stop) + 1] if stop in free[1] else free[1]
-    assert stopped[1] == expected_row1
+    stops = (free[0][5], free[1][8])
+    stopped = rt.generate(prompts, GenerationConfig(max_new_tokens=30, stop_tokens=stops)).tokens
+    for row in range(2):
+        end = next(i for i, token in enumerate(free[row]) if token in stops) + 1
+        assert end <= (6, 9)[row]  # each row ends early, at its own first stop token
+        assert stopped[row] == free[row][:end], row
 
 
 def test_streaming_yields_one_token_per_row_per_step_and_minus_one_after_a_stop(generator):
     _, rt = generator
     state = rt.new_state(2)
-    first = rt.generate([prompt(4, seed=1), prompt(4, seed=2)], GenerationConfig(max_new_tokens=12)).tokens
-    steps = list(rt.generate_stream(state, [prompt(4, seed=1), prompt(4, seed=2)],
-                                    GenerationConfig(max_new_tokens=12, stop_tokens=(first[0][2],))))
-    assert all(step.shape == (2,) and step.dtype == np.int64 for step in steps) and len(steps) <= 12
-    end = first[0].index(first[0][2]) + 1  # the stop token's first appearance ends row 0
+    prompts = [prompt(4, seed=1), prompt(4, seed=2)]
+    first = rt.generate(prompts, GenerationConfig(max_new_tokens=12)).tokens
+    stop = first[0][2]
+    assert stop not in first[1]  # row 1 runs on to 12 tokens, so row 0 has a tail of -1s
+    steps = list(rt.generate_stream(state, prompts, GenerationConfig(max_new_tokens=12, stop_tokens=(stop,))))
+    assert len(steps) == 12 and all(step.shape == (2,) and step.dtype == np.int64 for step in steps)
+    end = first[0].index(stop) + 1
     column = [int(step[0]) for step in steps]
-    assert column[:end] == first[0][:end] and set(column[end:]) <= {-1}
+    assert end < 12 and column[:end] == first[0][:end] and column[end:] == [-1] * (12 - end)
+    assert [int(step[1]) for step in steps] == first[1]
 
 
 @pytest.mark.parametrize("settings, fragment", [

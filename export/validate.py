@@ -112,15 +112,23 @@ def _sig(x: float) -> float:
     return float(f"{x:.3g}")
 
 
-def _argmax_agreement(got: np.ndarray, ref: np.ndarray, valid: np.ndarray, bound: float) -> tuple[float, float, int]:
-    """(agreement over valid rows, agreement where ref's top-2 margin > 2 * bound, decisive count)."""
+def _argmax_agreement(got: np.ndarray, ref: np.ndarray, valid: np.ndarray,
+                      bound: float) -> tuple[float, float | None, int]:
+    """(agreement over valid rows, agreement where ref's top-2 margin > 2 * bound, decisive count).
+
+    With no decisive position the decisive agreement is None: nothing was judged, so it
+    must not read as agreement."""
     ref_sorted = np.sort(ref, axis=-1)
     margin = ref_sorted[..., -1] - ref_sorted[..., -2]
     same = got.argmax(-1) == ref.argmax(-1)
     decisive = valid & (margin > 2 * bound)
     overall = float(same[valid].mean()) if valid.any() else 1.0
-    decisive_rate = float(same[decisive].mean()) if decisive.any() else 1.0
+    decisive_rate = float(same[decisive].mean()) if decisive.any() else None
     return overall, decisive_rate, int(decisive.sum())
+
+
+def _rate(value: float | None) -> float | None:
+    return None if value is None else _sig(value)
 
 
 def validate_graphs(model: RMTBase, graphs: dict[str, tuple[str, GraphSpec]], precision: str,
@@ -188,9 +196,9 @@ def validate_graphs(model: RMTBase, graphs: dict[str, tuple[str, GraphSpec]], pr
                 overall, decisive, count = _argmax_agreement(got_all, ref_all, valid_all, bound)
                 result.setdefault("argmax_agreement", {})[mode] = _sig(overall)
                 if mode == "teacher_forced":
-                    result["argmax_agreement"]["teacher_forced_decisive"] = _sig(decisive)
+                    result["argmax_agreement"]["teacher_forced_decisive"] = _rate(decisive)
                     result["argmax_agreement"]["decisive_positions"] = count
-                    if decisive < 1.0:
+                    if decisive is not None and decisive < 1.0:
                         misses.append(f"{name}.{logits_name} teacher_forced: argmax agrees on {decisive:.4f} of "
                                       f"{count} positions whose top-2 margin exceeds 2 x the tolerance (expected all)")
         result["worst"] = {f"{mode}.{o}": max(result[mode][o]["max_abs"]) for mode in ("teacher_forced", "chained")
@@ -277,9 +285,9 @@ def validate_generation(model: RMTBase, graphs: dict[str, tuple[str, GraphSpec]]
     bound = tolerance.bound(float(np.abs(np.stack(reference)).max()))
     overall, decisive, count = _argmax_agreement(np.stack(got_logits), np.stack(reference),
                                                  np.ones((steps + 1, plan.batch), bool), bound)
-    results["argmax_agreement"] = {"cached": _sig(overall), "cached_decisive": _sig(decisive),
+    results["argmax_agreement"] = {"cached": _sig(overall), "cached_decisive": _rate(decisive),
                                    "decisive_positions": count}
-    if decisive < 1.0:
+    if decisive is not None and decisive < 1.0:
         misses.append(f"prefill/decode logits: argmax agrees on {decisive:.4f} of {count} decisive positions "
                       "(expected all)")
     results["worst"] = {"prefill.last_logits": max(logits_errors), "decode.logits": max(decode_errors),
@@ -301,6 +309,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         if "argmax_agreement" in result:
             a = result["argmax_agreement"]
             line += f"; argmax agreement {a['teacher_forced']:.4f} teacher-forced, {a['chained']:.4f} chained"
+            if a.get("decisive_positions") == 0:
+                line += " (no decisive position: every top-2 margin is within the tolerance, argmax not judged)"
         lines.append(line)
     generation = report.get("generation")
     if generation:

@@ -1,0 +1,86 @@
+"""The validator itself: damaged graphs must fail it, and only the comparison that can see
+the damage may pass it. Each graph here is the real exported step graph with one deliberate
+change made with the onnx API, checked by the real validator against the real PyTorch model."""
+import copy
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper, numpy_helper
+
+from rmt_export.errors import ValidationError
+from rmt_export.exporter import ExportOptions, export_model
+from rmt_export.validate import ValidationPlan, summary_lines, validate_graphs
+from rmt_model import build_model
+from rmt_model.tiny import tiny_config
+from rmt_runtime.bundle import Bundle
+
+PLAN = ValidationPlan(segments=12)
+
+
+@pytest.fixture(scope="module")
+def exported(bundle_factory):
+    model, result = bundle_factory("gpt2", "fp32")
+    bundle = Bundle.load(result.path)
+    return model, onnx.load(str(bundle.graph_path("step"))), bundle.graph_spec("step")
+
+
+def _validate(model, graph, spec, tmp_path):
+    path = tmp_path / "step.onnx"
+    onnx.save(graph, str(path))
+    return validate_graphs(model, {"step": (str(path), spec)}, "fp32", PLAN)
+
+
+def test_the_undamaged_graph_passes(exported, tmp_path):
+    model, graph, spec = exported
+    report = _validate(model, graph, spec, tmp_path)
+    assert report["passed"] and report["graphs"]["step"]["argmax_agreement"]["teacher_forced_decisive"] == 1.0
+
+
+def test_one_weight_matrix_off_by_one_percent_fails(exported, tmp_path):
+    model, graph, spec = exported
+    damaged = copy.deepcopy(graph)
+    matrices = [t for t in damaged.graph.initializer if len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT]
+    target = max(matrices, key=lambda t: int(np.prod(t.dims)) if "wte" not in t.name else 0)
+    target.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(target) * np.float32(1.01), target.name))
+    with pytest.raises(ValidationError) as error:
+        _validate(model, damaged, spec, tmp_path)
+    assert any("teacher_forced" in miss for miss in error.value.misses), error.value.misses[:3]
+
+
+def test_memory_error_that_grows_over_segments_fails_in_the_chained_comparison_only(exported, tmp_path):
+    """new_memory += a fixed zero-mean pattern of 3e-5: inside the per-segment bound
+    (teacher-forced passes, ~1e-4 + 1e-4 x 2.6), but fed back it accumulates (measured: past
+    the chained bound from segment 5). A validator that fed PyTorch's memory in the chained
+    mode too would pass this graph."""
+    model, graph, spec = exported
+    damaged = copy.deepcopy(graph)
+    for node in damaged.graph.node:
+        node.output[:] = ["new_memory_exact" if name == "new_memory" else name for name in node.output]
+    width = spec.inputs[-1].dims[-1]
+    pattern = np.random.default_rng(0).normal(0, 1, (model.config.num_mem_tokens, width))
+    pattern = (3e-5 * (pattern - pattern.mean(axis=1, keepdims=True))).astype(np.float32)
+    damaged.graph.initializer.append(numpy_helper.from_array(pattern, "drift"))
+    damaged.graph.node.append(helper.make_node("Add", ["new_memory_exact", "drift"], ["new_memory"]))
+    with pytest.raises(ValidationError) as error:
+        _validate(model, damaged, spec, tmp_path)
+    misses = error.value.misses
+    assert misses and all("chained" in miss for miss in misses), misses[:3]
+    chained = error.value.report["graphs"]["step"]["chained"]["new_memory"]["max_abs"]
+    forced = error.value.report["graphs"]["step"]["teacher_forced"]["new_memory"]["max_abs"]
+    assert chained[-1] > 3 * chained[0] and chained[-1] > 3 * max(forced)  # it grows, and only when chained
+
+
+def test_no_decisive_position_is_not_reported_as_agreement(tmp_path):
+    """A model whose logits are all equal (zero output embeddings): no position is decisive,
+    so the decisive agreement is null, never 1.0, and the summary says it was not judged."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config("gpt2", num_mem_tokens=2, segment_size=8))
+    with torch.no_grad():
+        model.model.get_output_embeddings().weight.zero_()  # tied: the input embeddings too
+    report = export_model(model, tmp_path / "flat", ExportOptions(plan=ValidationPlan(segments=2), generation=False)
+                          ).manifest["validation"]
+    agreement = report["graphs"]["step"]["argmax_agreement"]
+    assert agreement["decisive_positions"] == 0 and agreement["teacher_forced_decisive"] is None
+    assert any("argmax not judged" in line for line in summary_lines(report))

@@ -102,7 +102,7 @@ class SessionStore:
             raise SessionError(400, str(exc)) from None
         try:
             self.runtime.save_state(state, self.path(session))
-        except OSError:
+        except StateError:  # the file cannot be written (disk full, permissions, a directory in the way)
             with self._guard:  # back to what is on disk: a retry feeds once, not twice
                 self._states.pop(session, None)
             raise SessionError(503, f"session {session!r} could not be saved; nothing was committed, retry "

@@ -279,13 +279,17 @@ def test_a_manifest_vocabulary_other_than_the_graphs_is_refused(bundle_copy):
 
 def test_a_segment_size_beyond_the_graphs_positions_is_one_clear_error(bundle_copy):
     _edit_manifest(bundle_copy, lambda m: m.update(segment_size=4096))
+    with pytest.raises(BundleError, match="segment_size 4096 with M=4 needs 4104 positions, the backbone has 64"):
+        RMTRuntime.load(bundle_copy)
+    # without max_positions to check against, the graph's own failure is one BackendError
+    _edit_manifest(bundle_copy, lambda m: m.pop("max_positions"))
     rt = RMTRuntime.load(bundle_copy)
     with pytest.raises(BackendError, match="onnxruntime could not run the ingest graph"):
         rt.run(np.zeros(3000, np.int64))
 
 
 def test_an_onnxruntime_failure_is_one_error_line_from_the_cli(bundle_copy, tmp_path):
-    _edit_manifest(bundle_copy, lambda m: m.update(segment_size=4096))
+    _edit_manifest(bundle_copy, lambda m: (m.update(segment_size=4096), m.pop("max_positions")))
     np.save(tmp_path / "long.npy", np.zeros(3000, np.int64))
     result = subprocess.run([str(BIN / "rmt-run"), "--bundle", str(bundle_copy), "--ids", str(tmp_path / "long.npy"),
                              "--no-progress"], capture_output=True, text=True, timeout=300)

@@ -19,6 +19,7 @@ from .atomic import unwritable_reason, write_atomically
 from .bundle import Bundle, BundleError
 from .cli_support import fail, run_guarded, stop_requests
 from .errors import BackendError, RuntimeInputError, StateError
+from .segments import check_mask
 from .runtime import RMTRuntime
 from .state import locked_state_file
 
@@ -62,7 +63,8 @@ def _decode_text(data: bytes, name: str) -> str:
 
 
 def parse_ids(data: bytes, name: str) -> np.ndarray:
-    """Token ids from a .npy file (1-D integer array) or whitespace-separated integers."""
+    """Token ids as [B, N]: a .npy integer array [N], [1, N] (what a tokenizer gives with
+    return_tensors="np") or [B, N], or whitespace-separated integers (one sequence)."""
     if data.startswith(_NPY_MAGIC):
         try:
             array = np.load(io.BytesIO(data), allow_pickle=False)
@@ -70,9 +72,9 @@ def parse_ids(data: bytes, name: str) -> np.ndarray:
             raise CliInputError(f"{name}: not a readable .npy array ({exc})") from None
         if not isinstance(array, np.ndarray) or not np.issubdtype(array.dtype, np.integer):
             raise CliInputError(f"{name}: token ids must be an integer array, got dtype {array.dtype}")
-        if array.ndim != 1:
-            raise CliInputError(f"{name}: token ids must be a 1-D array, got shape {list(array.shape)}")
-        return array.astype(np.int64)
+        if array.ndim not in (1, 2):
+            raise CliInputError(f"{name}: token ids must be [N] or [batch, N], got shape {list(array.shape)}")
+        return np.atleast_2d(array.astype(np.int64))
     words = _decode_text(data, name).split()
     ids = []
     for position, word in enumerate(words):
@@ -81,7 +83,22 @@ def parse_ids(data: bytes, name: str) -> np.ndarray:
         except ValueError:
             raise CliInputError(f"{name}: token {position} ({word[:20]!r}) is not an integer id; "
                                 "--ids takes a .npy array or whitespace-separated integers") from None
-    return np.asarray(ids, dtype=np.int64)
+    return np.asarray(ids, dtype=np.int64)[None]
+
+
+def read_mask(mask_file: str, ids: np.ndarray) -> np.ndarray:
+    """A .npy attention mask for right-padded rows of ``ids`` [B, N] (integer or boolean 0/1)."""
+    data, name = _read_bytes(mask_file)
+    if not data.startswith(_NPY_MAGIC):
+        raise CliInputError(f"{name}: --mask takes a .npy array of 0/1 shaped like the ids {list(ids.shape)}")
+    try:
+        mask = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise CliInputError(f"{name}: not a readable .npy array ({exc})") from None
+    try:
+        return check_mask(np.atleast_2d(mask), ids.shape)
+    except RuntimeInputError as exc:
+        raise CliInputError(f"{name}: {exc}") from None
 
 
 def load_tokenizer(bundle: Bundle, ids_option: str = "--ids"):
@@ -112,7 +129,7 @@ def optional_tokenizer(bundle: Bundle):
 
 def read_input(bundle: Bundle, text, text_file, ids_file,
                options: tuple[str, str, str] = ("--text", "--text-file", "--ids")) -> tuple[np.ndarray, object]:
-    """(ids, tokenizer or None) from exactly one of the input options, or from stdin.
+    """(ids [B, N], tokenizer or None) from exactly one of the input options, or from stdin.
     ``options``: the command's names for the text, text-file and ids options (for messages)."""
     given = [name for name, value in zip(options, (text, text_file, ids_file)) if value is not None]
     if len(given) > 1:
@@ -131,7 +148,7 @@ def read_input(bundle: Bundle, text, text_file, ids_file,
         tokenizer = load_tokenizer(bundle, options[2])
         if text is None:
             text = _decode_text(*_read_bytes(text_file))
-        ids = np.asarray(tokenizer.encode(text).ids, dtype=np.int64)
+        ids = np.asarray(tokenizer.encode(text).ids, dtype=np.int64)[None]
     if ids.size == 0:
         raise CliInputError("no tokens to run: the input is empty")
     return ids, tokenizer
@@ -147,10 +164,11 @@ def _labels(bundle: Bundle) -> dict[int, str]:
 
 
 def summarize(bundle: Bundle, logits: np.ndarray | None, top_k: int, tokenizer) -> dict:
-    """Top-k next tokens (decoder) or the predicted class (encoder) from last-position logits."""
+    """Top-k next tokens (decoder) or the predicted class (encoder) from one row's
+    last-position logits [V] (or [1, V])."""
     if logits is None:
         return {}
-    row = np.asarray(logits[0], dtype=np.float32)
+    row = np.asarray(logits, dtype=np.float32).reshape(-1)
     order = np.argsort(-row, kind="stable")[:top_k]
     if bundle.kind == "encoder":
         labels = _labels(bundle)
@@ -213,7 +231,10 @@ class _Progress:
 @click.option("--text", default=None, help="Input text (needs the bundle's tokenizer.json).")
 @click.option("--text-file", default=None, metavar="FILE", help="Input text from FILE ('-': stdin).")
 @click.option("--ids", "ids_file", default=None, metavar="FILE",
-              help="Token ids: a .npy 1-D integer array or whitespace-separated integers ('-': stdin).")
+              help="Token ids: a .npy integer array [N], [1, N] or [batch, N] (rows run together), or "
+                   "whitespace-separated integers ('-': stdin).")
+@click.option("--mask", "mask_file", default=None, metavar="FILE.npy",
+              help="Attention mask for right-padded --ids rows: a .npy 0/1 array shaped like the ids.")
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto",
               show_default=True, help="What runs the graphs (tensorrt: engines from rmt-build); an explicit "
                                       "choice never falls back.")
@@ -229,7 +250,7 @@ class _Progress:
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable result on stdout.")
 @click.option("--verbose", is_flag=True, help="Show tracebacks.")
-def main(bundle_dir, text, text_file, ids_file, backend, provider, threads, top_k, state_file,
+def main(bundle_dir, text, text_file, ids_file, mask_file, backend, provider, threads, top_k, state_file,
          save_outputs, no_progress, as_json, verbose):
     """Run an exported RMT bundle over an input of any length, segment by segment.
 
@@ -237,6 +258,7 @@ def main(bundle_dir, text, text_file, ids_file, backend, provider, threads, top_
     Examples:
       rmt-run --bundle model-fp32 --text "The memory tokens carry"
       rmt-run --bundle model-fp32 --ids ids.npy --top-k 10 --json
+      rmt-run --bundle model-fp32 --ids batch.npy --mask mask.npy --json   # [B, N] rows, right-padded
       echo "17 4 88 23" | rmt-run --bundle model-fp32 --ids -
       cat book.txt | rmt-run --bundle model-fp32 --save-outputs out.npz
     \b
@@ -261,15 +283,20 @@ def main(bundle_dir, text, text_file, ids_file, backend, provider, threads, top_
     def prepare():
         bundle = Bundle.load(bundle_dir)
         ids, tokenizer = read_input(bundle, text, text_file, ids_file)
+        if mask_file is not None and ids_file is None:
+            raise CliInputError("--mask goes with --ids (a [batch, N] array of right-padded rows)")
+        mask = np.ones_like(ids) if mask_file is None else read_mask(mask_file, ids)
         for option, path in (("--state", state_file), ("--save-outputs", save_outputs)):
             reason = None if path is None else unwritable_reason(path)
             if reason:
                 raise CliInputError(f"{option} {path}: {reason}")
         if state_file is not None and save_outputs is not None and state_file.resolve() == save_outputs.resolve():
             raise CliInputError(f"--state and --save-outputs are the same file ({state_file}): give two paths")
-        return bundle, ids, tokenizer
+        return bundle, ids, mask, tokenizer
 
-    bundle, ids, tokenizer = run_guarded_cli(verbose, as_json, prepare)
+    bundle, ids, mask, tokenizer = run_guarded_cli(verbose, as_json, prepare)
+    batch = ids.shape[0]
+    rows = [row[:length] for row, length in zip(ids, mask.sum(axis=1))]
     progress = _Progress(enabled=not (as_json or no_progress))
     written: list[str] = []
 
@@ -294,19 +321,22 @@ def main(bundle_dir, text, text_file, ids_file, backend, provider, threads, top_
             try:
                 if state_file is not None:
                     resumed = state_file.exists()
-                    state = rt.restore_state(state_file) if resumed else rt.new_state()
-                    finished = rt.feed(state, ids, progress=progress, stop=stop.is_set)
+                    state = rt.restore_state(state_file) if resumed else rt.new_state(batch)
+                    if state.batch != batch:
+                        raise CliInputError(f"--state {state_file} holds {state.batch} sequence(s), the input has "
+                                            f"{batch} row(s): give as many rows as the state holds")
+                    finished = rt.feed(state, rows if batch > 1 else rows[0], progress=progress, stop=stop.is_set)
                 else:
                     resumed, finished = False, True
-                    state = rt.new_state()
-                    output = rt.run(ids[None], progress=progress, state=state)
+                    state = rt.new_state(batch)
+                    output = rt.run(ids, mask, progress=progress, state=state)
             finally:
                 progress.close()
         if not finished:
             rt.save_state(state, state_file)
-            click.echo(f"interrupted after segment {int(state.segments_done[0])}: state saved to {state_file} "
-                       f"with {len(state.pending[0])} tokens pending; run again with --state {state_file} "
-                       "and the rest of the input to continue", err=True)
+            click.echo(f"interrupted after segment {int(state.segments_done.max())}: state saved to {state_file} "
+                       f"with {sum(len(p) for p in state.pending)} tokens pending; run again with --state "
+                       f"{state_file} and the rest of the input to continue", err=True)
             sys.exit(130)
         if state_file is not None:
             output = rt.peek(state)
@@ -330,32 +360,44 @@ def main(bundle_dir, text, text_file, ids_file, backend, provider, threads, top_
             return work_holding_the_state()
 
     rt, state, output, resumed, load_seconds, run_seconds = run_guarded_cli(verbose, as_json, work, interrupted)
-    summary = summarize(bundle, output.last_logits, top_k, tokenizer)
-    tokens = int(ids.size)
+    tokens = int(mask.sum())
+    per_row = [_row_result(bundle, state, output, row, top_k, tokenizer) for row in range(batch)]
     if as_json:
         click.echo(json.dumps({
             "ok": True, "bundle": str(bundle.path), "kind": bundle.kind, "backend": rt.picked,
-            "tokens": tokens, "tokens_seen": int(state.tokens_seen[0]),
-            "segments": int(state.segments_done[0]), "pending": int(len(state.pending[0])),
+            "tokens": tokens, "batch": batch,
             "state_shapes": {name: list(value.shape) for name, value in output.state.items()},
-            **({} if output.memory is None else {
-                "memory_shape": list(output.memory.shape),
-                "memory_norm": float(np.linalg.norm(output.memory.astype(np.float64)))}),
-            **summary,
+            **({} if output.memory is None else {"memory_shape": list(output.memory.shape)}),
+            **(per_row[0] if batch == 1 else {}),  # batch 1: the row's figures at the top level too
+            "rows": per_row,
             "seconds": run_seconds, "load_seconds": load_seconds,
             "tokens_per_second": tokens / run_seconds if run_seconds > 0 else None,
             "state": None if state_file is None else str(state_file), "resumed": resumed,
             "outputs": None if save_outputs is None else str(save_outputs),
         }, indent=2))
         return
-    pending = len(state.pending[0])
     rate = f", {tokens / run_seconds:.0f} tokens/s" if run_seconds > 0 else ""
-    segments = int(state.segments_done[0])
-    click.echo(f"{tokens} token{'s' * (tokens != 1)}, {segments} segment{'s' * (segments != 1)}"
+    segments = int(state.segments_done.sum())
+    pending = sum(len(p) for p in state.pending)
+    click.echo(f"{tokens} token{'s' * (tokens != 1)}" + (f" in {batch} rows" if batch > 1 else "")
+               + f", {segments} segment{'s' * (segments != 1)}"
                + (f" ({pending} tokens pending in {state_file})" if state_file is not None and pending else "")
                + rate, err=True)
-    for line in _human_lines(bundle.kind, summary):
-        click.echo(line)
+    for row, result in enumerate(per_row):
+        if batch > 1:
+            click.echo(f"row {row}:")
+        for line in _human_lines(bundle.kind, result):
+            click.echo(("  " if batch > 1 else "") + line)
+
+
+def _row_result(bundle: Bundle, state, output, row: int, top_k: int, tokenizer) -> dict:
+    """One row's figures for --json: counters, memory norm, and its top-k (or class)."""
+    result = {"tokens_seen": int(state.tokens_seen[row]), "segments": int(state.segments_done[row]),
+              "pending": int(len(state.pending[row]))}
+    if output.memory is not None:
+        result["memory_norm"] = float(np.linalg.norm(output.memory[row].astype(np.float64)))
+    logits = None if output.last_logits is None else output.last_logits[row]
+    return {**result, **summarize(bundle, logits, top_k, tokenizer)}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -68,7 +68,8 @@ def _default_stops(bundle: Bundle) -> tuple[int, ...]:
 @click.option("--prompt", default=None, help="Prompt text (needs the bundle's tokenizer.json).")
 @click.option("--prompt-file", default=None, metavar="FILE", help="Prompt text from FILE ('-': stdin).")
 @click.option("--prompt-ids", default=None, metavar="FILE",
-              help="Prompt token ids: a .npy 1-D integer array or whitespace-separated integers ('-': stdin).")
+              help="Prompt token ids: a .npy integer array [N] or [1, N], or whitespace-separated integers "
+                   "('-': stdin).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="0: greedy.")
@@ -123,6 +124,11 @@ def main(bundle_dir, prompt, prompt_file, prompt_ids, max_new_tokens, temperatur
             raise CliInputError(f"bundle {bundle.path} is an encoder (classification): rmt-generate needs a "
                                 "decoder bundle")
         ids, tokenizer = read_input(bundle, prompt, prompt_file, prompt_ids, PROMPT_OPTIONS)
+        if ids.shape[0] != 1:
+            raise CliInputError(f"{prompt_ids}: rmt-generate takes one prompt ([N] or [1, N]), got "
+                                f"{ids.shape[0]} rows: run one invocation per prompt, or batch with "
+                                "RMTRuntime.generate in Python")
+        ids = ids[0]
         if tokenizer is None:
             tokenizer = optional_tokenizer(bundle)
         if state_file is not None and state_file.is_dir():

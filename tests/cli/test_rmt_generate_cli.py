@@ -97,6 +97,17 @@ def test_each_sampling_flag_reaches_the_sampler(bundle, prompt_file, flags, sett
     assert tokens != rt.generate(PROMPT, GenerationConfig(max_new_tokens=20, **without)).tokens[0]
 
 
+def test_a_prompt_shaped_one_by_n_is_one_prompt_and_a_batch_is_refused(bundle, prompt_file, tmp_path):
+    np.save(tmp_path / "row.npy", PROMPT[None])  # a tokenizer's return_tensors="np" shape
+    flat = json.loads(run("--bundle", bundle, "--prompt-ids", prompt_file, "--max-new-tokens", 8, "--json").stdout)
+    row = json.loads(run("--bundle", bundle, "--prompt-ids", tmp_path / "row.npy", "--max-new-tokens", 8,
+                         "--json").stdout)
+    assert row["tokens"] == flat["tokens"] and row["prompt_tokens"] == 37
+    np.save(tmp_path / "batch.npy", np.stack([PROMPT, PROMPT]))
+    one_line_error(run("--bundle", bundle, "--prompt-ids", tmp_path / "batch.npy"),
+                   "rmt-generate takes one prompt ([N] or [1, N]), got 2 rows")
+
+
 @pytest.mark.parametrize("args, fragments", [
     (["--prompt", "hello"], ["has no tokenizer", "--prompt-ids"]),
     (["--prompt", "hello", "--prompt-ids", "x.txt"], ["give one input, not --prompt and --prompt-ids"]),

@@ -197,6 +197,70 @@ def test_ctrl_c_exits_130_and_keeps_the_state(gpt2, tmp_path, monkeypatch):
     assert state.read_bytes() == before
 
 
+# ---- ids as tokenizers give them: [N], [1, N], [B, N] with --mask -------------------------------
+def test_ids_shaped_one_by_n_run_as_one_sequence(gpt2, tmp_path):
+    flat, row = tmp_path / "flat.npy", tmp_path / "row.npy"
+    np.save(flat, IDS)
+    np.save(row, IDS[None])  # what a tokenizer returns with return_tensors="np"
+    results = [json.loads(run("--bundle", gpt2, "--ids", path, "--json").stdout) for path in (flat, row)]
+    assert results[0]["top_k"] == results[1]["top_k"] and results[1]["batch"] == 1
+    assert [e["id"] for e in results[1]["top_k"]] == top_ids(reference(gpt2, IDS).last_logits)
+
+
+LENGTHS = (53, 30, 7)  # several segments, a partial one after full ones, a partial one only
+
+
+def _batch_files(tmp_path):
+    rng = np.random.default_rng(12)
+    ids = rng.integers(0, 97, (len(LENGTHS), max(LENGTHS))).astype(np.int64)
+    mask = (np.arange(max(LENGTHS)) < np.array(LENGTHS)[:, None]).astype(np.int64)
+    np.save(tmp_path / "batch.npy", ids)
+    np.save(tmp_path / "mask.npy", mask)
+    return ids, tmp_path / "batch.npy", tmp_path / "mask.npy"
+
+
+@pytest.mark.parametrize("with_state", [False, True], ids=["run", "state"])
+def test_a_batch_with_a_mask_gives_each_row_what_it_gives_alone(gpt2, tmp_path, with_state):
+    ids, ids_path, mask_path = _batch_files(tmp_path)
+    extra = ["--state", tmp_path / "s.npz"] if with_state else []
+    result = run("--bundle", gpt2, "--ids", ids_path, "--mask", mask_path, "--json",
+                 "--save-outputs", tmp_path / "out.npz", *extra)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    saved = np.load(tmp_path / "out.npz")
+    assert out["batch"] == 3 and out["tokens"] == sum(LENGTHS) and saved["last_logits"].shape == (3, 97)
+    for row, length in enumerate(LENGTHS):
+        alone = reference(gpt2, ids[row, :length])
+        np.testing.assert_allclose(saved["last_logits"][row], alone.last_logits[0], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(saved["memory"][row], alone.memory[0], rtol=0, atol=1e-5)
+        assert [e["id"] for e in out["rows"][row]["top_k"]] == top_ids(alone.last_logits)
+        assert out["rows"][row]["tokens_seen"] == length
+        expected_segments = length // SEGMENT if with_state else -(-length // SEGMENT)
+        assert out["rows"][row]["segments"] == expected_segments
+
+
+@pytest.mark.parametrize("mask, fragment", [
+    (lambda m: m.astype(np.float32), "attention_mask must be integer or boolean 0/1, got dtype float32"),
+    (lambda m: m[:, ::-1], "rows [1, 2] of attention_mask are not right-padded"),  # row 0 is full
+    (lambda m: m[:2], "attention_mask shape (2, 53) must equal input_ids shape (3, 53)"),
+], ids=["float", "left-padded", "shape"])
+def test_a_mask_that_does_not_fit_is_refused_naming_the_file(gpt2, tmp_path, mask, fragment):
+    _, ids_path, mask_path = _batch_files(tmp_path)
+    np.save(mask_path, mask(np.load(mask_path)))
+    one_line_error(run("--bundle", gpt2, "--ids", ids_path, "--mask", mask_path), "mask.npy: ", fragment)
+
+
+def test_a_state_of_another_batch_size_is_refused(gpt2, tmp_path):
+    _, ids_path, mask_path = _batch_files(tmp_path)
+    state = tmp_path / "s.npz"
+    assert run("--bundle", gpt2, "--ids", ids_path, "--mask", mask_path, "--state", state).exit_code == 0
+    before = state.read_bytes()
+    np.save(tmp_path / "one.npy", IDS)
+    one_line_error(run("--bundle", gpt2, "--ids", tmp_path / "one.npy", "--state", state),
+                   "holds 3 sequence(s), the input has 1 row(s)")
+    assert state.read_bytes() == before
+
+
 # ---- bad input ----------------------------------------------------------------------------------
 def test_out_of_vocabulary_id(gpt2, tmp_path):
     ids = tmp_path / "ids.txt"
@@ -215,9 +279,9 @@ def test_malformed_ids(gpt2, tmp_path):
     words = tmp_path / "ids.txt"
     words.write_text("1 2 three")
     one_line_error(run("--bundle", gpt2, "--ids", words), "token 2 ('three') is not an integer id")
-    matrix = tmp_path / "ids.npy"
-    np.save(matrix, np.zeros((2, 3), np.int64))
-    one_line_error(run("--bundle", gpt2, "--ids", matrix), "1-D array", "[2, 3]")
+    cube = tmp_path / "cube.npy"
+    np.save(cube, np.zeros((2, 3, 4), np.int64))
+    one_line_error(run("--bundle", gpt2, "--ids", cube), "must be [N] or [batch, N]", "[2, 3, 4]")
     floats = tmp_path / "f.npy"
     np.save(floats, np.zeros(3, np.float32))
     one_line_error(run("--bundle", gpt2, "--ids", floats), "integer array", "float32")

@@ -25,6 +25,7 @@ EXPORT = [
     "onnx>=1.18",
     "onnxscript>=0.5",
     "onnxruntime>=1.22",
+    "safetensors>=0.4",  # published reference checkpoints: model.safetensors and sharded indexes
 ]
 
 setup(

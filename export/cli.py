@@ -18,8 +18,10 @@ def _run_guarded(verbose: bool, as_json: bool, work, interrupted=lambda: "interr
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--ckpt", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="rmt-edge checkpoint (model.pt), or a reference RMT state dict with --backbone-config.")
+@click.option("--ckpt", required=True, type=click.Path(exists=True, path_type=Path),
+              help="rmt-edge checkpoint (model.pt), or a reference RMT checkpoint with --backbone-config: a "
+                   "torch state dict (.bin/.pt), model.safetensors, a model.safetensors.index.json with its "
+                   "shards, or a directory holding one of these.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Bundle directory to write [default: <ckpt name>-<precision> beside the checkpoint].")
 @click.option("--fp16", is_flag=True, help="fp16 weights and compute inside the graphs; memory I/O stays float32.")
@@ -61,6 +63,8 @@ def main(ckpt, out, fp16, int8, opset, force, no_validate, segments, no_generati
       rmt-export --ckpt model.pt --int8                 # CPUs: int8 MatMul weights, validated like the others
       rmt-export --ckpt rmt_gpt2.bin --backbone-config gpt2/config.json \\
                  --num-mem-tokens 16 --segment-size 512
+      rmt-export --ckpt rmt-gpt2-hub/ --backbone-config gpt2/config.json \\
+                 --num-mem-tokens 16 --segment-size 512   # model.safetensors or shards
 
     The bundle holds step.onnx (ids + memory -> logits + new memory), ingest.onnx (the
     same without per-token logits), for decoders prefill.onnx and decode.onnx (KV-cached

@@ -123,14 +123,19 @@ def _bundle_path(out: str | os.PathLike) -> Path:
     return out.resolve() if out.name in ("", ".", "..") else out
 
 
-def load_model(ckpt: str | os.PathLike, reference: ReferenceLayout | None = None) -> RMTBase:
-    """The model to export: an rmt-edge checkpoint, or a reference state dict + its layout."""
+def load_model(ckpt: str | os.PathLike, reference: ReferenceLayout | None = None,
+               note: Callable[[str], None] | None = None) -> RMTBase:
+    """The model to export: an rmt-edge checkpoint, or a reference state dict (a file or a
+    directory of any published layout) + its layout. ``note`` hears what was read and converted."""
     try:
         if reference is None:
+            if Path(ckpt).is_dir():
+                raise CheckpointError(f"{ckpt}: a directory holds a checkpoint of the reference RMT code "
+                                      "(safetensors, shards or pytorch_model.bin), which needs its layout")
             return load_checkpoint(ckpt)
         return import_reference_checkpoint(ckpt, reference.backbone_config,
                                            num_mem_tokens=reference.num_mem_tokens,
-                                           segment_size=reference.segment_size)
+                                           segment_size=reference.segment_size, note=note)
     except CheckpointError as exc:
         message = str(exc)
         if "reference RMT code" in message:
@@ -148,10 +153,10 @@ def export_bundle(ckpt: str | os.PathLike, out: str | os.PathLike, options: Expo
     inputs = tuple(Path(p) for p in (ckpt, options.tokenizer_dir,
                                      reference.backbone_config if reference else None) if p is not None)
     check_destination(out, options.force, inputs)
-    if not Path(ckpt).is_file():
-        raise ExportError(f"--ckpt {ckpt}: no such file")
+    if not Path(ckpt).exists():
+        raise ExportError(f"--ckpt {ckpt}: no such file or directory")
     started = time.perf_counter()
-    model = load_model(ckpt, reference)
+    model = load_model(ckpt, reference, (lambda detail: progress("load", detail)) if progress else None)
     seconds = {"load": time.perf_counter() - started}
     if progress:
         progress("load", f"{model.config.family} {model.config.kind} RMT, M={model.config.num_mem_tokens}, "

@@ -12,7 +12,7 @@ import os
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -153,25 +153,104 @@ def _load_strict(model: RMTBase, state_dict: Mapping[str, torch.Tensor], source:
     model.load_state_dict(state_dict, strict=True)
 
 
+# What a checkpoint directory may hold, in the order looked for: a sharded safetensors
+# index, one safetensors file (huggingface_hub's PyTorchModelHubMixin), a torch pickle.
+SHARD_INDEX = "model.safetensors.index.json"
+DIRECTORY_LAYOUTS = (SHARD_INDEX, "model.safetensors", "pytorch_model.bin")
+
+
+def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]:
+    """A reference state dict (names -> tensors) from any published layout, and what was read.
+
+    ``path``: a torch pickle (``.bin``/``.pt``, loaded with weights_only), a ``.safetensors``
+    file, a ``model.safetensors.index.json``, or a directory holding one of
+    ``DIRECTORY_LAYOUTS``. Every failure is one CheckpointError naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        found = next((path / name for name in DIRECTORY_LAYOUTS if (path / name).is_file()), None)
+        if found is None:
+            raise CheckpointError(f"{path}: a checkpoint directory needs one of {list(DIRECTORY_LAYOUTS)}; "
+                                  f"it holds {sorted(p.name for p in path.iterdir())[:10]}")
+        path = found
+    if path.name.endswith(".index.json"):
+        return _read_shards(path), f"{path.name} ({path.parent})"
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path), str(path)
+    raw = read_torch_file(path)
+    if isinstance(raw, dict) and raw.get("format") == CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: this is an rmt-edge checkpoint; load it directly")
+    if isinstance(raw, dict) and isinstance(raw.get("model_state_dict"), dict):
+        raw = raw["model_state_dict"]  # the reference trainer's wrapping
+    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+        raise CheckpointError(f"{path}: expected a state dict (names -> tensors)")
+    return dict(raw), str(path)
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file through the safetensors library, which checks the header's offsets
+    and sizes against the file before reading a tensor."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable safetensors file ({reason})") from None
+
+
+def _read_shards(index_path: Path) -> dict[str, torch.Tensor]:
+    """Every shard a ``model.safetensors.index.json`` names, checked against its weight map:
+    shard names stay inside the directory, every shard exists, every mapped key is in its shard."""
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{index_path}: not a readable shard index ({exc})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise CheckpointError(f"{index_path}: a shard index needs a 'weight_map' of tensor name -> shard file")
+    shards = sorted(set(weight_map.values()))
+    outside = [name for name in shards if Path(name).name != name or name in ("", ".", "..")]
+    if outside:
+        raise CheckpointError(f"{index_path}: shard names must be files beside the index, got {outside[:3]}")
+    missing = [name for name in shards if not (index_path.parent / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{index_path}: shard(s) {missing} named in the index are missing from "
+                              f"{index_path.parent}")
+    state_dict: dict[str, torch.Tensor] = {}
+    for name in shards:
+        tensors = _read_safetensors(index_path.parent / name)
+        absent = [key for key, shard in weight_map.items() if shard == name and key not in tensors]
+        if absent:
+            raise CheckpointError(f"{index_path.parent / name}: lacks {absent[:3]}, which the index places there")
+        state_dict.update(tensors)
+    return state_dict
+
+
 def import_reference_checkpoint(state_dict_path: str | os.PathLike,
                                 backbone_config_path: str | os.PathLike, *,
                                 num_mem_tokens: int, segment_size: int,
-                                kind: str = "decoder", **encoder_ids: int) -> RMTBase:
-    """Load a state dict saved by the reference RMT code.
+                                kind: str = "decoder", note: Callable[[str], None] | None = None,
+                                **encoder_ids: int) -> RMTBase:
+    """Load a state dict saved by the reference RMT code (any layout ``read_state_dict`` reads).
 
     Decoder: RecurrentWrapper keys ``memory_cell.memory`` and ``memory_cell.model.<backbone>``.
     Encoder: RMTEncoderForSequenceClassification keys ``model.<backbone>`` (word embeddings
     already widened by M memory rows), plus its id buffers, which are dropped.
     ``backbone_config_path`` is the base model's config.json (e.g. GPT-2's).
     ``encoder_ids``: cls_token_id, sep_token_id, pad_token_id for an encoder.
+    ``note``: told what was read and which dtypes were converted to float32.
     """
-    raw = read_torch_file(state_dict_path)
-    if isinstance(raw, dict) and raw.get("format") == CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{state_dict_path}: this is an rmt-edge checkpoint; load it directly")
-    if isinstance(raw, dict) and isinstance(raw.get("model_state_dict"), dict):
-        raw = raw["model_state_dict"]  # the reference trainer's wrapping
-    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
-        raise CheckpointError(f"{state_dict_path}: expected a state dict (names -> tensors)")
+    raw, source = read_state_dict(state_dict_path)
+    converted = sorted({str(v.dtype).replace("torch.", "") for v in raw.values()
+                        if v.is_floating_point() and v.dtype != torch.float32})
+    if note is not None:
+        note(f"read {len(raw)} tensors from {source}" + (
+            f"; {'/'.join(converted)} weights converted to float32 (export computes in float32, then casts "
+            "to the bundle's precision)" if converted else ""))
     backbone = _read_backbone_config(backbone_config_path)
     try:
         config = RMTConfig(kind=kind, backbone=backbone, num_mem_tokens=num_mem_tokens,
@@ -180,7 +259,7 @@ def import_reference_checkpoint(state_dict_path: str | os.PathLike,
         raise CheckpointError(f"{state_dict_path}: {exc}") from None
     model = build_model(config)
     state_dict = _reference_to_native(raw, kind, set(model.state_dict()))
-    _load_strict(model, state_dict, str(state_dict_path))
+    _load_strict(model, state_dict, source)
     return model
 
 

@@ -89,27 +89,37 @@ def _ort_session(path: str):
     return session
 
 
-def _pytorch_rollout(model: RMTBase, segments, memory: torch.Tensor) -> list[dict[str, np.ndarray]]:
-    """PyTorch fp32, chained: per segment the full logits, last-token logits and memory."""
-    steps = []
+def _pytorch_step(model: RMTBase, ids: np.ndarray, mask: np.ndarray, memory: torch.Tensor
+                  ) -> tuple[dict[str, np.ndarray], torch.Tensor]:
+    """One PyTorch fp32 segment: its outputs by graph output name, and the memory it passes on."""
     with torch.no_grad():
-        for ids, mask in segments:
-            ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
-            logits, new_memory = model.step(ids_t, mask_t, memory)
-            record = {"memory_in": memory.numpy().copy(), "new_memory": new_memory.numpy().copy()}
-            if model.config.kind == "decoder":
-                last = np.maximum(mask.sum(axis=1) - 1, 0)
-                record["logits"] = logits.numpy().copy()
-                record["last_logits"] = record["logits"][np.arange(len(last)), last]
-            else:
-                record["logits"] = logits.numpy().copy()
-            steps.append(record)
-            memory = new_memory
-    return steps
+        logits, new_memory = model.step(torch.from_numpy(ids), torch.from_numpy(mask), memory)
+    record = {"new_memory": new_memory.numpy(), "logits": logits.numpy()}
+    if model.config.kind == "decoder":
+        last = np.maximum(mask.sum(axis=1) - 1, 0)
+        record["last_logits"] = record["logits"][np.arange(len(last)), last]
+    return record, new_memory
+
+
+def _max_abs_diff(got: np.ndarray, expected: np.ndarray) -> float:
+    """max |got - expected| in float64, one row at a time (a segment's full logits are
+    hundreds of MB at real size: no whole float64 copy); inf when ``got`` is not finite."""
+    worst = 0.0
+    for row in range(got.shape[0]):
+        if not np.isfinite(got[row]).all():
+            return float("inf")
+        worst = max(worst, float(np.abs(got[row].astype(np.float64) - expected[row]).max()))
+    return worst
 
 
 def _sig(x: float) -> float:
     return float(f"{x:.3g}")
+
+
+def _top2_margin(logits: np.ndarray) -> np.ndarray:
+    """top-1 minus top-2 over the last axis."""
+    top2 = np.partition(logits, -2, axis=-1)[..., -2:]
+    return top2[..., 1] - top2[..., 0]
 
 
 def _argmax_agreement(got: np.ndarray, ref: np.ndarray, valid: np.ndarray,
@@ -118,92 +128,132 @@ def _argmax_agreement(got: np.ndarray, ref: np.ndarray, valid: np.ndarray,
 
     With no decisive position the decisive agreement is None: nothing was judged, so it
     must not read as agreement."""
-    ref_sorted = np.sort(ref, axis=-1)
-    margin = ref_sorted[..., -1] - ref_sorted[..., -2]
-    same = got.argmax(-1) == ref.argmax(-1)
-    decisive = valid & (margin > 2 * bound)
-    overall = float(same[valid].mean()) if valid.any() else 1.0
-    decisive_rate = float(same[decisive].mean()) if decisive.any() else None
-    return overall, decisive_rate, int(decisive.sum())
+    return _Agreement.of(got, ref, valid).result(bound)
+
+
+class _Agreement:
+    """Argmax agreement gathered segment by segment: per valid position only whether the
+    argmaxes agree and PyTorch's top-2 margin, plus the largest |logit| seen, so that the
+    decisive threshold (2 x the bound at the largest |logit|) is applied once all are in."""
+
+    def __init__(self) -> None:
+        self.same: list[np.ndarray] = []
+        self.margin: list[np.ndarray] = []
+        self.scale = 0.0
+
+    @classmethod
+    def of(cls, got: np.ndarray, ref: np.ndarray, valid: np.ndarray) -> "_Agreement":
+        agreement = cls()
+        agreement.add(got, ref, valid)
+        return agreement
+
+    def add(self, got: np.ndarray, ref: np.ndarray, valid: np.ndarray) -> None:
+        self.same.append((got.argmax(-1) == ref.argmax(-1))[valid])
+        self.margin.append(_top2_margin(ref)[valid])
+        self.scale = max(self.scale, float(np.abs(ref).max()))
+
+    def result(self, bound: float) -> tuple[float, float | None, int]:
+        same, margin = np.concatenate(self.same), np.concatenate(self.margin)
+        decisive = margin > 2 * bound
+        overall = float(same.mean()) if same.size else 1.0
+        decisive_rate = float(same[decisive].mean()) if decisive.any() else None
+        return overall, decisive_rate, int(decisive.sum())
 
 
 def _rate(value: float | None) -> float | None:
     return None if value is None else _sig(value)
 
 
+MODES = ("teacher_forced", "chained")
+
+
 def validate_graphs(model: RMTBase, graphs: dict[str, tuple[str, GraphSpec]], precision: str,
                     plan: ValidationPlan = ValidationPlan()) -> dict[str, Any]:
-    """Compare every graph with ``model`` (fp32 PyTorch); return the report or raise ValidationError."""
+    """Compare every graph with ``model`` (fp32 PyTorch); return the report or raise ValidationError.
+
+    Segment by segment: PyTorch's step (and, on the first graph's pass, its perturbed twin:
+    the model's own sensitivity) and the graph in both modes run, are compared, and only the
+    figures are kept. Memory does not grow with the number of segments (a segment's full
+    logits are hundreds of MB at real vocabulary sizes), and one graph's session is open at
+    a time (each holds a copy of the weights); the price is PyTorch's reference step run
+    once more for each further graph."""
     config = model.config
     tolerance = TOLERANCES[precision]
     low = 4 if config.kind == "encoder" else 0
     segments = plan.inputs(config.vocab_size, config.segment_size, low)
     memory0 = model.initial_memory(plan.batch).detach().float().clone()
-    reference = _pytorch_rollout(model, segments, memory0)
-
     generator = torch.Generator().manual_seed(plan.seed + 1)
     noise = torch.randn(memory0.shape, generator=generator)
-    perturbed = _pytorch_rollout(model, segments, memory0 * (1 + tolerance.perturbation * noise))
-    sensitivity = {name: [float(np.abs(p[name] - r[name]).max()) for p, r in zip(perturbed, reference)]
-                   for name in reference[0] if name != "memory_in"}
 
+    sensitivity: dict[str, list[float]] = {}
     report: dict[str, Any] = {
         "precision": precision, "segments": plan.segments, "batch": plan.batch, "seed": plan.seed,
         "segment_lengths": [int(ids.shape[1]) for ids, _ in segments],
-        "tolerance": asdict(tolerance),
-        "sensitivity": {k: [_sig(v) for v in values] for k, values in sensitivity.items()},
-        "graphs": {}, "misses": [],
+        "tolerance": asdict(tolerance), "sensitivity": {}, "graphs": {}, "misses": [],
     }
     misses: list[str] = report["misses"]
     for name, (path, spec) in graphs.items():
         session = _ort_session(str(path))
         outputs = spec.output_names
-        result: dict[str, Any] = {}
-        for mode in ("teacher_forced", "chained"):
-            errors = {o: {"max_abs": [], "max_rel": [], "bound": []} for o in outputs}
-            memory = memory0.numpy()
-            agreement: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-            for index, ((ids, mask), ref) in enumerate(zip(segments, reference)):
-                feed_memory = ref["memory_in"] if mode == "teacher_forced" else memory
+        logits_name = "last_logits" if "last_logits" in outputs else "logits" if "logits" in outputs else None
+        errors = {mode: {o: {"max_abs": [], "max_rel": [], "bound": []} for o in outputs} for mode in MODES}
+        found: dict[str, list[str]] = {mode: [] for mode in MODES}
+        agreements = {mode: _Agreement() for mode in MODES}
+        measure_sensitivity = not sensitivity
+        reference_memory, perturbed_memory = memory0, memory0 * (1 + tolerance.perturbation * noise)
+        chained_memory = memory0.numpy()
+        for index, (ids, mask) in enumerate(segments):
+            memory_in = reference_memory.numpy()
+            reference, reference_memory = _pytorch_step(model, ids, mask, reference_memory)
+            if measure_sensitivity:
+                perturbed, perturbed_memory = _pytorch_step(model, ids, mask, perturbed_memory)
+                for key in reference:
+                    sensitivity.setdefault(key, []).append(_max_abs_diff(perturbed[key], reference[key]))
+                del perturbed
+            for mode in MODES:
+                feed_memory = memory_in if mode == "teacher_forced" else chained_memory
                 got = dict(zip(outputs, session.run(outputs, {"input_ids": ids, "attention_mask": mask,
-                                                               "memory": feed_memory.astype(np.float32)})))
-                memory = got["new_memory"]
+                                                              "memory": feed_memory.astype(np.float32)})))
+                if mode == "chained":
+                    chained_memory = got["new_memory"]
                 for output in outputs:
-                    expected = ref[output]
+                    expected = reference[output]
                     scale = float(np.abs(expected).max())
-                    err = float(np.abs(got[output].astype(np.float64) - expected).max())
-                    if not np.isfinite(got[output]).all():
-                        err = float("inf")
+                    err = _max_abs_diff(got[output], expected)
                     bound = tolerance.bound(scale)
                     if mode == "chained":
                         bound += tolerance.sensitivity_factor * sensitivity[output][index]
-                    errors[output]["max_abs"].append(_sig(err))
-                    errors[output]["max_rel"].append(_sig(err / scale if scale else err))
-                    errors[output]["bound"].append(_sig(bound))
+                    figures = errors[mode][output]
+                    figures["max_abs"].append(_sig(err))
+                    figures["max_rel"].append(_sig(err / scale if scale else err))
+                    figures["bound"].append(_sig(bound))
                     if not err <= bound:
-                        misses.append(f"{name}.{output} {mode} segment {index}: max abs {err:.3g} > bound {bound:.3g} "
-                                      f"(max |ref| {scale:.3g}, sensitivity {sensitivity[output][index]:.3g})")
-                logits_name = "last_logits" if "last_logits" in outputs else "logits" if "logits" in outputs else None
+                        found[mode].append(f"{name}.{output} {mode} segment {index}: max abs {err:.3g} > bound "
+                                           f"{bound:.3g} (max |ref| {scale:.3g}, sensitivity "
+                                           f"{sensitivity[output][index]:.3g})")
                 if logits_name:
                     valid = mask.astype(bool) if got[logits_name].ndim == 3 else mask.any(axis=1)
-                    agreement.append((got[logits_name], ref[logits_name], valid))
-            result[mode] = errors
-            if agreement:
-                got_all = np.concatenate([a[0].reshape(-1, a[0].shape[-1]) for a in agreement])
-                ref_all = np.concatenate([a[1].reshape(-1, a[1].shape[-1]) for a in agreement])
-                valid_all = np.concatenate([a[2].reshape(-1) for a in agreement])
-                bound = tolerance.bound(float(np.abs(ref_all).max()))
-                overall, decisive, count = _argmax_agreement(got_all, ref_all, valid_all, bound)
-                result.setdefault("argmax_agreement", {})[mode] = _sig(overall)
-                if mode == "teacher_forced":
-                    result["argmax_agreement"]["teacher_forced_decisive"] = _rate(decisive)
-                    result["argmax_agreement"]["decisive_positions"] = count
-                    if decisive is not None and decisive < 1.0:
-                        misses.append(f"{name}.{logits_name} teacher_forced: argmax agrees on {decisive:.4f} of "
-                                      f"{count} positions whose top-2 margin exceeds 2 x the tolerance (expected all)")
-        result["worst"] = {f"{mode}.{o}": max(result[mode][o]["max_abs"]) for mode in ("teacher_forced", "chained")
-                           for o in outputs}
+                    agreements[mode].add(got[logits_name], reference[logits_name], valid)
+                del got
+            del reference
+        del session
+        result: dict[str, Any] = {}
+        for mode in MODES:  # per mode: its errors and misses, then its argmax agreement
+            result[mode] = errors[mode]
+            misses += found[mode]
+            if not logits_name:
+                continue
+            overall, decisive, count = agreements[mode].result(tolerance.bound(agreements[mode].scale))
+            result.setdefault("argmax_agreement", {})[mode] = _sig(overall)
+            if mode == "teacher_forced":
+                result["argmax_agreement"]["teacher_forced_decisive"] = _rate(decisive)
+                result["argmax_agreement"]["decisive_positions"] = count
+                if decisive is not None and decisive < 1.0:
+                    misses.append(f"{name}.{logits_name} teacher_forced: argmax agrees on {decisive:.4f} of "
+                                  f"{count} positions whose top-2 margin exceeds 2 x the tolerance (expected all)")
+        result["worst"] = {f"{mode}.{o}": max(result[mode][o]["max_abs"]) for mode in MODES for o in outputs}
         report["graphs"][name] = result
+    report["sensitivity"] = {k: [_sig(v) for v in values] for k, values in sensitivity.items()}
     report["passed"] = not misses
     if misses:
         raise ValidationError(misses, report)

@@ -2,6 +2,9 @@
 the damage may pass it. Each graph here is the real exported step graph with one deliberate
 change made with the onnx API, checked by the real validator against the real PyTorch model."""
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -12,7 +15,7 @@ from onnx import helper, numpy_helper
 from rmt_export.errors import ValidationError
 from rmt_export.exporter import ExportOptions, export_model
 from rmt_export.validate import ValidationPlan, summary_lines, validate_graphs
-from rmt_model import build_model
+from rmt_model import build_model, save_checkpoint
 from rmt_model.tiny import tiny_config
 from rmt_runtime.bundle import Bundle
 
@@ -84,3 +87,37 @@ def test_no_decisive_position_is_not_reported_as_agreement(tmp_path):
     agreement = report["graphs"]["step"]["argmax_agreement"]
     assert agreement["decisive_positions"] == 0 and agreement["teacher_forced_decisive"] is None
     assert any("argmax not judged" in line for line in summary_lines(report))
+
+
+PEAK_SCRIPT = """
+import sys, torch
+from rmt_model import load_checkpoint
+from rmt_runtime.bundle import Bundle
+from rmt_export.validate import ValidationPlan, validate_graphs
+torch.set_num_threads(1)
+model = load_checkpoint(sys.argv[1])
+bundle = Bundle.load(sys.argv[2])
+graphs = {name: (str(bundle.graph_path(name)), bundle.graph_spec(name)) for name in ("step", "ingest")}
+validate_graphs(model, graphs, "fp32", ValidationPlan(segments=int(sys.argv[3])))
+peak = [line for line in open("/proc/self/status") if line.startswith("VmHWM")][0].split()[1]
+print(int(peak) * 1024)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc (Linux)")
+def test_validation_peak_memory_does_not_grow_with_the_number_of_segments(shared_once):
+    """A vocabulary of 32,000 makes a segment's full logits 8 MB ([2, 64, 32000] float32): keeping
+    them per segment, as the validator once did three times over, would add ~0.8 GB between 4
+    and 32 segments. The process's peak RSS must stay within 10%."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config("gpt2", num_mem_tokens=4, segment_size=56, vocab_size=32000))
+    checkpoint = shared_once("ckpt/large-vocab.pt", lambda path: save_checkpoint(model, path))
+    options = ExportOptions(plan=ValidationPlan(segments=2), generation=False, validate=False)
+    bundle = shared_once("bundles/large-vocab", lambda path: export_model(model, path, options))
+    peaks = {}
+    for segments in (4, 32):
+        result = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(checkpoint), str(bundle), str(segments)],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        peaks[segments] = int(result.stdout.strip().splitlines()[-1])
+    assert peaks[32] <= 1.10 * peaks[4], {k: f"{v / 2**20:.0f} MiB" for k, v in peaks.items()}

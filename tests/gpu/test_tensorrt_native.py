@@ -4,8 +4,7 @@ import pytest
 
 from rmt_runtime import RMTRuntime
 
-pytest.importorskip("tensorrt", reason="TensorRT is not installed (JetPack, or NVIDIA's pip index)")
-pytest.importorskip("cuda.bindings", reason="cuda-python is not installed")
+pytestmark = pytest.mark.usefixtures("needs_tensorrt")
 
 
 @pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-3), ("fp16", 5e-2)])

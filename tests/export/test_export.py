@@ -56,14 +56,18 @@ def test_every_family_and_precision_validates(bundle_factory, family, precision)
                 worst = max(errors["max_abs"]), max(errors["max_rel"])
                 assert _within(precision, output, mode, *worst), (name, mode, output, worst)
         if "argmax_agreement" in graph:
-            assert graph["argmax_agreement"]["teacher_forced_decisive"] == 1.0
-            assert graph["argmax_agreement"]["teacher_forced"] >= (0.999 if precision == "fp32" else 0.98)
+            agreement = graph["argmax_agreement"]
+            assert agreement["teacher_forced"] >= (0.999 if precision == "fp32" else 0.98)
             if family in DECODER_FAMILIES:  # 12..1003 decisive positions measured: the rate is not vacuous
-                assert graph["argmax_agreement"]["decisive_positions"] > 0
+                assert agreement["decisive_positions"] > 0 and agreement["teacher_forced_decisive"] == 1.0
+            else:  # class logits under 0.02: at fp16 no top-2 margin clears the bound, and nothing is judged
+                assert agreement["teacher_forced_decisive"] == (1.0 if agreement["decisive_positions"] else None)
     generation = report.get("generation")
     assert (generation is not None) == (family in DECODER_FAMILIES)  # decoders also get prefill/decode
     if generation:
-        assert generation["argmax_agreement"]["cached_decisive"] == 1.0 and generation["decode"]["steps"] == 8
+        cached = generation["argmax_agreement"]
+        assert generation["decode"]["steps"] == 8
+        assert cached["decisive_positions"] > 0 and cached["cached_decisive"] == 1.0  # 2..18 positions measured
         assert max(generation["worst"].values()) <= PARITY[precision][3]
         assert {"prefill", "decode"} <= set(result.manifest["graphs"])
 

@@ -33,8 +33,10 @@ def test_int8_bundle_quantizes_matmuls_and_passes_validation(bundle_factory, fam
             for output, errors in graph[mode].items():
                 worst = max(errors["max_abs"]), max(errors["max_rel"])
                 assert _within("int8", output, mode, *worst), (name, mode, output, worst)
-        if "argmax_agreement" in graph:
-            assert graph["argmax_agreement"]["teacher_forced_decisive"] == 1.0
+        if "argmax_agreement" in graph:  # bert's class logits (< 0.02) leave no decisive position at int8
+            agreement = graph["argmax_agreement"]
+            assert agreement["teacher_forced_decisive"] == (1.0 if agreement["decisive_positions"] else None)
+            assert agreement["decisive_positions"] > 0 or family == "bert"
     # test_export.py::test_graphs_match_the_pytorch_model_on_inputs_of_their_own[*-int8] runs these
     # graphs against the PyTorch model itself.
 

@@ -55,6 +55,8 @@ def test_every_family_and_precision_validates(bundle_factory, family, precision)
                 assert len(errors["max_abs"]) == 32
                 worst = max(errors["max_abs"]), max(errors["max_rel"])
                 assert _within(precision, output, mode, *worst), (name, mode, output, worst)
+        # every graph with logits is judged on argmax too: all decoder graphs, the encoder's step
+        assert ("argmax_agreement" in graph) == (family in DECODER_FAMILIES or name == "step"), name
         if "argmax_agreement" in graph:
             agreement = graph["argmax_agreement"]
             assert agreement["teacher_forced"] >= (0.999 if precision == "fp32" else 0.98)

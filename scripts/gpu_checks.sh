@@ -17,7 +17,9 @@ py=.venv/bin/python
   "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" 2>&1
   "$py" -c "import tensorrt as t; print('tensorrt', t.__version__)" 2>&1 | tail -n 1
 } | tee "$report/environment.txt"
-PYTHONUNBUFFERED=1 "$py" -m pytest -m gpu tests/gpu -v -rs --junitxml="$report/gpu-junit.xml" 2>&1 | tee "$report/gpu-pytest.log"
+# RMT_REQUIRE_GPU=1: a GPU test whose provider, TensorRT, cuda-python or GPU is missing fails
+# instead of skipping (tests/gpu/conftest.py), so a run that tested nothing cannot pass.
+RMT_REQUIRE_GPU=1 PYTHONUNBUFFERED=1 "$py" -m pytest -m gpu tests/gpu -v -rs --junitxml="$report/gpu-junit.xml" 2>&1 | tee "$report/gpu-pytest.log"
 status=${PIPESTATUS[0]}
 # Throughput side by side (TensorRT native with and without CUDA graphs, ORT CUDA/TensorRT EPs,
 # PyTorch on CUDA); variants missing here are listed as skipped with the reason.

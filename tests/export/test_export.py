@@ -9,37 +9,125 @@ import torch
 
 from rmt_export.errors import ExportError, ValidationError
 from rmt_export.exporter import ExportOptions, export_model
-from rmt_export.validate import TOLERANCES, ValidationPlan, validate_graphs
+from rmt_export.validate import ValidationPlan, validate_graphs
 from rmt_model.tiny import DECODER_FAMILIES, ENCODER_FAMILIES
 from rmt_runtime.bundle import Bundle, sha256_file
 
 CASES = [(f, p) for f in DECODER_FAMILIES + ENCODER_FAMILIES for p in ("fp32", "fp16")]
+INT8_CASES = [("gpt2", "int8"), ("bert", "int8")]  # the int8 bundles tests/export/test_int8.py exports
+
+# Worst errors of ONNX Runtime CPU against PyTorch fp32, measured over 32 segments of batch 2
+# (the validator's seed 0 and this file's seed 11), every family of tiny_config, step and ingest:
+#         logits, relative to the segment's max |logits|   memory (abs), teacher-forced / chained   prefill/decode (abs)
+#   fp32  8.6e-7                                            9.5e-7 / 2.2e-6                           1.5e-7
+#   fp16  9.7e-4                                            2.4e-3 / 9.9e-3                           2.6e-4
+#   int8  2.3e-2 (bert; gpt2 1.2e-2)                        2.0e-2 / 2.1e-2                           5.0e-3
+# Logits are judged relative to their size: the encoders' class logits are under 0.02, where any
+# absolute bound fit for the decoders' (up to 0.75) would pass anything. Memory is ~3 everywhere.
+# The bounds sit 3-7x above the measured figures; a graph with a real defect (a wrong mask, a
+# dropped layer, fp16 overflow) misses them by orders of magnitude, rounding noise does not.
+PARITY = {  # precision: (logits relative, memory teacher-forced, memory chained, prefill/decode)
+    "fp32": (5e-6, 5e-6, 1e-5, 1e-6),
+    "fp16": (4e-3, 1e-2, 3e-2, 1e-3),
+    "int8": (7e-2, 6e-2, 6e-2, 2e-2),
+}
+
+
+def _within(precision: str, output: str, mode: str, max_abs: float, max_rel: float) -> bool:
+    logits, memory, chained, _ = PARITY[precision]
+    if output == "new_memory":
+        return max_abs <= (memory if mode == "teacher_forced" else chained)
+    return max_rel <= logits  # logits do not drift when chained: the measured chained figures equal these
 
 
 @pytest.mark.parametrize("family, precision", CASES)
 def test_every_family_and_precision_validates(bundle_factory, family, precision):
-    """The export's own validation passed; its numbers are within the documented bounds."""
+    """The export's own validation passed, and the errors it reports are the measured ones
+    (PARITY), not merely inside the validator's own wider bounds."""
     model, result = bundle_factory(family, precision)
     report = result.manifest["validation"]
     assert report["passed"] and report["misses"] == []
     assert report["segments"] == 32 and report["batch"] == 2
     assert report["segment_lengths"][-1] < model.config.segment_size  # the short padded last segment
-    tolerance = TOLERANCES[precision]
     for name, graph in report["graphs"].items():
-        for output, errors in graph["teacher_forced"].items():
-            assert len(errors["max_abs"]) == 32
-            assert max(errors["max_abs"]) <= tolerance.atol + tolerance.rtol * 100
-        if precision == "fp32":  # fp32 graphs are far inside the bound
-            assert max(max(e["max_abs"]) for e in graph["teacher_forced"].values()) < 1e-5
+        for mode in ("teacher_forced", "chained"):
+            for output, errors in graph[mode].items():
+                assert len(errors["max_abs"]) == 32
+                worst = max(errors["max_abs"]), max(errors["max_rel"])
+                assert _within(precision, output, mode, *worst), (name, mode, output, worst)
+        # every graph with logits is judged on argmax too: all decoder graphs, the encoder's step
+        assert ("argmax_agreement" in graph) == (family in DECODER_FAMILIES or name == "step"), name
         if "argmax_agreement" in graph:
-            assert graph["argmax_agreement"]["teacher_forced_decisive"] == 1.0
-            assert graph["argmax_agreement"]["teacher_forced"] >= (0.999 if precision == "fp32" else 0.98)
+            agreement = graph["argmax_agreement"]
+            assert agreement["teacher_forced"] >= (0.999 if precision == "fp32" else 0.98)
+            if family in DECODER_FAMILIES:  # 12..1003 decisive positions measured: the rate is not vacuous
+                assert agreement["decisive_positions"] > 0 and agreement["teacher_forced_decisive"] == 1.0
+            else:  # class logits under 0.02: at fp16 no top-2 margin clears the bound, and nothing is judged
+                assert agreement["teacher_forced_decisive"] == (1.0 if agreement["decisive_positions"] else None)
     generation = report.get("generation")
     assert (generation is not None) == (family in DECODER_FAMILIES)  # decoders also get prefill/decode
     if generation:
-        assert generation["argmax_agreement"]["cached_decisive"] == 1.0 and generation["decode"]["steps"] == 8
-        assert max(generation["worst"].values()) < (1e-5 if precision == "fp32" else 5e-3)
+        cached = generation["argmax_agreement"]
+        assert generation["decode"]["steps"] == 8
+        assert cached["decisive_positions"] > 0 and cached["cached_decisive"] == 1.0  # 2..18 positions measured
+        assert max(generation["worst"].values()) <= PARITY[precision][3]
         assert {"prefill", "decode"} <= set(result.manifest["graphs"])
+
+
+def _independent_segments(model, seed=11, segments=32, batch=2):
+    """Inputs of this test's own (not the validator's): full segments, then a short last one
+    whose second row is half padding."""
+    rng = np.random.default_rng(seed)
+    low = 4 if model.config.kind == "encoder" else 0  # encoders keep their framing ids out of the text
+    size = model.config.segment_size
+    out = []
+    for index in range(segments):
+        length = size if index < segments - 1 else size // 2 + 3
+        ids = rng.integers(low, model.config.vocab_size, (batch, length))
+        mask = np.ones_like(ids)
+        if index == segments - 1:
+            mask[1, length // 2:] = 0
+        out.append((ids, mask))
+    return out
+
+
+def _expected(model, segments):
+    """PyTorch fp32, chained: per segment the memory it read and every graph output."""
+    memory = model.initial_memory(2).detach()
+    steps = []
+    with torch.no_grad():
+        for ids, mask in segments:
+            logits, new_memory = model.step(torch.from_numpy(ids), torch.from_numpy(mask), memory)
+            record = {"memory_in": memory.numpy(), "logits": logits.numpy(), "new_memory": new_memory.numpy()}
+            if model.config.kind == "decoder":
+                record["last_logits"] = record["logits"][np.arange(len(ids)), mask.sum(axis=1) - 1]
+            steps.append(record)
+            memory = new_memory
+    return steps
+
+
+@pytest.mark.parametrize("family, precision", CASES + INT8_CASES)
+def test_graphs_match_the_pytorch_model_on_inputs_of_their_own(bundle_factory, family, precision):
+    """The bundle's step and ingest graphs, run here with ONNX Runtime and compared with the
+    PyTorch model directly (not through the validator), teacher-forced and chained."""
+    model, result = bundle_factory(family, precision)
+    segments = _independent_segments(model)
+    reference = _expected(model, segments)
+    for graph in ("step", "ingest"):
+        session = ort.InferenceSession(str(result.path / f"{graph}.onnx"), providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        for mode in ("teacher_forced", "chained"):
+            memory = reference[0]["memory_in"]
+            for index, ((ids, mask), expected) in enumerate(zip(segments, reference)):
+                feed = expected["memory_in"] if mode == "teacher_forced" else memory
+                got = dict(zip(names, session.run(None, {"input_ids": ids, "attention_mask": mask,
+                                                         "memory": feed.astype(np.float32)})))
+                memory = got["new_memory"]
+                for name, value in got.items():
+                    assert value.shape == expected[name].shape, (graph, name)
+                    error = float(np.abs(value - expected[name]).max())
+                    relative = error / float(np.abs(expected[name]).max())
+                    assert _within(precision, name, mode, error, relative), (graph, mode, name, index, error, relative)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])

@@ -50,9 +50,11 @@ def _unsupported_graph(path):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_step_graph_builds(trt, step_graphs, precision):
+def test_step_graph_builds(trt, step_graphs, precision, capfd):
     spec, paths = step_graphs
+    capfd.readouterr()
     result = trt_gate.check_graph(paths[precision], spec, SEGMENT, max_batch=4)
+    printed = capfd.readouterr()
     assert result.ok, result.summary()
     assert result.built and result.engine_bytes > 0 and result.build_seconds > 0
     assert result.unsupported_nodes == [] and result.errors == []
@@ -62,6 +64,7 @@ def test_step_graph_builds(trt, step_graphs, precision):
     assert result.profile["memory"][2] == (4, NUM_MEM, spec.input("memory").dims[2])
     # The parser's benign notes land in warnings, not on stdout or in errors.
     assert all(isinstance(w, str) for w in result.warnings)
+    assert printed.out == "", printed.out
 
 
 def test_spec_mismatch_is_an_error_not_a_build(trt, step_graphs):

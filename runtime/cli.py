@@ -17,7 +17,7 @@ import numpy as np
 
 from .atomic import unwritable_reason, write_atomically
 from .bundle import Bundle, BundleError
-from .cli_support import fail, run_guarded, stop_requests
+from .cli_support import run_guarded, stop_requests
 from .errors import BackendError, RuntimeInputError, StateError
 from .segments import check_mask
 from .runtime import RMTRuntime

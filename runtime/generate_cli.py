@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import click
-import numpy as np
 
 from .bundle import Bundle
 from .cli import CliInputError, optional_tokenizer, run_guarded_cli, read_input

@@ -8,7 +8,6 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import onnxruntime
 import pytest
 from click.testing import CliRunner
 
@@ -386,9 +385,10 @@ def test_the_torch_backend_is_not_part_of_the_runtime_cli(tokenized, ids_npy):
     assert result.exit_code == 2 and "'torch' is not one of" in result.stderr
 
 
-@pytest.mark.skipif("CUDAExecutionProvider" in onnxruntime.get_available_providers(),
-                    reason="this onnxruntime has CUDA")
-def test_cuda_provider_is_an_error_not_a_fallback(gpt2, ids_npy):
+def test_cuda_provider_is_an_error_not_a_fallback(gpt2, ids_npy, monkeypatch):
+    from tests.onnxruntime_stand_in import OnnxRuntimeStandIn, use_onnxruntime
+
+    use_onnxruntime(monkeypatch, OnnxRuntimeStandIn(["CPUExecutionProvider"]))  # a build without CUDA, anywhere
     result = run("--bundle", gpt2, "--ids", ids_npy, "--provider", "cuda")
     one_line_error(result, "provider 'cuda'", "CUDAExecutionProvider", "not in this onnxruntime build")
     assert result.stdout == ""

@@ -2,8 +2,6 @@
 error before any work (nothing runs, nothing is allocated from what they claim)."""
 import json
 import shutil
-import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest

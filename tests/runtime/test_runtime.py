@@ -4,29 +4,19 @@ import os
 import subprocess
 import sys
 import textwrap
-import threading
 
 import numpy as np
 import pytest
 import torch
 
 from rmt_runtime import BackendError, BundleError, RMTRuntime, RuntimeInputError, StateError
+from tests.onnxruntime_stand_in import OnnxRuntimeStandIn, use_onnxruntime
 
 TOKENS = 4096  # 256 segments of 16
 
 
 def random_ids(vocab, shape, seed=0, low=0):
     return np.random.default_rng(seed).integers(low, vocab, shape, dtype=np.int64)
-
-
-def iter_chunks(tokens, sizes):
-    """Consecutive chunks of the given sizes, the rest in the last."""
-    start = 0
-    for size in sizes:
-        yield tokens[start:start + size]
-        start += size
-    if start < len(tokens):
-        yield tokens[start:]
 
 
 def pytorch_loop(model, ids, mask=None, memory=None):
@@ -75,44 +65,6 @@ def test_full_logits_through_the_step_graph(bundle_factory):
 
 
 # Decoders: tests/reliability/test_properties.py::test_any_chunking_equals_one_shot (hypothesis).
-@pytest.mark.parametrize("family", ["bert"])
-def test_any_chunking_gives_the_same_result(bundle_factory, family):
-    model, exported = bundle_factory(family, "fp32")
-    rt = RMTRuntime.load(exported.path)
-    ids = random_ids(model.config.vocab_size, 333, seed=3, low=4)
-    whole = rt.new_state()
-    rt.feed(whole, ids)
-    expected = rt.flush(whole)
-    rng = np.random.default_rng(4)
-    for trial in range(5):
-        sizes = rng.integers(0, 40, size=30)
-        state = rt.new_state()
-        for chunk in iter_chunks(ids, sizes):
-            rt.feed(state, chunk)
-        got = rt.flush(state)
-        np.testing.assert_array_equal(got.memory, expected.memory)
-        np.testing.assert_array_equal(got.last_logits, expected.last_logits)
-    if model.config.kind == "decoder":  # a stream is the same as run() for a decoder
-        np.testing.assert_array_equal(rt.run(ids).memory, expected.memory)
-
-
-@pytest.mark.parametrize("family", ["qwen2", "bert"])
-def test_batched_streams_of_unequal_lengths_equal_each_alone(bundle_factory, family):
-    model, exported = bundle_factory(family, "fp32")
-    rt = RMTRuntime.load(exported.path)
-    streams = [random_ids(model.config.vocab_size, n, seed=n, low=4) for n in (250, 17, 64, 3)]
-    batched = rt.new_state(len(streams))
-    rt.feed(batched, [s[:100] for s in streams])
-    rt.feed(batched, [s[100:] for s in streams])
-    together = rt.flush(batched)
-    for row, stream in enumerate(streams):
-        alone = rt.new_state()
-        rt.feed(alone, stream)
-        single = rt.flush(alone)
-        np.testing.assert_allclose(together.memory[row], single.memory[0], rtol=0, atol=1e-5)
-        np.testing.assert_allclose(together.last_logits[row], single.last_logits[0], rtol=0, atol=1e-5)
-
-
 def test_run_with_right_padding_equals_rows_alone(bundle_factory):
     model, exported = bundle_factory("gpt2", "fp32")
     rt = RMTRuntime.load(exported.path)
@@ -171,20 +123,6 @@ def _alone(rt, row, lengths, stop=None):
     state = rt.new_state()
     rt.feed(state, random_ids(97, lengths[row], seed=20 + row), stop=stop)
     return state
-
-
-@pytest.mark.parametrize("lengths", [ROW_LENGTHS[:1], ROW_LENGTHS[1:2], ROW_LENGTHS], ids=["batch1", "batch1-partial", "batch3"])
-def test_save_restore_then_flush_with_nothing_new_is_bit_identical(bundle_factory, tmp_path, lengths):
-    _, exported = bundle_factory("gpt2", "fp32")
-    rt = RMTRuntime.load(exported.path)
-    state = _fed(rt, lengths)
-    rt.save_state(state, tmp_path / "s.npz")
-    restored = rt.restore_state(tmp_path / "s.npz")
-    for read in (rt.peek, rt.flush):
-        expected, got = read(state), read(restored)
-        assert got.last_logits is not None
-        np.testing.assert_array_equal(got.memory, expected.memory)
-        np.testing.assert_array_equal(got.last_logits, expected.last_logits)
 
 
 @pytest.mark.parametrize("stopped", [False, True], ids=["fed", "feed-stopped"])
@@ -342,34 +280,9 @@ def test_bundle_whose_file_changed_is_refused(bundle_factory, tmp_path):
         RMTRuntime.load(copy)
 
 
-class OnnxRuntimeStandIn:
-    """The real onnxruntime module, except for what it claims: ``available`` providers, and
-    sessions that run on the CPU whatever they were asked for. That is onnxruntime-gpu when a
-    CUDA library is missing (it lists CUDA, then silently runs on the CPU). It stands in for
-    the session factory only: the runner's guard against that fallback is what is tested."""
-
-    def __init__(self, available):
-        import onnxruntime
-        self._real, self._available = onnxruntime, list(available)
-
-    def __getattr__(self, name):
-        return getattr(self._real, name)
-
-    def get_available_providers(self):
-        return list(self._available)
-
-    def InferenceSession(self, path, options=None, providers=None):  # noqa: N802 - onnxruntime's name
-        return self._real.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-
-
-def _use_onnxruntime(monkeypatch, stand_in):
-    import rmt_runtime.backends.onnxruntime as backend
-    monkeypatch.setattr(backend, "import_onnxruntime", lambda: stand_in)
-
-
 def test_a_provider_that_falls_back_to_the_cpu_is_an_error(bundle_factory, monkeypatch):
     _, exported = bundle_factory("gpt2", "fp32")
-    _use_onnxruntime(monkeypatch, OnnxRuntimeStandIn(["CUDAExecutionProvider", "CPUExecutionProvider"]))
+    use_onnxruntime(monkeypatch, OnnxRuntimeStandIn(["CUDAExecutionProvider", "CPUExecutionProvider"]))
     with pytest.raises(BackendError, match=r"asked for CUDAExecutionProvider, but the \w+ session runs on "
                                            r"\['CPUExecutionProvider'\]"):
         RMTRuntime.load(exported.path, provider="cuda")
@@ -381,7 +294,7 @@ def test_a_provider_that_falls_back_to_the_cpu_is_an_error(bundle_factory, monke
 
 def test_a_provider_missing_from_the_build_is_an_error(bundle_factory, monkeypatch):
     _, exported = bundle_factory("gpt2", "fp32")
-    _use_onnxruntime(monkeypatch, OnnxRuntimeStandIn(["CPUExecutionProvider"]))
+    use_onnxruntime(monkeypatch, OnnxRuntimeStandIn(["CPUExecutionProvider"]))
     with pytest.raises(BackendError, match="provider 'cuda' .* is not in this onnxruntime build"):
         RMTRuntime.load(exported.path, provider="cuda")
     rt = RMTRuntime.load(exported.path)
@@ -414,25 +327,3 @@ def test_torch_backend_is_the_reference(bundle_factory, tiny_checkpoint, tmp_pat
     _, other = bundle_factory("llama", "fp32")
     with pytest.raises(BackendError, match="does not hold the model of bundle"):
         reference_runtime(other.path, ckpt)
-
-
-def test_threads_sharing_one_runtime_match_sequential_use(bundle_factory):
-    model, exported = bundle_factory("gpt2", "fp32")
-    rt = RMTRuntime.load(exported.path)
-    inputs = [random_ids(97, 200 + 13 * i, seed=20 + i) for i in range(6)]
-    expected = [rt.run(ids).memory for ids in inputs]
-    results = [None] * len(inputs)
-
-    def work(index):
-        state = rt.new_state()
-        for chunk in np.array_split(inputs[index], 5):
-            rt.feed(state, chunk)
-        results[index] = rt.flush(state).memory
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    for got, want in zip(results, expected):
-        np.testing.assert_array_equal(got, want)

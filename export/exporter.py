@@ -156,7 +156,7 @@ def export_bundle(ckpt: str | os.PathLike, out: str | os.PathLike, options: Expo
     if not Path(ckpt).exists():
         raise ExportError(f"--ckpt {ckpt}: no such file or directory")
     started = time.perf_counter()
-    model = load_model(ckpt, reference, (lambda detail: progress("load", detail)) if progress else None)
+    model = load_model(ckpt, reference, (lambda detail: progress("read", detail)) if progress else None)
     seconds = {"load": time.perf_counter() - started}
     if progress:
         progress("load", f"{model.config.family} {model.config.kind} RMT, M={model.config.num_mem_tokens}, "

@@ -248,7 +248,7 @@ def import_reference_checkpoint(state_dict_path: str | os.PathLike,
     converted = sorted({str(v.dtype).replace("torch.", "") for v in raw.values()
                         if v.is_floating_point() and v.dtype != torch.float32})
     if note is not None:
-        note(f"read {len(raw)} tensors from {source}" + (
+        note(f"{len(raw)} tensors from {source}" + (
             f"; {'/'.join(converted)} weights converted to float32 (export computes in float32, then casts "
             "to the bundle's precision)" if converted else ""))
     backbone = _read_backbone_config(backbone_config_path)

@@ -32,7 +32,7 @@ def test_a_bf16_hub_directory_exports_and_the_log_says_what_was_converted(tiny_c
     result = run("--ckpt", hub, "--out", tmp_path / "b", "--segments", 2, "--no-generation",
                  "--backbone-config", tmp_path / "gpt2.json", "--num-mem-tokens", 4, "--segment-size", 16)
     assert result.exit_code == 0, result.output
-    lines = [line for line in result.stderr.splitlines() if line.startswith("[load]")]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("[read]")]
     assert any("model.safetensors" in line and "bfloat16 weights converted to float32" in line for line in lines)
     rt = RMTRuntime.load(tmp_path / "b")
     ids = np.arange(40) % 97

@@ -49,10 +49,13 @@ def _run_guarded(verbose: bool, as_json: bool, work, interrupted=lambda: "interr
 @click.option("--num-mem-tokens", type=click.IntRange(min=1), default=None, help="Reference checkpoints: M.")
 @click.option("--segment-size", type=click.IntRange(min=1), default=None,
               help="Reference checkpoints: tokens per segment.")
+@click.option("--no-memory-check", is_flag=True,
+              help="Export even when the memory estimate is above what the machine has available.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable result on stdout.")
 @click.option("--verbose", is_flag=True, help="Show tracebacks.")
 def main(ckpt, out, fp16, int8, opset, force, no_validate, segments, no_generation, engine, engine_builder, max_batch,
-         workspace_mb, tokenizer_dir, backbone_config, num_mem_tokens, segment_size, as_json, verbose):
+         workspace_mb, tokenizer_dir, backbone_config, num_mem_tokens, segment_size, no_memory_check, as_json,
+         verbose):
     """Export an RMT checkpoint to a validated bundle holding single-segment ONNX graphs.
 
     \b
@@ -91,7 +94,7 @@ def main(ckpt, out, fp16, int8, opset, force, no_validate, segments, no_generati
         out = ckpt.with_name(f"{ckpt.stem}-{precision}")
     options = ExportOptions(precision=precision, opset=opset, validate=not no_validate, force=force,
                             plan=ValidationPlan(segments=segments), tokenizer_dir=tokenizer_dir,
-                            generation=not no_generation)
+                            generation=not no_generation, check_memory=not no_memory_check)
 
     def progress(stage: str, detail: str) -> None:
         click.echo(f"[{stage}] {detail}", err=True)

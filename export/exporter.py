@@ -26,6 +26,7 @@ from rmt_runtime.spec import SPEC_VERSION, step_specs
 
 from .errors import ExportError, ValidationError
 from .graphs import DEFAULT_OPSET, SUPPORTED_OPSETS, export_generation_graphs, export_graph, model_in_precision
+from .memory import GiB, estimate_export_memory, memory_for_export
 from .validate import ValidationPlan, validate_generation, validate_graphs
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -46,6 +47,8 @@ class ExportOptions:
     tokenizer_dir: Path | None = None
     # Decoders: also the KV-cached prefill and decode graphs that generation runs.
     generation: bool = True
+    # Refuse up front, with the estimate, an export that needs more memory than is available.
+    check_memory: bool = True
 
     def check(self) -> None:
         if self.precision not in PRECISIONS:
@@ -166,6 +169,22 @@ def export_bundle(ckpt: str | os.PathLike, out: str | os.PathLike, options: Expo
     return result
 
 
+def _check_memory(model: RMTBase, options: ExportOptions, progress: Progress | None) -> None:
+    """Say what the export will need; refuse it before any work when the machine has less."""
+    config = model.config
+    need = estimate_export_memory(sum(p.numel() for p in model.parameters()), options.precision, config.kind,
+                                  options.plan.batch, config.segment_size, config.vocab_size, options.validate)
+    have = memory_for_export()
+    if progress:
+        progress("memory", f"peak estimated at {need.total / GiB:.1f} GiB ({need.describe()})"
+                           + ("" if have is None else f"; {have / GiB:.1f} GiB available"))
+    if options.check_memory and have is not None and need.total > have:
+        raise ExportError(f"this export needs about {need.total / GiB:.1f} GiB of memory ({need.describe()} GiB) "
+                          f"and {have / GiB:.1f} GiB is available: export on a machine with more memory (or with "
+                          "--no-validate, which needs no validation logits), or pass --no-memory-check to try "
+                          "anyway")
+
+
 def export_model(model: RMTBase, out: str | os.PathLike, options: ExportOptions = ExportOptions(),
                  progress: Progress | None = None) -> ExportResult:
     """Trace, validate and write the bundle for ``model``; atomic: all of it or nothing."""
@@ -173,6 +192,7 @@ def export_model(model: RMTBase, out: str | os.PathLike, options: ExportOptions 
     out = _bundle_path(out)
     check_destination(out, options.force, (options.tokenizer_dir,) if options.tokenizer_dir else ())
     config = model.config
+    _check_memory(model, options, progress)
     model = model.eval()
     parent = out.parent if str(out.parent) else Path(".")
     try:

@@ -66,10 +66,23 @@ def _cgroup_room() -> int | None:
     return None if limit == "max" else max(int(limit) - used, 0)
 
 
+def resident_memory() -> int:
+    """This process's resident memory (VmRSS; 0 where /proc is missing): the loaded model
+    already counts in the estimate, so it is part of what the export has."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def memory_for_export() -> int | None:
-    """What an export may use here: MemAvailable, capped by a container's cgroup limit."""
+    """What an export may use here: what this process holds plus MemAvailable (capped by a
+    container's cgroup limit), or None where neither can be read."""
     found = [value for value in (available_memory(), _cgroup_room()) if value is not None]
-    return min(found) if found else None
+    return min(found) + resident_memory() if found else None
 
 
-__all__ = ["MemoryEstimate", "estimate_export_memory", "memory_for_export", "GiB"]
+__all__ = ["MemoryEstimate", "estimate_export_memory", "memory_for_export", "resident_memory", "GiB"]

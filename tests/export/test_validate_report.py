@@ -2,7 +2,6 @@
 through a bundle's manifest): the seeded inputs, the documented bounds, every number of the
 report against a PyTorch rollout made here, the misses of a graph that is wrong, the
 generation graphs' report, and the summary lines."""
-import shutil
 from dataclasses import asdict
 
 import numpy as np

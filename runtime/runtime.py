@@ -118,7 +118,8 @@ class RMTRuntime:
         try:
             shapes = {name: tuple(self.runner.shape_of(handle))[1:] for name, handle in state.handles.items()}
         except (TypeError, AttributeError):
-            raise RuntimeInputError(f"{what} holds buffers of another backend: a state belongs to the runtime that made it") from None
+            raise RuntimeInputError(f"{what} holds buffers of another backend: a state belongs to the runtime "
+                                    "that made it") from None
         if shapes != self.state_shapes:
             raise RuntimeInputError(f"{what} holds state {shapes}, this bundle's is {self.state_shapes}: "
                                     "a state of another bundle")

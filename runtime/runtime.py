@@ -430,7 +430,10 @@ class RMTRuntime:
 
     def restore_state(self, path: str | os.PathLike) -> SequenceState:
         """A state saved by ``save_state`` from this same bundle; any other is refused."""
-        width = self.bundle.vocab_size if self.kind == "decoder" else self.bundle.manifest.get("num_labels", 0)
+        # The saved logits' width: the vocabulary, or the step graph's class logits (num_labels
+        # is optional in a manifest; the graph spec always says it).
+        logits = next(t for t in self.bundle.graph_spec(STEP).outputs if t.name == "logits")
+        width = self.bundle.vocab_size if self.kind == "decoder" else int(logits.dims[-1])
         layout = StateLayout(self.state_shapes, self.bundle.vocab_size, width)
         loaded = load_state_file(path, self.bundle.identity, str(self.bundle.path), layout)
         return self._state_from_host(loaded.tensors, loaded.pending, loaded.tokens_seen, loaded.segments_done,

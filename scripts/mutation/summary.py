@@ -30,7 +30,7 @@ def main() -> None:
             name = line.split("#", 1)[0].strip()
             if name:
                 equivalent.add(name)
-    columns = ["total", "killed", "timeout", "survived", "equivalent", "no tests", "not checked", "other"]
+    columns = ["total", "not checked", "checked", "killed", "timeout", "survived", "equivalent", "no tests", "other"]
     print(f"{'file':40s}" + "".join(f"{c:>12s}" for c in columns) + f"{'kill rate':>11s}{'non-equiv':>11s}")
     totals: Counter = Counter()
     survivors = []
@@ -48,10 +48,11 @@ def main() -> None:
                 else:
                     survivors.append((name, source))
             counts[status] += 1
+        counts["checked"] = counts["total"] - counts["not checked"]
         totals.update(counts)
         print(f"{source:40s}" + "".join(f"{counts[c]:12d}" for c in columns) + rates(counts))
     print(f"{'ALL':40s}" + "".join(f"{totals[c]:12d}" for c in columns) + rates(totals))
-    print("\nkill rate: (killed + timeout) / total; non-equiv: (killed + timeout) / (total - equivalent)")
+    print("\nkill rate: (killed + timeout) / checked; non-equiv: (killed + timeout) / (checked - equivalent)")
     print(f"\nsurviving mutants not marked equivalent ({len(survivors)}):")
     for name, source in survivors:
         print("  " + name)
@@ -81,8 +82,8 @@ def describe(name: str, source: str) -> list[str]:
 
 def rates(c: Counter) -> str:
     detected = c["killed"] + c["timeout"]
-    overall = detected / c["total"] if c["total"] else 0.0
-    rest = c["total"] - c["equivalent"]
+    overall = detected / c["checked"] if c["checked"] else 0.0
+    rest = c["checked"] - c["equivalent"]
     non_equivalent = detected / rest if rest else 1.0
     return f"{overall:11.1%}{non_equivalent:11.1%}"
 

@@ -297,3 +297,17 @@ def test_an_onnxruntime_failure_is_one_error_line_from_the_cli(bundle_copy, tmp_
     lines = [line for line in result.stderr.splitlines() if not line.startswith("backend:")]
     assert len(lines) == 1 and lines[0].startswith("Error: onnxruntime could not run the ingest graph"), result.stderr
     assert "[E:onnxruntime" not in result.stderr  # ONNX Runtime's own log line is not printed as well
+
+
+def test_an_encoder_bundle_without_num_labels_restores_its_own_state(bundle_factory, tmp_path):
+    """num_labels is optional in a manifest: the saved class logits' width comes from the graph."""
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle_factory("bert", "fp32")[1].path, copy)
+    _edit_manifest(copy, lambda m: m.pop("num_labels", None))
+    rt = RMTRuntime.load(copy)
+    state = rt.new_state()
+    rt.feed(state, np.arange(4, 40))
+    rt.save_state(state, tmp_path / "s.npz")
+    restored = rt.restore_state(tmp_path / "s.npz")
+    np.testing.assert_array_equal(restored.last_logits, state.last_logits)
+    assert restored.last_logits.shape == (1, 3)

@@ -83,6 +83,9 @@ def test_member_encodings_other_than_rmt_edges_are_refused(saved, tmp_path):
     path = archive(tmp_path / "deflated.npz", members, compressed=("state.memory",))
     assert refusal(rt, path) == (f"{path}: member state.memory.npy is compressed; rmt-edge writes state files "
                                  "uncompressed (refusing to inflate it)")
+    path = archive(tmp_path / "deflated-header.npz", members, compressed=("header",))
+    assert refusal(rt, path) == (f"{path}: member header.npy is compressed; rmt-edge writes state files "
+                                 "uncompressed (refusing to inflate it)")
     memory = members["state.memory"]
     fortran = {k: v for k, v in members.items() if k != "state.memory"}
     path = archive(tmp_path / "fortran.npz", fortran,

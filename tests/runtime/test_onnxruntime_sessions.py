@@ -112,9 +112,9 @@ def test_a_manifest_naming_an_output_the_graph_lacks_is_refused_at_load(bundle_f
 
 def test_a_session_that_falls_back_to_the_cpu_is_refused_word_for_word(bundle_factory, monkeypatch):
     """onnxruntime-gpu with a CUDA library missing: it lists CUDA, then runs on the CPU."""
-    from tests.runtime.test_runtime import OnnxRuntimeStandIn, _use_onnxruntime
+    from tests.onnxruntime_stand_in import OnnxRuntimeStandIn, use_onnxruntime
 
-    _use_onnxruntime(monkeypatch, OnnxRuntimeStandIn(["CUDAExecutionProvider", "CPUExecutionProvider"]))
+    use_onnxruntime(monkeypatch, OnnxRuntimeStandIn(["CUDAExecutionProvider", "CPUExecutionProvider"]))
     with pytest.raises(BackendError) as info:
         RMTRuntime.load(bundle_factory("gpt2", "fp32")[1].path, provider="cuda")
     graph = str(info.value).split("the ")[1].split(" ")[0]

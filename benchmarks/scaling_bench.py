@@ -173,7 +173,8 @@ def main() -> None:
     parser.add_argument("--full-limit", type=float, default=120.0, help="stop full attention after a run this long (s)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("/tmp/rmt-scaling"))
-    parser.add_argument("--plots", type=Path, default=ROOT / "docs" / "images")
+    parser.add_argument("--plots", type=Path, default=None,
+                        help="directory for the plots [default: <out>/plots; docs/images holds the published ones]")
     parser.add_argument("--child", choices=("rmt", "full"), help=argparse.SUPPRESS)
     parser.add_argument("--target", help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
@@ -216,8 +217,9 @@ def main() -> None:
         print(f"\ntime per token at {rmt[-1]['length']:,} vs {rmt[0]['length']:,}: "
               f"{rmt[-1]['us_per_token'] / rmt[0]['us_per_token']:.3f}x; peak RSS growth "
               f"{rmt[-1]['peak_rss_mb'] - rmt[0]['peak_rss_mb']:+.1f} MB")
-    args.plots.mkdir(parents=True, exist_ok=True)
-    for path in plot(result, args.plots):
+    plots = args.plots or args.out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    for path in plot(result, plots):
         print(f"plot: {path}")
 
 

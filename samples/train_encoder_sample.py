@@ -1,7 +1,7 @@
 """Train the encoder sample: a tiny BERT RMT that classifies a long document by a key
 stated only at its start (16 classes), through its memory.
 
-    .venv/bin/python samples/train_encoder_sample.py [--steps 500] [--out samples/keyclass]
+    .venv/bin/python samples/train_encoder_sample.py [--steps 1200] [--out samples/keyclass]
 
 Byte-level input (ids 0..255) with three extra ids framing each segment ([CLS] 256,
 [SEP] 257, [PAD] 258). Segments are right-aligned as in the reference encoder, so the key

@@ -107,7 +107,7 @@ def load_tokenizer(bundle: Bundle, ids_option: str = "--ids"):
     if "tokenizer.json" not in shipped:
         what = f"ships {shipped} but no tokenizer.json" if shipped else "has no tokenizer"
         raise CliInputError(f"bundle {bundle.path} {what}: pass token ids with {ids_option}, or re-export "
-                            "with rmt-export --tokenizer DIR holding tokenizer.json")
+                            "with tokenizer.json beside the checkpoint (or rmt-export --tokenizer DIR holding it)")
     try:
         from tokenizers import Tokenizer
     except ImportError:

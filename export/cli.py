@@ -13,6 +13,36 @@ from rmt_runtime.cli_support import fail, raise_if_interrupted, run_guarded, ter
 from .errors import ExportError
 
 
+# What rmt_export imports, at once or during an export: the ``export`` extra of setup.py.
+EXPORT_STACK = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "safetensors")
+EXPORT_INSTALL = 'pip install "rmt-edge[export]"'
+
+
+def require_export_stack(as_json: bool) -> None:
+    """Fail with one line naming the extra when a module of the export stack is not installed
+    (a machine with the runtime only), before any import of it can end in a traceback."""
+    import importlib
+    import importlib.util
+
+    missing = []
+    for name in EXPORT_STACK:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a finder that refuses it; a module with no __spec__
+            found = False
+        if not found:
+            missing.append(name)
+    if missing:
+        fail(f"rmt-export needs the export extra, and {', '.join(missing)} "
+             f"{'is' if len(missing) == 1 else 'are'} not installed here: {EXPORT_INSTALL}", as_json)
+    try:  # all found, yet one may be broken (a partial install): its import says why
+        importlib.import_module(".exporter", __package__)
+    except ImportError as exc:
+        if (exc.name or "").split(".")[0] not in EXPORT_STACK:
+            raise
+        fail(f"rmt-export needs the export extra, and importing it failed ({exc}): {EXPORT_INSTALL}", as_json)
+
+
 def _run_guarded(verbose: bool, as_json: bool, work, interrupted=lambda: "interrupted: nothing was written"):
     return run_guarded(verbose, as_json, work, (ExportError, BundleError, EngineError), interrupted)
 
@@ -84,6 +114,7 @@ def main(ckpt, out, fp16, int8, opset, force, no_validate, segments, no_generati
         fail("give --fp16 or --int8, not both", as_json)
     if tokenizer_dir is not None and no_tokenizer:
         fail("give --tokenizer DIR or --no-tokenizer, not both", as_json)
+    require_export_stack(as_json)
     from .exporter import ExportOptions, ReferenceLayout, export_bundle
     from .validate import ValidationPlan, summary_lines
 

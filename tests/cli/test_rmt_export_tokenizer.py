@@ -1,6 +1,7 @@
 """Tokenizers by default (issue 21): rmt-export ships the tokenizer beside the checkpoint, so
 that rmt-run --text-file and rmt-generate --prompt read text from the bundle with no flag;
---tokenizer DIR picks another, --no-tokenizer none, and the log says which in one line."""
+--tokenizer DIR picks another, --no-tokenizer none, and the log says which in one line.
+A machine without torch gets one line naming the export extra."""
 import json
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ from rmt_export.exporter import find_tokenizer
 from rmt_runtime.bundle import Bundle
 from samples.task import make_example
 from tests.cli.support import one_line_error
+from tests.without_modules import run_without
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "samples" / "keyrecall" / "model.pt"
@@ -149,3 +151,24 @@ def test_find_tokenizer_looks_beside_the_checkpoint_then_the_backbone_config(tmp
     assert find_tokenizer(ckpt_dir, config) == (config_dir, "beside the backbone config")
     (ckpt_dir / "tokenizer.json").write_text("{}")
     assert find_tokenizer(ckpt_dir, config) == (ckpt_dir, "beside the checkpoint")
+
+
+# ---- without torch ------------------------------------------------------------------------------
+@pytest.mark.parametrize("as_json", [False, True])
+def test_without_torch_rmt_export_is_one_line_naming_the_export_extra(tmp_path, as_json):
+    args = ["--ckpt", SAMPLE, "--out", tmp_path / "b"] + (["--json"] if as_json else [])
+    result = run_without(("torch",), "from rmt_export.cli import main\nmain(prog_name='rmt-export')\n", args)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        'Error: rmt-export needs the export extra, and torch is not installed here: pip install "rmt-edge[export]"']
+    if as_json:
+        assert json.loads(result.stdout)["ok"] is False
+    else:
+        assert result.stdout == ""
+    assert not (tmp_path / "b").exists()
+
+
+def test_without_torch_rmt_export_help_still_works():
+    result = run_without(("torch",), "from rmt_export.cli import main\nmain(prog_name='rmt-export')\n", ["--help"])
+    assert result.returncode == 0, result.stderr
+    assert "--no-tokenizer" in result.stdout

@@ -85,6 +85,15 @@ def test_rmt_generate_answers_a_text_prompt_through_the_shipped_tokenizer(sample
     assert report["prompt_tokens"] == len(text) and report["text"][0] == chr(answer)
 
 
+def test_text_without_the_tokenizers_library_names_the_text_extra(sample_export, monkeypatch):
+    from rmt_runtime.cli import main as rmt_run
+
+    bundle, _ = sample_export
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # not installed
+    result = CliRunner().invoke(rmt_run, ["--bundle", str(bundle), "--text", "key=A;?key="])
+    one_line_error(result, 'reading text needs the tokenizers library: pip install "rmt-edge[text]"', "--ids")
+
+
 # ---- where the tokenizer comes from --------------------------------------------------------------
 @pytest.fixture
 def beside(tiny_checkpoint, tmp_path):

@@ -2,8 +2,8 @@
 
 The folders rmt_model/, export/ and runtime/ install as ``rmt_model``, ``rmt_export`` and
 ``rmt_runtime`` so that no generic top-level name (``runtime``, ``export``) lands in
-site-packages. The runtime needs only numpy (and click for its CLI); torch and the
-export stack are the ``export`` extra.
+site-packages. The runtime needs only numpy (and click for its CLI); reading text through a
+bundle's tokenizer is the ``text`` extra; torch and the export stack are the ``export`` extra.
 """
 from setuptools import find_packages, setup
 
@@ -39,6 +39,7 @@ setup(
     extras_require={
         "export": EXPORT,
         "ort": ["onnxruntime>=1.22"],
+        "text": ["tokenizers>=0.20"],  # rmt-run --text, rmt-generate --prompt: the bundle's tokenizer.json
         "gpu": ["onnxruntime-gpu>=1.22"],
         "triton": ["tritonclient[grpc]>=2.40"],
         "trt": ["tensorrt>=10.3", "cuda-python>=12.6"],

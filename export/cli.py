@@ -13,6 +13,36 @@ from rmt_runtime.cli_support import fail, raise_if_interrupted, run_guarded, ter
 from .errors import ExportError
 
 
+# What rmt_export imports, at once or during an export: the ``export`` extra of setup.py.
+EXPORT_STACK = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "safetensors")
+EXPORT_INSTALL = 'pip install "rmt-edge[export]"'
+
+
+def require_export_stack(as_json: bool) -> None:
+    """Fail with one line naming the extra when a module of the export stack is not installed
+    (a machine with the runtime only), before any import of it can end in a traceback."""
+    import importlib
+    import importlib.util
+
+    missing = []
+    for name in EXPORT_STACK:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a finder that refuses it; a module with no __spec__
+            found = False
+        if not found:
+            missing.append(name)
+    if missing:
+        fail(f"rmt-export needs the export extra, and {', '.join(missing)} "
+             f"{'is' if len(missing) == 1 else 'are'} not installed here: {EXPORT_INSTALL}", as_json)
+    try:  # all found, yet one may be broken (a partial install): its import says why
+        importlib.import_module(".exporter", __package__)
+    except ImportError as exc:
+        if (exc.name or "").split(".")[0] not in EXPORT_STACK:
+            raise
+        fail(f"rmt-export needs the export extra, and importing it failed ({exc}): {EXPORT_INSTALL}", as_json)
+
+
 def _run_guarded(verbose: bool, as_json: bool, work, interrupted=lambda: "interrupted: nothing was written"):
     return run_guarded(verbose, as_json, work, (ExportError, BundleError, EngineError), interrupted)
 
@@ -43,7 +73,9 @@ def _run_guarded(verbose: bool, as_json: bool, work, interrupted=lambda: "interr
 @click.option("--workspace", "workspace_mb", type=click.IntRange(min=16), default=1024, show_default=True,
               help="--engine: builder workspace cap in MB (keep it small on 8 GB Jetson boards).")
 @click.option("--tokenizer", "tokenizer_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              default=None, help="Directory of tokenizer files to ship in the bundle.")
+              default=None, help="Directory of tokenizer files to ship in the bundle [default: the tokenizer files "
+                                 "beside the checkpoint, else beside --backbone-config].")
+@click.option("--no-tokenizer", is_flag=True, help="Ship no tokenizer (the bundle then takes token ids only).")
 @click.option("--backbone-config", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Reference checkpoints: the backbone's config.json (e.g. GPT-2's).")
 @click.option("--num-mem-tokens", type=click.IntRange(min=1), default=None, help="Reference checkpoints: M.")
@@ -54,8 +86,8 @@ def _run_guarded(verbose: bool, as_json: bool, work, interrupted=lambda: "interr
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable result on stdout.")
 @click.option("--verbose", is_flag=True, help="Show tracebacks.")
 def main(ckpt, out, fp16, int8, opset, force, no_validate, segments, no_generation, engine, engine_builder, max_batch,
-         workspace_mb, tokenizer_dir, backbone_config, num_mem_tokens, segment_size, no_memory_check, as_json,
-         verbose):
+         workspace_mb, tokenizer_dir, no_tokenizer, backbone_config, num_mem_tokens, segment_size, no_memory_check,
+         as_json, verbose):
     """Export an RMT checkpoint to a validated bundle holding single-segment ONNX graphs.
 
     \b
@@ -73,14 +105,20 @@ def main(ckpt, out, fp16, int8, opset, force, no_validate, segments, no_generati
     same without per-token logits), for decoders prefill.onnx and decode.onnx (KV-cached
     generation), memory_init.npy and manifest.json (geometry, I/O spec, hashes, and the
     validation report). Validation runs ONNX Runtime CPU against
-    PyTorch over chained segments and fails the export on any miss.
+    PyTorch over chained segments and fails the export on any miss. The tokenizer found
+    beside the checkpoint (tokenizer.json and the other Hugging Face tokenizer files) ships
+    too, so that rmt-run --text and rmt-generate --prompt read text: --tokenizer DIR picks
+    another, --no-tokenizer none.
     """
+    if fp16 and int8:
+        fail("give --fp16 or --int8, not both", as_json)
+    if tokenizer_dir is not None and no_tokenizer:
+        fail("give --tokenizer DIR or --no-tokenizer, not both", as_json)
+    require_export_stack(as_json)
     from .exporter import ExportOptions, ReferenceLayout, export_bundle
     from .validate import ValidationPlan, summary_lines
 
     terminate_as_interrupt()  # SIGTERM cleans up the partial bundle like Ctrl-C does
-    if fp16 and int8:
-        fail("give --fp16 or --int8, not both", as_json)
     if engine and int8:
         fail("--engine builds TensorRT engines, which int8 (ONNX Runtime quantized) bundles cannot have: "
              "export --fp16 or fp32 for TensorRT", as_json)
@@ -94,7 +132,8 @@ def main(ckpt, out, fp16, int8, opset, force, no_validate, segments, no_generati
         out = ckpt.with_name(f"{ckpt.stem}-{precision}")
     options = ExportOptions(precision=precision, opset=opset, validate=not no_validate, force=force,
                             plan=ValidationPlan(segments=segments), tokenizer_dir=tokenizer_dir,
-                            generation=not no_generation, check_memory=not no_memory_check)
+                            ship_tokenizer=not no_tokenizer, generation=not no_generation,
+                            check_memory=not no_memory_check)
 
     def progress(stage: str, detail: str) -> None:
         click.echo(f"[{stage}] {detail}", err=True)
@@ -126,7 +165,8 @@ def main(ckpt, out, fp16, int8, opset, force, no_validate, segments, no_generati
     if as_json:
         click.echo(json.dumps({
             "ok": True, "bundle": str(result.path), "precision": precision, "seconds": result.seconds,
-            "files": result.manifest["files"], "validated": report is not None, "engines": engines,
+            "files": result.manifest["files"], "tokenizer": result.manifest.get("tokenizer"),
+            "validated": report is not None, "engines": engines,
             "validation": None if report is None else {
                 name: {"worst": g["worst"], "argmax_agreement": g.get("argmax_agreement")}
                 for name, g in report["graphs"].items()},

@@ -2,7 +2,9 @@
 
 Stages: load (checkpoint), trace (every graph of the step spec to ONNX), validate
 (ONNX Runtime CPU vs PyTorch over many chained segments), save (memory_init.npy,
-tokenizer files, manifest.json with hashes and the validation report). Everything is
+tokenizer files, manifest.json with hashes and the validation report). ``export_bundle``
+ships the tokenizer found beside the checkpoint (or its backbone config) unless told
+otherwise, so that a bundle reads text wherever it is copied. Everything is
 written into a hidden sibling directory that is renamed into place only when complete,
 so an interrupted or failed export leaves nothing that looks like a bundle.
 """
@@ -12,7 +14,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -31,13 +33,20 @@ from .validate import ValidationPlan, validate_generation, validate_graphs
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model")
+# What the runtime reads text through (rmt-run --text, rmt-generate --prompt).
+RUNTIME_TOKENIZER = "tokenizer.json"
 
 Progress = Callable[[str, str], None]
 
 
 @dataclass(frozen=True)
 class ExportOptions:
-    """How to export: precision, opset, validation, overwrite, tokenizer to ship."""
+    """How to export: precision, opset, validation, overwrite, tokenizer to ship.
+
+    Tokenizer: ``tokenizer_dir`` when given; otherwise ``export_bundle`` ships the one
+    ``find_tokenizer`` finds beside the checkpoint, unless ``ship_tokenizer`` is False.
+    ``export_model`` has no checkpoint to look beside: it ships ``tokenizer_dir`` only.
+    """
 
     precision: str = "fp32"
     opset: int = DEFAULT_OPSET
@@ -45,6 +54,7 @@ class ExportOptions:
     force: bool = False
     plan: ValidationPlan = field(default_factory=ValidationPlan)
     tokenizer_dir: Path | None = None
+    ship_tokenizer: bool = True
     # Decoders: also the KV-cached prefill and decode graphs that generation runs.
     generation: bool = True
     # Refuse up front, with the estimate, an export that needs more memory than is available.
@@ -58,10 +68,70 @@ class ExportOptions:
                               f"{SUPPORTED_OPSETS.stop - 1} (dynamo writes invalid graphs below 18; "
                               "TensorRT 10 parses up to 20)")
         if self.tokenizer_dir is not None:
+            if not self.ship_tokenizer:
+                raise ExportError(f"a tokenizer directory ({self.tokenizer_dir}) was given and shipping a tokenizer "
+                                  "was turned off (--tokenizer with --no-tokenizer): give one or the other")
             if not Path(self.tokenizer_dir).is_dir():
                 raise ExportError(f"tokenizer directory {self.tokenizer_dir} does not exist")
-            if not any((Path(self.tokenizer_dir) / name).is_file() for name in TOKENIZER_FILES):
+            if not tokenizer_files(self.tokenizer_dir):
                 raise ExportError(f"{self.tokenizer_dir} holds no tokenizer files (expected one of {TOKENIZER_FILES})")
+
+
+def tokenizer_files(directory: str | os.PathLike) -> list[str]:
+    """The TOKENIZER_FILES that ``directory`` holds, in TOKENIZER_FILES order."""
+    return [name for name in TOKENIZER_FILES if (Path(directory) / name).is_file()]
+
+
+def tokenizer_places(ckpt: str | os.PathLike, backbone_config: str | os.PathLike | None = None
+                     ) -> list[tuple[Path, str]]:
+    """Where ``find_tokenizer`` looks, in order, each with how the log names it: the
+    checkpoint's folder (the checkpoint itself when it is a directory), then the folder of
+    the backbone config."""
+    ckpt = Path(ckpt)
+    places = [(ckpt if ckpt.is_dir() else ckpt.parent, "beside the checkpoint")]
+    if backbone_config is not None:
+        folder = Path(backbone_config).parent
+        if folder.resolve() != places[0][0].resolve():
+            places.append((folder, "beside the backbone config"))
+    return places
+
+
+def find_tokenizer(ckpt: str | os.PathLike, backbone_config: str | os.PathLike | None = None
+                   ) -> tuple[Path, str] | None:
+    """(folder, where) of the tokenizer to ship by default, or None: the first place of
+    ``tokenizer_places`` holding tokenizer.json (what the runtime reads), else the first
+    holding any other TOKENIZER_FILES (shipped as they are, for the application's own use)."""
+    places = tokenizer_places(ckpt, backbone_config)
+    for folder, where in places:
+        if (folder / RUNTIME_TOKENIZER).is_file():
+            return folder, where
+    for folder, where in places:
+        if tokenizer_files(folder):
+            return folder, where
+    return None
+
+
+def _choose_tokenizer(ckpt: str | os.PathLike, options: ExportOptions, reference: ReferenceLayout | None
+                      ) -> tuple[Path | None, str]:
+    """(the folder whose tokenizer files the bundle ships or None, the ``[tokenizer]`` log line)."""
+    if not options.ship_tokenizer:
+        return None, "none shipped (--no-tokenizer): the bundle takes token ids only"
+    if options.tokenizer_dir is not None:
+        folder, where = Path(options.tokenizer_dir), "given with --tokenizer"
+    else:
+        found = find_tokenizer(ckpt, reference.backbone_config if reference else None)
+        if found is None:
+            searched = " or ".join(f"{where} ({folder})"
+                                   for folder, where in tokenizer_places(ckpt, reference.backbone_config
+                                                                         if reference else None))
+            return None, (f"none found {searched}: the bundle takes token ids only (--tokenizer DIR ships one, "
+                          f"holding {RUNTIME_TOKENIZER})")
+        folder, where = found
+    names = tokenizer_files(folder)
+    line = f"{', '.join(names)} from {folder} ({where})"
+    if RUNTIME_TOKENIZER not in names:
+        line += f"; no {RUNTIME_TOKENIZER}, which rmt-run --text and rmt-generate --prompt read"
+    return folder, line
 
 
 @dataclass(frozen=True)
@@ -153,7 +223,9 @@ def export_bundle(ckpt: str | os.PathLike, out: str | os.PathLike, options: Expo
     """Load ``ckpt`` and export it to the bundle directory ``out`` (see ``export_model``)."""
     options.check()
     out = _bundle_path(out)
-    inputs = tuple(Path(p) for p in (ckpt, options.tokenizer_dir,
+    tokenizer_dir, tokenizer_line = _choose_tokenizer(ckpt, options, reference)
+    options = replace(options, tokenizer_dir=tokenizer_dir)
+    inputs = tuple(Path(p) for p in (ckpt, tokenizer_dir,
                                      reference.backbone_config if reference else None) if p is not None)
     check_destination(out, options.force, inputs)
     if not Path(ckpt).exists():
@@ -164,6 +236,7 @@ def export_bundle(ckpt: str | os.PathLike, out: str | os.PathLike, options: Expo
     if progress:
         progress("load", f"{model.config.family} {model.config.kind} RMT, M={model.config.num_mem_tokens}, "
                          f"segment {model.config.segment_size} ({seconds['load']:.1f}s)")
+        progress("tokenizer", tokenizer_line)
     result = export_model(model, out, options, progress)
     result.seconds = {**seconds, **result.seconds}
     return result
@@ -248,12 +321,9 @@ def export_model(model: RMTBase, out: str | os.PathLike, options: ExportOptions 
                 files.append(f"{path.name}.data")
         tokenizer = None
         if options.tokenizer_dir is not None:
-            tokenizer = []
-            for name in TOKENIZER_FILES:
-                source = Path(options.tokenizer_dir) / name
-                if source.is_file():
-                    shutil.copyfile(source, staging / name)
-                    tokenizer.append(name)
+            tokenizer = tokenizer_files(options.tokenizer_dir)
+            for name in tokenizer:
+                shutil.copyfile(Path(options.tokenizer_dir) / name, staging / name)
             files += tokenizer
         manifest: dict[str, Any] = {
             "schema_version": MANIFEST_SCHEMA_VERSION, "spec_version": SPEC_VERSION,
@@ -307,4 +377,4 @@ def _read_manifest(out: Path) -> dict[str, Any]:
 
 
 __all__ = ["ExportOptions", "ReferenceLayout", "ExportResult", "export_bundle", "export_model",
-           "load_model", "check_destination", "ExportError", "ValidationError"]
+           "load_model", "check_destination", "find_tokenizer", "tokenizer_files", "ExportError", "ValidationError"]

@@ -101,17 +101,21 @@ def read_mask(mask_file: str, ids: np.ndarray) -> np.ndarray:
         raise CliInputError(f"{name}: {exc}") from None
 
 
+# The runtime's text features come with the ``text`` extra of setup.py (tokenizers).
+TEXT_INSTALL = 'pip install "rmt-edge[text]"'
+
+
 def load_tokenizer(bundle: Bundle, ids_option: str = "--ids"):
     """The bundle's tokenizer.json through the ``tokenizers`` library; CliInputError if it cannot."""
     shipped = bundle.manifest.get("tokenizer") or []
     if "tokenizer.json" not in shipped:
         what = f"ships {shipped} but no tokenizer.json" if shipped else "has no tokenizer"
         raise CliInputError(f"bundle {bundle.path} {what}: pass token ids with {ids_option}, or re-export "
-                            "with rmt-export --tokenizer DIR holding tokenizer.json")
+                            "with tokenizer.json beside the checkpoint (or rmt-export --tokenizer DIR holding it)")
     try:
         from tokenizers import Tokenizer
     except ImportError:
-        raise CliInputError("reading text needs the tokenizers library: pip install tokenizers "
+        raise CliInputError(f"reading text needs the tokenizers library: {TEXT_INSTALL} "
                             f"(or pass token ids with {ids_option})") from None
     try:
         return Tokenizer.from_file(str(bundle.path / "tokenizer.json"))

@@ -28,7 +28,7 @@ ROOT_BUILDING=.rmt-edge-building    # present while the root is being made
 CPU=${RMT_AARCH64_CPU:-cortex-a76}
 VENV=/opt/rmt-venv                  # inside the root
 VENV_DONE=$VENV/.rmt-edge-venv-done
-VENV_PACKAGES=(numpy onnxruntime pytest click)
+VENV_PACKAGES=(numpy onnxruntime pytest click tokenizers)  # tokenizers: the wheel's text extra
 DEV_PY=$REPO/.venv/bin/python
 WHEEL=
 KEEP=0
@@ -276,7 +276,7 @@ enter_root() {
 step "mount /proc, /sys, /dev in the root; resolv.conf and CA bundle for pip; /proc/cpuinfo" enter_root
 
 make_venv() {
-  if [ -f "$ROOT$VENV_DONE" ] && in_root chroot "$ROOT" "$VENV/bin/python" -c 'import numpy, onnxruntime, pytest, click' 2>/dev/null; then
+  if [ -f "$ROOT$VENV_DONE" ] && in_root chroot "$ROOT" "$VENV/bin/python" -c 'import numpy, onnxruntime, pytest, click, tokenizers' 2>/dev/null; then
     say "reusing the root's venv $VENV"; return 0
   fi
   rm -rf --one-file-system "${ROOT:?}$VENV"

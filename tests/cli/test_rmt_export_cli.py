@@ -25,6 +25,9 @@ def test_export_succeeds_and_prints_the_bundle_path(tiny_checkpoint, tmp_path):
     assert "[validate] 4 chained segments" in result.stderr
     assert Bundle.load(out).manifest["validation"]["passed"] is True
     assert Bundle.load(out).has_generation and "prefill.onnx, decode.onnx" in result.stderr  # the default
+    # Nothing beside this checkpoint: the log says where it looked, the bundle takes ids.
+    assert f"[tokenizer] none found beside the checkpoint ({ckpt.parent}): the bundle takes token ids" in result.stderr
+    assert Bundle.load(out).manifest["tokenizer"] is None
 
 
 def test_json_output_and_default_out_beside_the_checkpoint(tiny_checkpoint, tmp_path):

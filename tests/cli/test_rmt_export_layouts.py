@@ -29,11 +29,15 @@ def test_a_bf16_hub_directory_exports_and_the_log_says_what_was_converted(tiny_c
     _, model = tiny_checkpoint
     hub = _hub_directory(model, tmp_path / "hub")
     (tmp_path / "gpt2.json").write_text(json.dumps(model.config.backbone))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")  # the backbone's tokenizer, beside its config
+    (tmp_path / "vocab.json").write_text(json.dumps({"a": 0}))
     result = run("--ckpt", hub, "--out", tmp_path / "b", "--segments", 2, "--no-generation",
                  "--backbone-config", tmp_path / "gpt2.json", "--num-mem-tokens", 4, "--segment-size", 16)
     assert result.exit_code == 0, result.output
     lines = [line for line in result.stderr.splitlines() if line.startswith("[read]")]
     assert any("model.safetensors" in line and "bfloat16 weights converted to float32" in line for line in lines)
+    assert f"[tokenizer] vocab.json, merges.txt from {tmp_path} (beside the backbone config)" in result.stderr
+    assert RMTRuntime.load(tmp_path / "b").bundle.manifest["tokenizer"] == ["vocab.json", "merges.txt"]
     rt = RMTRuntime.load(tmp_path / "b")
     ids = np.arange(40) % 97
     rounded = type(model)(model.config)

@@ -1,12 +1,14 @@
-"""Checks run INSIDE a clean environment holding only the built wheel, numpy, onnxruntime,
-click and pytest: what a deploying machine (a Jetson, an application server) has.
+"""Checks run INSIDE a clean environment holding only the built wheel with its text extra
+(numpy, click, tokenizers), onnxruntime and pytest: what a deploying machine (a Jetson, an
+application server) has after ``pip install "rmt-edge[text]" onnxruntime``.
 
 Not collected by the main suite (the name does not start with ``test_``):
 tests/packaging/test_wheel.py copies this file out of the source tree and runs it with the
 clean environment's pytest, and scripts/check_aarch64.sh runs it on arm64 under qemu.
 Everything it needs comes from two environment variables:
 
-    RMT_CHECK_BUNDLE     a bundle exported by the development environment
+    RMT_CHECK_BUNDLE     a bundle of the byte-level keyrecall sample, exported by the development
+                         environment (which ships the sample's tokenizer.json)
     RMT_CHECK_REFERENCE  an .npz of what that environment computed (make_reference below)
 
 Deliberately torch-free and outside the source tree: a module missing from the wheel, or
@@ -125,6 +127,28 @@ def test_rmt_generate_gives_the_exporting_machines_tokens(reference, tmp_path):
                   "--max-new-tokens", str(len(reference["generated"])), "--no-stop", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["tokens"] == reference["generated"].tolist()
+
+
+def test_text_reads_through_the_shipped_tokenizer_as_its_ids_do(tmp_path):
+    """The text extra at work: the byte-level tokenizer.json the bundle ships, read by the
+    installed tokenizers library, gives what the same bytes as ids give."""
+    assert "tokenizer.json" in json.loads((BUNDLE / "manifest.json").read_text())["tokenizer"]
+    text = "key=C;" + "the memory carries it " * 4 + "?key="
+    (tmp_path / "doc.txt").write_text(text)
+    np.save(tmp_path / "ids.npy", np.frombuffer(text.encode(), dtype=np.uint8).astype(np.int64))
+    runs = {}
+    for name, given in (("text", ["--text-file", str(tmp_path / "doc.txt")]),
+                        ("ids", ["--ids", str(tmp_path / "ids.npy")])):
+        result = _run(_bin("rmt-run"), "--bundle", str(BUNDLE), *given, "--json")
+        assert result.returncode == 0, result.stderr
+        runs[name] = json.loads(result.stdout)
+    assert runs["text"]["tokens"] == len(text) and runs["text"]["top_k"] == runs["ids"]["top_k"]
+    assert all(isinstance(entry["text"], str) for entry in runs["text"]["top_k"])  # decoded by the tokenizer
+    generated = _run(_bin("rmt-generate"), "--bundle", str(BUNDLE), "--prompt", text, "--max-new-tokens", "3",
+                     "--no-stop", "--json")
+    assert generated.returncode == 0, generated.stderr
+    reply = json.loads(generated.stdout)
+    assert reply["prompt_tokens"] == len(text) and len(reply["tokens"]) == 3 and isinstance(reply["text"], str)
 
 
 def test_rmt_build_without_tensorrt_is_one_clear_line():

@@ -1,6 +1,7 @@
 """The package as users install it: the built wheel and sdist, installed into a fresh venv
-with numpy + onnxruntime only (no torch, no editable install), run from outside the
-source tree, under this Python and under 3.10 (JetPack 6's Python).
+as the README's deploy line does (the wheel with its text extra, and onnxruntime; no torch,
+no editable install), run from outside the source tree, under this Python and under 3.10
+(JetPack 6's Python).
 
 The wheel is built with ``python -m build``; ``check-wheel-contents`` checks it (W009,
 "several top-level packages", is the design: rmt_model, rmt_export and rmt_runtime ship in
@@ -23,8 +24,9 @@ from rmt_runtime import RMTRuntime
 ROOT = Path(__file__).resolve().parents[2]
 FOLDERS = {"rmt_model": "rmt_model", "rmt_export": "export", "rmt_runtime": "runtime"}
 CHECK = ROOT / "tests" / "installed" / "check_installed.py"
-# What a deploying machine installs beside the wheel (README: pip install rmt-edge onnxruntime),
-# plus pytest to run the checks.
+# What a deploying machine installs (README: pip install "rmt-edge[text]" onnxruntime): the wheel
+# with its text extra (tokenizers), onnxruntime, plus pytest to run the checks.
+TEXT_EXTRA = "[text]"
 DEPLOY = ["onnxruntime", "pytest"]
 SAMPLE = ROOT / "samples" / "keyrecall" / "model.pt"
 
@@ -117,9 +119,10 @@ def test_the_installed_wheel_runs_the_runtime_without_torch(dist, exported, pyth
     venv = tmp_path / "venv"
     _run(interpreter, "-m", "venv", venv)
     pip = [venv / "bin" / "python", "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    _run(*pip, wheel, *DEPLOY)
+    _run(*pip, f"{wheel}{TEXT_EXTRA}", *DEPLOY)
     listed = _run(venv / "bin" / "python", "-m", "pip", "list", "--format=freeze").stdout.lower()
     assert "torch" not in listed and "transformers" not in listed and "rmt-edge==0.1.0" in listed
+    assert "tokenizers==" in listed  # the text extra
     outside = tmp_path / "outside"  # no source tree, no conftest, nothing of the repository
     outside.mkdir()
     shutil.copy(CHECK, outside / "test_installed.py")
@@ -129,4 +132,4 @@ def test_the_installed_wheel_runs_the_runtime_without_torch(dist, exported, pyth
                             env={"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path),
                                  "RMT_CHECK_BUNDLE": str(bundle), "RMT_CHECK_REFERENCE": str(reference)})
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert "9 passed" in result.stdout
+    assert "10 passed" in result.stdout

@@ -182,6 +182,56 @@ def test_encoder_sample_classifies_long_documents(sample_out):
     assert right / len(labels) >= 0.9
 
 
+def _classify_document(args, cwd, without=()):
+    """samples/classify_document.py as a user runs it, in ``cwd``, with ``without`` unimportable."""
+    from tests.without_modules import run_without
+
+    script = ROOT / "samples" / "classify_document.py"
+    code = f"import runpy\nsys.argv[0] = {str(script)!r}\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"
+    return run_without(tuple(without), code, args, cwd=cwd)
+
+
+def test_classify_document_exports_its_bundle_on_first_use_then_reuses_it(tmp_path):
+    from samples.train_encoder_sample import make_documents
+
+    ids, labels = make_documents(np.random.default_rng(21), 1, 12 * 32 - 7)
+    document = tmp_path / "doc.txt"
+    document.write_bytes(bytes(ids[0].tolist()))
+    first = _classify_document(["--file", document], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    bundle = tmp_path / "out" / "keyclass-fp32"  # the default, under the working directory
+    assert f"exporting {ROOT / 'samples' / 'keyclass' / 'model.pt'} to out/keyclass-fp32" in first.stderr
+    assert "[tokenizer] tokenizer.json from" in first.stderr and (bundle / "tokenizer.json").is_file()
+    again = _classify_document(["--file", document], cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "exporting" not in again.stderr  # the bundle is there now
+    for result in (first, again):
+        assert re.fullmatch(rf"{len(ids[0])} characters -> class {KEYS[labels[0]]} \(logit \S+\)\n", result.stdout)
+
+
+def test_classify_document_without_torch_says_the_command_that_creates_its_bundle(tmp_path):
+    result = _classify_document([], cwd=tmp_path, without=("torch",))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        'error: out/keyclass-fp32 does not exist, and exporting it here needs the export extra (torch is not '
+        'installed: pip install "rmt-edge[export]"); create it with: rmt-export --ckpt '
+        f'{ROOT / "samples" / "keyclass" / "model.pt"} --out out/keyclass-fp32']
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("make, says", [
+    (lambda path: None, "does not exist; create the sample's bundle with: rmt-export --ckpt "),
+    (lambda path: path.mkdir(), "not a complete bundle"),
+])
+def test_classify_document_on_a_missing_or_broken_bundle_is_one_line(tmp_path, make, says):
+    bundle = tmp_path / "mine"
+    make(bundle)
+    result = _classify_document(["--bundle", bundle], cwd=tmp_path, without=("torch",))
+    assert result.returncode == 1 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("error: ") and says in result.stderr
+    assert f"--out {bundle}" in result.stderr  # the exact command that creates it
+
+
 def test_rmt_generate_answers_the_key_and_remembers_it_across_turns(sample_bundle, tmp_path):
     """The trained sample through the real rmt-generate process: text in, text out, memory
     carrying the key from the first turn into the second after several segment rollovers."""

@@ -6,6 +6,7 @@ The commands run as real processes, so that what native code writes to file desc
 interrupt path (exit 130) is tested with real signals in tests/reliability/test_faults.py.
 """
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -140,6 +141,20 @@ def test_tensorrt_logs_through_our_logger_reach_stderr_only(rtx, tmp_path, capfd
     printed = capfd.readouterr()
     assert printed.out == ""
     assert "[TRT] [W] " in printed.err and "Int64" in printed.err, printed.err
+
+
+def test_while_the_work_runs_stdout_writes_go_to_stderr(capfd):
+    """What a library prints meanwhile, from Python or from native code on file descriptor 1."""
+    from rmt_runtime.cli_support import stdout_to_stderr
+
+    capfd.readouterr()
+    with stdout_to_stderr(True):
+        print("from python")
+        os.write(1, b"from native code\n")
+    print("the document")
+    printed = capfd.readouterr()
+    assert printed.out == "the document\n"
+    assert "from python" in printed.err and "from native code" in printed.err
 
 
 # ---- errors: exit 1, the error as the document and as one stderr line -----------------------

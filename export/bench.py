@@ -26,7 +26,7 @@ import click
 import numpy as np
 
 from rmt_runtime.bundle import Bundle, BundleError
-from rmt_runtime.cli_support import run_guarded
+from rmt_runtime.cli_support import JsonCommand, run_guarded
 from rmt_runtime.errors import BackendError, RuntimeInputError
 from rmt_runtime.runtime import RMTRuntime
 from rmt_runtime.spec import INGEST, STEP
@@ -268,7 +268,7 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=JsonCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--bundle", "bundles", required=True, multiple=True,
               type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Bundle directory; repeat to compare precisions of one model (fp32, fp16, int8).")

@@ -8,7 +8,7 @@ import click
 
 from rmt_runtime.bundle import BundleError
 from rmt_runtime.errors import EngineError
-from rmt_runtime.cli_support import fail, raise_if_interrupted, run_guarded, terminate_as_interrupt
+from rmt_runtime.cli_support import JsonCommand, fail, raise_if_interrupted, run_guarded, terminate_as_interrupt
 
 from .errors import ExportError
 
@@ -47,7 +47,7 @@ def _run_guarded(verbose: bool, as_json: bool, work, interrupted=lambda: "interr
     return run_guarded(verbose, as_json, work, (ExportError, BundleError, EngineError), interrupted)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=JsonCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--ckpt", required=True, type=click.Path(exists=True, path_type=Path),
               help="rmt-edge checkpoint (model.pt), or a reference RMT checkpoint with --backbone-config: a "
                    "torch state dict (.bin/.pt), model.safetensors, a model.safetensors.index.json with its "
@@ -180,7 +180,7 @@ def main(ckpt, out, fp16, int8, opset, force, no_validate, segments, no_generati
     click.echo(str(result.path))
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=JsonCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--bundle", "bundle_dir", required=True,
               type=click.Path(exists=True, file_okay=False, path_type=Path), help="Bundle directory.")
 @click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,

@@ -11,12 +11,12 @@ from pathlib import Path
 import click
 
 from .bundle import BundleError
-from .cli_support import run_guarded
+from .cli_support import JsonCommand, run_guarded
 from .engines import BuildOptions, build_bundle_engines
 from .errors import EngineError
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=JsonCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--bundle", "bundle_dir", required=True,
               type=click.Path(exists=True, file_okay=False, path_type=Path), help="Bundle directory.")
 @click.option("--builder", type=click.Choice(["tensorrt", "tensorrt_rtx"]), default="tensorrt", show_default=True,

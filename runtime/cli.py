@@ -17,7 +17,7 @@ import numpy as np
 
 from .atomic import unwritable_reason, write_atomically
 from .bundle import Bundle, BundleError
-from .cli_support import run_guarded, stop_requests
+from .cli_support import JsonCommand, exit_interrupted, run_guarded, stop_requests
 from .errors import BackendError, RuntimeInputError, StateError
 from .segments import check_mask
 from .runtime import RMTRuntime
@@ -229,7 +229,7 @@ class _Progress:
 
 
 # ---- command ----------------------------------------------------------------------------------
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=JsonCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--bundle", "bundle_dir", required=True,
               type=click.Path(exists=True, file_okay=False, path_type=Path), help="Bundle directory.")
 @click.option("--text", default=None, help="Input text (needs the bundle's tokenizer.json).")
@@ -249,12 +249,15 @@ class _Progress:
               help="Next tokens (decoder) or classes (encoder) to show.")
 @click.option("--state", "state_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Continue the sequence saved in FILE (if it exists), then save it there.")
+@click.option("--finish", is_flag=True,
+              help="With --state: read no input; run the tokens the state holds pending (left by an interrupt) "
+                   "and print the result.")
 @click.option("--save-outputs", type=click.Path(dir_okay=False, path_type=Path), default=None,
               metavar="FILE.npz", help="Write the final state (memory) and last_logits arrays (np.savez).")
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable result on stdout.")
 @click.option("--verbose", is_flag=True, help="Show tracebacks.")
-def main(bundle_dir, text, text_file, ids_file, mask_file, backend, provider, threads, top_k, state_file,
+def main(bundle_dir, text, text_file, ids_file, mask_file, backend, provider, threads, top_k, state_file, finish,
          save_outputs, no_progress, as_json, verbose):
     """Run an exported RMT bundle over an input of any length, segment by segment.
 
@@ -269,6 +272,7 @@ def main(bundle_dir, text, text_file, ids_file, mask_file, backend, provider, th
     Streaming across invocations (a decoder gives the same result as one run over all chunks):
       rmt-run --bundle model-fp32 --ids part1.txt --state seq.npz
       rmt-run --bundle model-fp32 --ids part2.txt --state seq.npz
+      rmt-run --bundle model-fp32 --state seq.npz --finish   # after an interrupt: run what is pending
 
     Input is one of --text, --text-file or --ids; with none, stdin is read (text when the
     bundle ships tokenizer.json, token ids otherwise). A decoder prints the top-k next
@@ -281,15 +285,34 @@ def main(bundle_dir, text, text_file, ids_file, mask_file, backend, provider, th
     run without --state aligns segments to the end as the reference encoder does, so the
     two can differ slightly.) Ctrl-C or SIGTERM while segments run with --state stops after
     the current segment and saves the state there (the tokens not yet run stay pending in
-    it), exit status 130: the next invocation continues exactly. Without --state, Ctrl-C
-    exits with status 130 and writes nothing.
+    it), exit status 130: the next invocation continues exactly, with more input or, when
+    the input has ended, with --finish (no input: it runs what is pending and prints the
+    result as the interrupted run would have). Without --state, Ctrl-C exits with status 130
+    and writes nothing.
+
+    --json prints exactly one JSON document on stdout, also for errors and interrupts
+    ({"ok": false, "error": ...}); everything else goes to stderr.
     """
     def prepare():
+        if finish:
+            if state_file is None:
+                raise CliInputError("--finish runs the tokens pending in a state file: give --state FILE")
+            given = [name for name, value in (("--text", text), ("--text-file", text_file), ("--ids", ids_file),
+                                              ("--mask", mask_file)) if value is not None]
+            if given:
+                raise CliInputError(f"--finish reads no input (it runs what --state {state_file} holds), got "
+                                    f"{' and '.join(given)}: drop it, or leave out --finish to continue the sequence")
+            if not state_file.exists():
+                raise CliInputError(f"--state {state_file}: no such file, so nothing to finish")
         bundle = Bundle.load(bundle_dir)
-        ids, tokenizer = read_input(bundle, text, text_file, ids_file)
-        if mask_file is not None and ids_file is None:
-            raise CliInputError("--mask goes with --ids (a [batch, N] array of right-padded rows)")
-        mask = np.ones_like(ids) if mask_file is None else read_mask(mask_file, ids)
+        if finish:
+            ids = mask = None
+            tokenizer = optional_tokenizer(bundle) if bundle.kind == "decoder" else None
+        else:
+            ids, tokenizer = read_input(bundle, text, text_file, ids_file)
+            if mask_file is not None and ids_file is None:
+                raise CliInputError("--mask goes with --ids (a [batch, N] array of right-padded rows)")
+            mask = np.ones_like(ids) if mask_file is None else read_mask(mask_file, ids)
         for option, path in (("--state", state_file), ("--save-outputs", save_outputs)):
             reason = None if path is None else unwritable_reason(path)
             if reason:
@@ -299,8 +322,8 @@ def main(bundle_dir, text, text_file, ids_file, mask_file, backend, provider, th
         return bundle, ids, mask, tokenizer
 
     bundle, ids, mask, tokenizer = run_guarded_cli(verbose, as_json, prepare)
-    batch = ids.shape[0]
-    rows = [row[:length] for row, length in zip(ids, mask.sum(axis=1))]
+    # --finish: no input; the state's rows get no new tokens.
+    rows = None if ids is None else [row[:length] for row, length in zip(ids, mask.sum(axis=1))]
     progress = _Progress(enabled=not (as_json or no_progress))
     written: list[str] = []
 
@@ -320,28 +343,27 @@ def main(bundle_dir, text, text_file, ids_file, mask_file, backend, provider, th
             started = time.perf_counter()
             rt = RMTRuntime.load(bundle, backend=backend, provider=provider, threads=threads)
             loaded = time.perf_counter()
-            if not as_json:
-                click.echo(f"backend: {rt.picked}", err=True)
+            click.echo(f"backend: {rt.picked}", err=True)
             try:
                 if state_file is not None:
                     resumed = state_file.exists()
-                    state = rt.restore_state(state_file) if resumed else rt.new_state(batch)
-                    if state.batch != batch:
+                    state = rt.restore_state(state_file) if resumed else rt.new_state(len(rows))
+                    new = [np.zeros(0, np.int64)] * state.batch if finish else rows
+                    if len(new) != state.batch:
                         raise CliInputError(f"--state {state_file} holds {state.batch} sequence(s), the input has "
-                                            f"{batch} row(s): give as many rows as the state holds")
-                    finished = rt.feed(state, rows if batch > 1 else rows[0], progress=progress, stop=stop.is_set)
+                                            f"{len(new)} row(s): give as many rows as the state holds")
+                    tokens = sum(len(p) for p in state.pending) if finish else int(mask.sum())
+                    finished = rt.feed(state, new if state.batch > 1 else new[0], progress=progress,
+                                       stop=stop.is_set)
                 else:
-                    resumed, finished = False, True
-                    state = rt.new_state(batch)
+                    resumed, finished, tokens = False, True, int(mask.sum())
+                    state = rt.new_state(len(rows))
                     output = rt.run(ids, mask, progress=progress, state=state)
             finally:
                 progress.close()
-        if not finished:
+        if not finished:  # stopped by a signal: save where it stopped, say so outside (exit 130)
             rt.save_state(state, state_file)
-            click.echo(f"interrupted after segment {int(state.segments_done.max())}: state saved to {state_file} "
-                       f"with {sum(len(p) for p in state.pending)} tokens pending; run again with --state "
-                       f"{state_file} and the rest of the input to continue", err=True)
-            sys.exit(130)
+            return rt, state, None, resumed, loaded - started, 0.0, tokens
         if state_file is not None:
             output = rt.peek(state)
         ran = time.perf_counter()
@@ -354,7 +376,7 @@ def main(bundle_dir, text, text_file, ids_file, mask_file, backend, provider, th
                 arrays["last_logits"] = output.last_logits
             write_atomically(save_outputs, lambda handle: np.savez(handle, **arrays))  # a handle: no suffix added
             written.append(f"outputs {save_outputs}")
-        return rt, state, output, resumed, loaded - started, ran - loaded
+        return rt, state, output, resumed, loaded - started, ran - loaded, tokens
 
     def work():
         # One invocation at a time per state file: a second one waits instead of losing an update.
@@ -363,8 +385,15 @@ def main(bundle_dir, text, text_file, ids_file, mask_file, backend, provider, th
         with locked_state_file(state_file, lambda message: click.echo(message, err=True)):
             return work_holding_the_state()
 
-    rt, state, output, resumed, load_seconds, run_seconds = run_guarded_cli(verbose, as_json, work, interrupted)
-    tokens = int(mask.sum())
+    rt, state, output, resumed, load_seconds, run_seconds, tokens = run_guarded_cli(verbose, as_json, work,
+                                                                                    interrupted)
+    batch = state.batch
+    if output is None:
+        pending = sum(len(p) for p in state.pending)
+        exit_interrupted(f"interrupted after segment {int(state.segments_done.max())}: state saved to {state_file} "
+                         f"with {pending} tokens pending; run again with --state {state_file} --finish to run them "
+                         "and print the result, or with more input to continue the sequence", as_json,
+                         state=str(state_file), segments=int(state.segments_done.max()), pending=pending)
     per_row = [_row_result(bundle, state, output, row, top_k, tokenizer) for row in range(batch)]
     if as_json:
         click.echo(json.dumps({
@@ -376,7 +405,7 @@ def main(bundle_dir, text, text_file, ids_file, mask_file, backend, provider, th
             "rows": per_row,
             "seconds": run_seconds, "load_seconds": load_seconds,
             "tokens_per_second": tokens / run_seconds if run_seconds > 0 else None,
-            "state": None if state_file is None else str(state_file), "resumed": resumed,
+            "state": None if state_file is None else str(state_file), "resumed": resumed, "finish": finish,
             "outputs": None if save_outputs is None else str(save_outputs),
         }, indent=2))
         return
@@ -392,7 +421,6 @@ def main(bundle_dir, text, text_file, ids_file, mask_file, backend, provider, th
             click.echo(f"row {row}:")
         for line in _human_lines(bundle.kind, result):
             click.echo(("  " if batch > 1 else "") + line)
-
 
 def _row_result(bundle: Bundle, state, output, row: int, top_k: int, tokenizer) -> dict:
     """One row's figures for --json: counters, memory norm, and its top-k (or class)."""

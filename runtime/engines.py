@@ -20,9 +20,11 @@ Torch-free; ``tensorrt``/``tensorrt_rtx`` and ``cuda-python`` are imported when 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +54,28 @@ class BuildOptions:
 class DeviceInfo:
     name: str
     compute_capability: str       # "8.7" for Orin; "aot" for a GPU-less ahead-of-time build
+
+
+@functools.lru_cache(maxsize=None)
+def stderr_logger(trt):
+    """The process's one TensorRT logger for module ``trt`` (tensorrt or tensorrt_rtx): warnings
+    and errors as ``[TRT] [W] message`` lines on stderr. TensorRT's own ``trt.Logger`` prints to
+    stdout, where it would corrupt a command's ``--json`` document. One instance per module,
+    kept alive here: TensorRT holds on to the logger and keeps the first one a builder got."""
+    severity = trt.ILogger.Severity
+    letters = {int(severity.INTERNAL_ERROR): "F", int(severity.ERROR): "E", int(severity.WARNING): "W",
+               int(severity.INFO): "I", int(severity.VERBOSE): "V"}
+    shown = int(severity.WARNING)
+
+    class StderrLogger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+
+        def log(self, sev, msg):  # called by TensorRT for every message, verbose included
+            if int(sev) <= shown:
+                print(f"[TRT] [{letters.get(int(sev), '?')}] {msg}", file=sys.stderr, flush=True)
+
+    return StderrLogger()
 
 
 def import_builder(name: str):
@@ -342,7 +366,7 @@ def build_engine(bundle: Bundle, graph: str, options: BuildOptions = BuildOption
     strongly_typed = bundle.precision == "fp16" or trt_major(trt) >= 11 or options.builder == "tensorrt_rtx"
     started = time.perf_counter()
     outcome = parse_and_build(
-        trt, trt.Logger(trt.Logger.WARNING), bundle.graph_path(graph), bundle.graph_spec(graph),
+        trt, stderr_logger(trt), bundle.graph_path(graph), bundle.graph_spec(graph),
         {name: tuple(tuple(s) for s in shapes) for name, shapes in fields["profile"].items()},
         BuildSettings(workspace_mb=options.workspace_mb, fp16_flag=options.fp16_flag, strongly_typed=strongly_typed,
                       timing_cache=(cache_file.read_bytes() if cache_file.is_file() else b"") if keep_timing else None))
@@ -386,4 +410,4 @@ def build_bundle_engines(bundle_dir: str | os.PathLike, options: BuildOptions,
 
 __all__ = ["BuildOptions", "BuildOutcome", "BuildSettings", "DeviceInfo", "EngineError", "build_bundle_engines",
            "build_engine", "cached_engine", "check_network_io", "current_device", "engine_fields", "engine_key",
-           "parse_and_build", "profile_shapes", "stale_engines"]
+           "parse_and_build", "profile_shapes", "stale_engines", "stderr_logger"]

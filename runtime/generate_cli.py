@@ -14,7 +14,7 @@ import click
 
 from .bundle import Bundle
 from .cli import CliInputError, optional_tokenizer, run_guarded_cli, read_input
-from .cli_support import fail, stop_requests
+from .cli_support import JsonCommand, exit_interrupted, fail, stop_requests
 from .generation import GenerationConfig
 from .runtime import RMTRuntime
 from .state import locked_state_file
@@ -61,7 +61,7 @@ def _default_stops(bundle: Bundle) -> tuple[int, ...]:
     return tuple(int(v) for v in values if isinstance(v, int) and 0 <= v < bundle.vocab_size)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=JsonCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--bundle", "bundle_dir", required=True,
               type=click.Path(exists=True, file_okay=False, path_type=Path), help="Decoder bundle directory.")
 @click.option("--prompt", default=None, help="Prompt text (needs the bundle's tokenizer.json).")
@@ -147,8 +147,7 @@ def main(bundle_dir, prompt, prompt_file, prompt_ids, max_new_tokens, temperatur
         with stopping as stop:
             started = time.perf_counter()
             rt = RMTRuntime.load(bundle, backend=backend, provider=provider, threads=threads)
-            if not as_json:
-                click.echo(f"backend: {rt.picked}", err=True)
+            click.echo(f"backend: {rt.picked}", err=True)
             resumed = state_file is not None and state_file.exists()
             state = rt.restore_state(state_file) if resumed else rt.new_state()
             loaded = time.perf_counter()
@@ -178,8 +177,9 @@ def main(bundle_dir, prompt, prompt_file, prompt_ids, max_new_tokens, temperatur
     rt, state, resumed, finished, load_s, prompt_s, decode_s = run_guarded_cli(verbose, as_json, work)
     new = len(stream.ids)
     if not finished:
-        click.echo(f"interrupted after {new} tokens: state saved to {state_file}", err=True)
-        sys.exit(130)
+        exit_interrupted(f"interrupted after {new} tokens: state saved to {state_file}; run again with --state "
+                         f"{state_file} to continue the conversation", as_json, new_tokens=new, tokens=stream.ids,
+                         text=stream.text(), state=str(state_file))
     rate = (new - 1) / decode_s if new > 1 and decode_s > 0 else None
     if as_json:
         result = {"ok": True, "bundle": str(bundle.path), "backend": rt.picked, "prompt_tokens": int(ids.size),

@@ -21,7 +21,7 @@ from .bundle import Bundle
 from .errors import RuntimeInputError
 from .generation import Generation, GenerationConfig, generate_tokens
 from .segments import (as_ids_array, check_mask, check_token_container, full_segment, is_ragged, left_aligned,
-                       pad_rows, right_aligned, rows_of)
+                       materialized, pad_rows, right_aligned, rows_of)
 from .spec import INGEST, STEP
 from .state import SequenceState, StateLayout, load_state_file, save_state_file
 
@@ -404,15 +404,16 @@ class RMTRuntime:
 
     def generate(self, prompts, config: GenerationConfig | None = None,
                  state: SequenceState | None = None) -> Generation:
-        """Generate for every row at once; returns the tokens per row and the state to continue."""
+        """Generate for every row at once; returns the tokens per row and the state to continue.
+        ``prompts``: one id sequence (batch 1) or one per row, as any iterable (a generator is
+        read once, first)."""
         config = GenerationConfig() if config is None else config
         if not isinstance(config, GenerationConfig):
             raise RuntimeInputError(f"config must be a GenerationConfig, got {type(config).__name__}")
         check_token_container(prompts, "prompts")
+        prompts = materialized(prompts)  # any iterable: counted here and read again by generate_tokens
         if state is not None:
             self.check_state(state)
-        if is_ragged(prompts):
-            prompts = list(prompts)  # counted here and read again by generate_tokens
         rows = len(prompts) if is_ragged(prompts) else 1
         state = self.new_state(rows) if state is None else state
         generated: list[list[int]] = [[] for _ in range(state.batch)]

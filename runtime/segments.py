@@ -66,6 +66,13 @@ def check_token_container(tokens, what: str) -> None:
                                 f"got {type(tokens).__name__}")
 
 
+def materialized(tokens):
+    """``tokens`` in a form that can be read more than once: a generator or other one-shot
+    iterable becomes a list, read here once (counting rows and then reading them would
+    otherwise find it empty); arrays, lists and tuples are returned as they are."""
+    return tokens if isinstance(tokens, (np.ndarray, list, tuple)) else list(tokens)
+
+
 def is_ragged(tokens) -> bool:
     """True for a list of sequences (one per row), False for one sequence of ids."""
     if isinstance(tokens, np.ndarray):
@@ -82,6 +89,7 @@ def rows_of(tokens, batch: int, vocab_size: int, what: str = "sequence",
     tokens start in its sequence, so an error names the position in the whole input.
     """
     check_token_container(tokens, f"the {what}s" if batch > 1 else f"the {what}")
+    tokens = materialized(tokens)
     chunks = [tokens] if batch == 1 and not is_ragged(tokens) else list(tokens)
     if len(chunks) != batch:
         raise RuntimeInputError(f"got {len(chunks)} {what}s for a state of batch {batch}")

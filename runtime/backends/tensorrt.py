@@ -31,7 +31,7 @@ import numpy as np
 from collections import OrderedDict
 
 from ..bundle import Bundle
-from ..engines import BuildOptions, build_engine, cached_engine, import_builder
+from ..engines import BuildOptions, build_engine, cached_engine, import_builder, stderr_logger
 from ..errors import BackendError
 from ..spec import SEQ, bind_symbols
 from .base import Runner, RunResult
@@ -133,7 +133,7 @@ class TensorRTRunner(Runner):
 
     def _activate(self) -> None:
         options = BuildOptions(builder=self.builder, max_batch=self.max_batch)
-        runtime = self._trt.Runtime(self._trt.Logger(self._trt.Logger.WARNING))
+        runtime = self._trt.Runtime(stderr_logger(self._trt))
         for graph in self.specs:
             path = build_engine(self.bundle, graph, options) if self.build else cached_engine(self.bundle, graph, options)
             engine = runtime.deserialize_cuda_engine(path.read_bytes())

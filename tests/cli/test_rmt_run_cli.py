@@ -196,6 +196,42 @@ def test_ctrl_c_exits_130_and_keeps_the_state(gpt2, tmp_path, monkeypatch):
     assert state.read_bytes() == before
 
 
+def test_finish_runs_what_a_stopped_feed_left_pending(gpt2, tmp_path):
+    """A batch of two stopped after one segment (as a signal stops rmt-run): --finish runs the rest
+    and prints what each row gives alone; the partial segments stay pending, as in any --state run."""
+    rt, state_file, out = _runtime(str(gpt2)), tmp_path / "s.npz", tmp_path / "out.npz"
+    rows = [IDS, IDS[:37]]
+    state = rt.new_state(2)
+    asked = iter([False, True])  # run one segment, then stop
+    assert rt.feed(state, rows, stop=lambda: next(asked)) is False
+    pending = sum(len(p) for p in state.pending)
+    rt.save_state(state, state_file)
+    result = run("--bundle", gpt2, "--state", state_file, "--finish", "--save-outputs", out, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["finish"] is True and data["batch"] == 2 and data["tokens"] == pending == len(IDS) + 37 - 2 * SEGMENT
+    assert [(r["tokens_seen"], r["segments"], r["pending"]) for r in data["rows"]] == [(53, 3, 5), (37, 2, 5)]
+    with np.load(out) as saved:
+        for row, ids in enumerate(rows):  # batched rows equal each row alone (1e-5: other matmul shapes)
+            expected = reference(gpt2, ids)
+            np.testing.assert_allclose(saved["memory"][row], expected.memory[0], atol=1e-5)
+            np.testing.assert_allclose(saved["last_logits"][row], expected.last_logits[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--ids", "IDS"], "--finish reads no input (it runs what --state"),
+    ([], "no such file, so nothing to finish"),
+])
+def test_finish_refuses_input_and_a_missing_state(gpt2, ids_npy, tmp_path, extra, fragment):
+    state = tmp_path / "s.npz"
+    if extra:
+        assert run("--bundle", gpt2, "--ids", ids_npy, "--state", state).exit_code == 0
+    before = state.read_bytes() if state.exists() else None
+    args = [ids_npy if a == "IDS" else a for a in extra]
+    one_line_error(run("--bundle", gpt2, "--state", state, "--finish", *args), fragment)
+    assert (state.read_bytes() if state.exists() else None) == before
+
+
 # ---- ids as tokenizers give them: [N], [1, N], [B, N] with --mask -------------------------------
 def test_ids_shaped_one_by_n_run_as_one_sequence(gpt2, tmp_path):
     flat, row = tmp_path / "flat.npy", tmp_path / "row.npy"

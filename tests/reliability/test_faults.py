@@ -148,3 +148,75 @@ def test_sigterm_during_a_long_run_saves_the_state_and_resumes_exactly(bundle_fa
         np.testing.assert_array_equal(outputs["last_logits"], expected.last_logits)
     final = runtime.restore_state(state)
     assert int(final.tokens_seen[0]) == len(whole) and int(final.segments_done[0]) == len(whole) // 16
+
+
+def test_sigterm_after_the_whole_input_was_read_then_finish_gives_the_uninterrupted_result(bundle_factory, tmp_path):
+    """An interrupted run has read all its input (the tokens not yet run wait in the state), so
+    there is no "rest of the input" to give: --finish runs what is pending and prints what the
+    uninterrupted run prints. With --json, the interrupt is a document too."""
+    model, exported = bundle_factory("gpt2", "fp32")
+    ids = np.random.default_rng(1).integers(0, model.config.vocab_size, 300_000 + 5)  # ends inside a segment
+    np.save(tmp_path / "ids.npy", ids)
+    state = tmp_path / "state.npz"
+    command = [str(BIN / "rmt-run"), "--bundle", str(exported.path), "--state", str(state), "--json"]
+    process = subprocess.Popen([*command, "--ids", str(tmp_path / "ids.npy")], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    _wait_for(process, "backend:")  # the handler is in place; 18,750 segments to go
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    stopped = json.loads(out)
+    assert stopped["ok"] is False and stopped["interrupted"] is True and stopped["state"] == str(state)
+    assert f"--state {state} --finish" in stopped["error"] and stopped["error"] in err
+    assert stopped["pending"] > 16  # it really stopped part-way: full segments left to run
+    finished = subprocess.run([*command, "--finish", "--save-outputs", str(tmp_path / "out.npz")],
+                              capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr
+    result = json.loads(finished.stdout)
+    assert result["finish"] is True and result["tokens"] == stopped["pending"]
+    assert result["tokens_seen"] == len(ids) and result["pending"] == 5  # the partial segment waits, as in any run
+    runtime = RMTRuntime.load(exported.path)
+    expected = runtime.run(ids)
+    with np.load(tmp_path / "out.npz") as outputs:
+        np.testing.assert_array_equal(outputs["memory"], expected.memory)
+        np.testing.assert_array_equal(outputs["last_logits"], expected.last_logits)
+    assert [e["id"] for e in result["top_k"]] == np.argsort(-expected.last_logits[0], kind="stable")[:5].tolist()
+    final = runtime.restore_state(state)
+    assert int(final.segments_done[0]) == len(ids) // 16 and [len(p) for p in final.pending] == [5]
+
+
+def test_sigterm_during_generation_saves_the_conversation_and_it_continues(bundle_factory, tmp_path):
+    """rmt-generate --state stops after the current token and saves: the state equals that of an
+    uninterrupted generation of as many tokens, and the conversation continues from it."""
+    model, exported = bundle_factory("gpt2", "fp32", initializer_range=0.2)
+    rng = np.random.default_rng(2)
+    np.save(tmp_path / "prompt.npy", rng.integers(0, model.config.vocab_size, 40))
+    np.save(tmp_path / "next.npy", rng.integers(0, model.config.vocab_size, 7))
+    generate = [str(BIN / "rmt-generate"), "--bundle", str(exported.path), "--no-stop", "--json"]
+    chat, whole = tmp_path / "chat.npz", tmp_path / "whole.npz"
+    process = subprocess.Popen([*generate, "--state", str(chat), "--prompt-ids", str(tmp_path / "prompt.npy"),
+                                "--max-new-tokens", "1000000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    _wait_for(process, "backend:")  # the handler is in place
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    stopped = json.loads(out)
+    assert stopped["interrupted"] is True and stopped["state"] == str(chat)
+    new = stopped["new_tokens"]
+    assert 1 <= new < 1_000_000 and len(stopped["tokens"]) == new and f"interrupted after {new} tokens" in err
+    uninterrupted = subprocess.run([*generate, "--state", str(whole), "--prompt-ids", str(tmp_path / "prompt.npy"),
+                                    "--max-new-tokens", str(new)], capture_output=True, text=True)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr
+    assert json.loads(uninterrupted.stdout)["tokens"] == stopped["tokens"]
+    runtime = RMTRuntime.load(exported.path)
+    saved, expected = runtime.restore_state(chat), runtime.restore_state(whole)
+    np.testing.assert_array_equal(runtime.memory(saved), runtime.memory(expected))
+    assert [p.tolist() for p in saved.pending] == [p.tolist() for p in expected.pending]
+    assert saved.tokens_seen.tolist() == expected.tokens_seen.tolist() == [40 + new]
+    assert saved.segments_done.tolist() == expected.segments_done.tolist()
+    continued = [subprocess.run([*generate, "--state", str(path), "--prompt-ids", str(tmp_path / "next.npy"),
+                                 "--max-new-tokens", "20"], capture_output=True, text=True) for path in (chat, whole)]
+    assert [c.returncode for c in continued] == [0, 0], [c.stderr for c in continued]
+    first, second = (json.loads(c.stdout) for c in continued)
+    assert first["resumed"] is True and first["tokens"] == second["tokens"] and len(first["tokens"]) == 20

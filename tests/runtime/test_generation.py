@@ -92,6 +92,21 @@ def test_batched_prompts_of_different_lengths_equal_each_prompt_alone(generator)
         assert batched.tokens[row] == rt.generate(ids, GenerationConfig(max_new_tokens=40)).tokens[0], row
 
 
+def test_prompts_from_a_generator_equal_the_same_prompts_in_a_list(generator):
+    """A one-shot iterable is read once, at the start: rows are counted and read from that copy."""
+    _, rt = generator
+    prompts = [prompt(n, seed=n + 2) for n in (3, 21)]
+    config = GenerationConfig(max_new_tokens=12)
+    listed = rt.generate(prompts, config)
+    rows = rt.generate((ids for ids in prompts), config)
+    one = rt.generate((token for token in prompts[1]), config)  # one sequence's ids, one at a time
+    assert rows.tokens == listed.tokens and len(rows.tokens) == 2 and rows.state.batch == 2
+    assert one.tokens == [listed.tokens[1]]
+    state = rt.new_state(2)
+    streamed = [step.tolist() for step in rt.generate_stream(state, iter(prompts), config)]
+    assert [list(column) for column in zip(*streamed)] == listed.tokens
+
+
 def test_sampling_is_reproducible_with_a_seed_and_matches_the_reference_sampler(generator):
     model, rt = generator
     config = GenerationConfig(max_new_tokens=40, temperature=1.0, top_k=20, top_p=0.9,

@@ -252,10 +252,11 @@ def _check_memory(model: RMTBase, options: ExportOptions, progress: Progress | N
         progress("memory", f"peak estimated at {need.total / GiB:.1f} GiB ({need.describe()})"
                            + ("" if have is None else f"; {have / GiB:.1f} GiB available"))
     if options.check_memory and have is not None and need.total > have:
+        lighter = (" (or with --no-validate, which opens no ONNX Runtime session and needs no validation logits)"
+                   if need.peak_stage == "validate" else "")
         raise ExportError(f"this export needs about {need.total / GiB:.1f} GiB of memory ({need.describe()} GiB) "
-                          f"and {have / GiB:.1f} GiB is available: export on a machine with more memory (or with "
-                          "--no-validate, which needs no validation logits), or pass --no-memory-check to try "
-                          "anyway")
+                          f"and {have / GiB:.1f} GiB is available: export on a machine with more memory{lighter}, "
+                          "or pass --no-memory-check to try anyway")
 
 
 def export_model(model: RMTBase, out: str | os.PathLike, options: ExportOptions = ExportOptions(),

@@ -83,6 +83,9 @@ def _ort_session(path: str):
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # No arena: its blocks would keep the largest outputs (a segment's full logits, a GB at
+    # a 128k vocabulary) allocated after each run, on top of the copies being compared.
+    options.enable_cpu_mem_arena = False
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     if session.get_providers()[0] != "CPUExecutionProvider":
         raise RuntimeError(f"validation asked for ONNX Runtime CPU, got {session.get_providers()}")
@@ -101,14 +104,34 @@ def _pytorch_step(model: RMTBase, ids: np.ndarray, mask: np.ndarray, memory: tor
     return record, new_memory
 
 
+CHUNK_ELEMENTS = 1 << 22  # 16 MB of float32: the comparison's temporaries stay this small
+
+
+def _blocks(*arrays: np.ndarray):
+    """The arrays' matching blocks of whole last-axis rows, about CHUNK_ELEMENTS each: a
+    segment's full logits are a GB at a 128k vocabulary, so no whole-array temporary."""
+    flat = [a.reshape(-1, a.shape[-1]) if a.ndim > 1 else a.reshape(1, -1) for a in arrays]
+    step = max(1, CHUNK_ELEMENTS // max(1, flat[0].shape[1]))
+    for start in range(0, flat[0].shape[0], step):
+        yield tuple(f[start:start + step] for f in flat)
+
+
+def _abs_max(values: np.ndarray) -> float:
+    """max |values| without an |values| copy (nan if any value is nan)."""
+    if not values.size:
+        return 0.0
+    low, high = float(values.min()), float(values.max())
+    return float("nan") if low != low or high != high else max(-low, high, 0.0)
+
+
 def _max_abs_diff(got: np.ndarray, expected: np.ndarray) -> float:
-    """max |got - expected| in float64, one row at a time (a segment's full logits are
-    hundreds of MB at real size: no whole float64 copy); inf when ``got`` is not finite."""
+    """max |got - expected| in float64, block by block (see _blocks); inf when ``got`` is not
+    finite."""
     worst = 0.0
-    for row in range(got.shape[0]):
-        if not np.isfinite(got[row]).all():
+    for got_block, expected_block in _blocks(got, expected):
+        if not np.isfinite(got_block).all():
             return float("inf")
-        worst = max(worst, float(np.abs(got[row].astype(np.float64) - expected[row]).max()))
+        worst = max(worst, float(np.abs(got_block.astype(np.float64) - expected_block).max(initial=0.0)))
     return worst
 
 
@@ -117,9 +140,12 @@ def _sig(x: float) -> float:
 
 
 def _top2_margin(logits: np.ndarray) -> np.ndarray:
-    """top-1 minus top-2 over the last axis."""
-    top2 = np.partition(logits, -2, axis=-1)[..., -2:]
-    return top2[..., 1] - top2[..., 0]
+    """top-1 minus top-2 over the last axis (block by block: np.partition copies its input)."""
+    margins = []
+    for (block,) in _blocks(logits):
+        top2 = np.partition(block, -2, axis=-1)[:, -2:]
+        margins.append(top2[:, 1] - top2[:, 0])
+    return np.concatenate(margins).reshape(logits.shape[:-1])
 
 
 def _argmax_agreement(got: np.ndarray, ref: np.ndarray, valid: np.ndarray,
@@ -150,7 +176,7 @@ class _Agreement:
     def add(self, got: np.ndarray, ref: np.ndarray, valid: np.ndarray) -> None:
         self.same.append((got.argmax(-1) == ref.argmax(-1))[valid])
         self.margin.append(_top2_margin(ref)[valid])
-        self.scale = max(self.scale, float(np.abs(ref).max()))
+        self.scale = max(self.scale, _abs_max(ref))
 
     def result(self, bound: float) -> tuple[float, float | None, int]:
         same, margin = np.concatenate(self.same), np.concatenate(self.margin)
@@ -227,7 +253,7 @@ def validate_graphs(model: RMTBase, graphs: dict[str, tuple[str, GraphSpec]], pr
                     chained_memory = got["new_memory"]
                 for output in outputs:
                     expected = reference[output]
-                    scale = float(np.abs(expected).max())
+                    scale = _abs_max(expected)
                     err = _max_abs_diff(got[output], expected)
                     bound = tolerance.bound(scale)
                     if mode == "chained":
@@ -313,8 +339,8 @@ def validate_generation(model: RMTBase, graphs: dict[str, tuple[str, GraphSpec]]
     results: dict[str, Any] = {}
 
     def judge(graph: str, what: str, got: np.ndarray, expected: np.ndarray, errors: list) -> None:
-        scale = float(np.abs(expected).max())
-        err = float(np.abs(got.astype(np.float64) - expected).max()) if np.isfinite(got).all() else float("inf")
+        scale = _abs_max(expected)
+        err = _max_abs_diff(got, expected)
         bound = tolerance.bound(scale)
         errors.append(_sig(err))
         if not err <= bound:
@@ -323,12 +349,14 @@ def validate_generation(model: RMTBase, graphs: dict[str, tuple[str, GraphSpec]]
     prefill = _ort_session(str(graphs["prefill"][0]))
     outputs = prefill.run(None, {"input_ids": ids, "attention_mask": mask, "memory": memory.numpy()})
     logits_errors: list[float] = []
-    judge("prefill", "last_logits", outputs[0], reference[0], logits_errors)
+    first_logits = outputs[0]
+    judge("prefill", "last_logits", first_logits, reference[0], logits_errors)
     results["prefill"] = {"last_logits": logits_errors}
     caches = outputs[1:]
+    del prefill, outputs  # one session (a copy of the weights) open at a time
     decode = _ort_session(str(graphs["decode"][0]))
     past_names = [t.name for t in graphs["decode"][1].inputs if t.name.startswith("past.")]
-    got_logits = [outputs[0]]
+    got_logits = [first_logits]
     decode_errors: list[float] = []
     for step in range(steps):
         feed = {"input_ids": forced[step], "attention_mask": masks[step], "position_ids": position_ids[step],

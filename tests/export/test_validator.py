@@ -121,3 +121,25 @@ def test_validation_peak_memory_does_not_grow_with_the_number_of_segments(shared
         assert result.returncode == 0, result.stderr
         peaks[segments] = int(result.stdout.strip().splitlines()[-1])
     assert peaks[32] <= 1.10 * peaks[4], {k: f"{v / 2**20:.0f} MiB" for k, v in peaks.items()}
+
+
+@pytest.mark.parametrize("shape", [(2, 37, 1000), (3, 70000), (70001,), (1, 1, 5)])
+def test_the_blockwise_comparison_equals_the_whole_array_one(shape, monkeypatch):
+    """The validator compares a segment's logits in blocks (a GB at a 128k vocabulary); with
+    blocks far smaller than the arrays it must give what whole-array numpy gives."""
+    import rmt_export.validate as validate
+
+    monkeypatch.setattr(validate, "CHUNK_ELEMENTS", 4096)
+    rng = np.random.default_rng(0)
+    expected = rng.standard_normal(shape).astype(np.float32) * 7
+    got = expected + rng.standard_normal(shape).astype(np.float32) * 1e-3
+    assert validate._max_abs_diff(got, expected) == float(np.abs(got.astype(np.float64) - expected).max())
+    assert validate._abs_max(expected) == float(np.abs(expected).max())
+    top2 = np.sort(expected, axis=-1)[..., -2:]
+    np.testing.assert_array_equal(validate._top2_margin(expected), top2[..., 1] - top2[..., 0])
+    got.flat[-1] = np.nan  # in the last block
+    assert validate._max_abs_diff(got, expected) == float("inf")
+    got.flat[-1], got.flat[0] = 0.0, np.inf  # in the first
+    assert validate._max_abs_diff(got, expected) == float("inf")
+    assert np.isnan(validate._abs_max(np.array([1.0, np.nan, -3.0])))
+    assert validate._abs_max(np.array([-5.0, 2.0])) == 5.0

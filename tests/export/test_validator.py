@@ -143,3 +143,17 @@ def test_the_blockwise_comparison_equals_the_whole_array_one(shape, monkeypatch)
     assert validate._max_abs_diff(got, expected) == float("inf")
     assert np.isnan(validate._abs_max(np.array([1.0, np.nan, -3.0])))
     assert validate._abs_max(np.array([-5.0, 2.0])) == 5.0
+
+
+def test_pytorch_runs_each_segment_once_for_both_segment_graphs(bundle_factory, monkeypatch):
+    """The reference (and its perturbed twin) run once per segment: the ingest graph reuses the
+    step graph's pass, whose small outputs (memory, last-token logits) are kept. Running PyTorch
+    again for ingest would add a third of the validation time at real size."""
+    model, result = bundle_factory("gpt2", "fp32")
+    bundle = Bundle.load(result.path)
+    graphs = {name: (str(bundle.graph_path(name)), bundle.graph_spec(name)) for name in ("step", "ingest")}
+    calls = []
+    step = model.step
+    monkeypatch.setattr(model, "step", lambda *args, **kwargs: calls.append(1) or step(*args, **kwargs))
+    validate_graphs(model, graphs, "fp32", ValidationPlan(segments=3))
+    assert len(calls) == 2 * 3  # reference + perturbed twin, per segment, for both graphs together

@@ -180,3 +180,31 @@ def test_saving_where_a_file_cannot_be_is_a_state_error(rt, tmp_path, where, mes
         rt.save_state(rt.new_state(), where(tmp_path))
     assert (tmp_path / "plain.txt").read_text() == "keep"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.txt"]  # no temporary left behind
+
+
+@pytest.mark.parametrize("batch", [0, -2])
+def test_a_batch_below_one_is_refused_naming_it(rt, batch):
+    with pytest.raises(RuntimeInputError, match=rf"batch must be an int >= 1, got {batch}$"):
+        rt.new_state(batch)
+
+
+def test_a_state_whose_buffers_are_not_this_backends_is_refused(rt):
+    state = rt.new_state()
+    state.handles = {name: handle.tolist() if hasattr(handle, "tolist") else [0.0] for name, handle in
+                     ((n, rt.runner.to_host(h)) for n, h in state.handles.items())}
+    with pytest.raises(RuntimeInputError, match="state holds buffers of another backend: a state belongs to the "
+                                                "runtime that made it"):
+        rt.feed(state, _ids(3))
+
+
+def test_a_fresh_state_counts_segments_in_integers_and_its_file_restores(rt, tmp_path):
+    """Counters stay int64 from new_state through a state file and back (a float counter
+    would be written to the file as float64)."""
+    state = rt.new_state(2)
+    assert state.segments_done.dtype == state.tokens_seen.dtype == np.int64
+    rt.save_state(state, tmp_path / "fresh.npz")
+    restored = rt.restore_state(tmp_path / "fresh.npz")
+    assert restored.segments_done.dtype == restored.tokens_seen.dtype == np.int64
+    with np.load(tmp_path / "fresh.npz") as members:
+        assert {members[name].dtype for name in members.files if "segments" in name or "tokens_seen" in name} \
+            == {np.dtype(np.int64)}

@@ -44,8 +44,10 @@ class Tolerance:
 TOLERANCES = {
     # ORT CPU fp32 differs from PyTorch by ~1e-7..1e-6 relative (different kernels).
     "fp32": Tolerance(atol=1e-4, rtol=1e-4, perturbation=1e-6),
-    # fp16 weights and activations: ~1e-3 relative per segment (fp16 epsilon ~1e-3).
-    "fp16": Tolerance(atol=2e-2, rtol=2e-2, perturbation=1e-3),
+    # fp16 weights and activations: fp16's epsilon is ~1e-3, and its rounding compounds with
+    # depth and width: 7e-4 of the largest value for GPT-2-small, 2.5% for a 1.24B Llama,
+    # where PyTorch's own fp16 differs from its fp32 by as much (docs/VALIDATION.md).
+    "fp16": Tolerance(atol=2e-2, rtol=5e-2, perturbation=1e-3),
     # int8 MatMul weights and per-call activation scales: each quantized matmul rounds to
     # 1/254 of its range (~4e-3 relative), compounding over layers to a few percent; the
     # task-level check (sample answers) is what int8 is judged on, see docs/VALIDATION.md.

@@ -97,7 +97,7 @@ def test_a_plan_below_two_segments_or_batch_two_is_refused(segments, batch):
 def test_tolerances_are_the_documented_ones():
     """docs/VALIDATION.md's table and text."""
     assert asdict(TOLERANCES["fp32"]) == dict(atol=1e-4, rtol=1e-4, perturbation=1e-6, sensitivity_factor=10.0)
-    assert asdict(TOLERANCES["fp16"]) == dict(atol=2e-2, rtol=2e-2, perturbation=1e-3, sensitivity_factor=10.0)
+    assert asdict(TOLERANCES["fp16"]) == dict(atol=2e-2, rtol=5e-2, perturbation=1e-3, sensitivity_factor=10.0)
     assert asdict(TOLERANCES["int8"]) == dict(atol=1e-1, rtol=1e-1, perturbation=1e-2, sensitivity_factor=10.0)
     assert Tolerance(atol=1.0, rtol=0.5, perturbation=0.0).bound(4.0) == 3.0
 

@@ -80,14 +80,21 @@ class ValidationPlan:
         return out
 
 
-def _ort_session(path: str):
+# Outputs above this size are allocated with mmap by glibc's malloc and returned on free.
+MMAP_BYTES = 32 * 2 ** 20
+
+
+def _ort_session(path: str, large_outputs: bool = False):
+    """A CPU session. With ``large_outputs`` (a segment's full logits over MMAP_BYTES: a GB at
+    a 128k vocabulary) it has no arena, which would keep those blocks allocated after each run
+    on top of the copies being compared; such blocks are mmapped, so freeing them returns the
+    memory. Smaller outputs keep the arena: without it, malloc's heap fragments and the peak
+    grows with the number of segments (tests/export/test_validator.py)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    # No arena: its blocks would keep the largest outputs (a segment's full logits, a GB at
-    # a 128k vocabulary) allocated after each run, on top of the copies being compared.
-    options.enable_cpu_mem_arena = False
+    options.enable_cpu_mem_arena = not large_outputs
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     if session.get_providers()[0] != "CPUExecutionProvider":
         raise RuntimeError(f"validation asked for ONNX Runtime CPU, got {session.get_providers()}")
@@ -222,8 +229,9 @@ def validate_graphs(model: RMTBase, graphs: dict[str, tuple[str, GraphSpec]], pr
         "tolerance": asdict(tolerance), "sensitivity": {}, "graphs": {}, "misses": [],
     }
     misses: list[str] = report["misses"]
+    large_outputs = config.kind == "decoder" and plan.batch * config.segment_size * config.vocab_size * 4 > MMAP_BYTES
     for name, (path, spec) in graphs.items():
-        session = _ort_session(str(path))
+        session = _ort_session(str(path), large_outputs)
         outputs = spec.output_names
         logits_name = "last_logits" if "last_logits" in outputs else "logits" if "logits" in outputs else None
         errors = {mode: {o: {"max_abs": [], "max_rel": [], "bound": []} for o in outputs} for mode in MODES}

@@ -9,7 +9,7 @@ documented placeholder is ``model.pt``, the shipped sample). ``text`` blocks are
 is skipped with its reason, but the flags of its rmt-* commands are still checked against
 that command's ``--help``, so a renamed flag fails here even in a block that cannot run.
 The run ends with a count per document: blocks run, blocks skipped and why (printed by
-tests/docs/conftest.py).
+tests/conftest.py).
 """
 from __future__ import annotations
 

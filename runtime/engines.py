@@ -2,14 +2,19 @@
 
 Engines are not portable across GPUs or TensorRT versions, so each is keyed by what makes
 it valid: the builder (``tensorrt`` 10/11, or ``tensorrt_rtx``) and its version, the GPU
-name and compute capability, the precision and builder flags, the optimisation profile
-(batch 1..max, seq 1..segment_size, tuned for full segments) and the graph's sha256. A
-cached engine whose key differs is stale: it is rebuilt, or refused when building is off,
-and never run. Layout, inside the bundle:
+name and compute capability, the precision and builder flags (fp16, TF32), the optimisation
+profile (batch 1..max, seq 1..segment_size, tuned for full segments) and the sha256 of the
+graph and of its external weights. A cached engine whose key differs is stale: rmt-build
+rebuilds it, loading refuses it, and it never runs. Layout, inside the bundle:
 
     engines/<graph>-<key>.plan    the serialized engine
-    engines/<graph>-<key>.json    the key's fields (what it was built for)
-    engines/timing.cache          TensorRT's timing cache, shared by every build (not for RTX)
+    engines/<graph>-<key>.json    the key's fields (what it was built for) and when it was built
+    engines/timing-<builder>-<version>-<gpu>-sm<cc>.cache
+                                  TensorRT's timing cache, one per TensorRT version and GPU
+                                  (another's is rejected by the builder; none for RTX)
+
+Loading never builds (``find_engines``): it takes the engines built for this machine,
+reading the build options from their metadata, or the options it is given.
 
 This is the one TensorRT build path: ``parse_and_build`` parses an ONNX graph, checks it
 against its spec, sets the optimisation profile and builds; ``build_engine`` (rmt-build, the
@@ -24,8 +29,10 @@ import functools
 import hashlib
 import json
 import os
+import re
 import sys
 import time
+from datetime import datetime, timezone
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -36,7 +43,6 @@ from .errors import EngineError
 from .spec import GraphSpec
 
 BUILDERS = ("tensorrt", "tensorrt_rtx")
-TIMING_CACHE = "timing.cache"
 
 
 @dataclass(frozen=True)
@@ -46,8 +52,17 @@ class BuildOptions:
     builder: str = "tensorrt"
     max_batch: int = 8
     opt_batch: int = 1
-    workspace_mb: int = 1024      # capped: on Jetson the GPU shares memory with the CPU
+    workspace_mb: int = 1024      # capped: on Jetson the GPU shares memory with the CPU; not in the key
     fp16_flag: bool = False       # TensorRT 10 only: let an fp32 graph run layers in fp16
+    tf32: bool = False            # TensorRT turns TF32 on by default; off, an fp32 engine is fp32
+
+    def flags(self) -> str:
+        """These options as rmt-build flags (the defaults left out)."""
+        default = BuildOptions()
+        parts = [f"--builder {self.builder}" if self.builder != default.builder else "",
+                 f"--max-batch {self.max_batch}" if self.max_batch != default.max_batch else "",
+                 "--fp16" if self.fp16_flag else "", "--tf32" if self.tf32 else ""]
+        return " ".join(p for p in parts if p)
 
 
 @dataclass(frozen=True)
@@ -160,6 +175,7 @@ class BuildSettings:
     strongly_typed: bool = True
     compute_capabilities: Sequence[str] | None = None   # TensorRT-RTX targets, e.g. ["SM86"]
     timing_cache: bytes | None = None                   # None: no timing cache; b"": start a new one
+    tf32: bool = False                                  # False clears TensorRT's default-on TF32 flag
 
 
 @dataclass
@@ -172,6 +188,7 @@ class BuildOutcome:
     io_problems: list[str] = field(default_factory=list)
     build_seconds: float = 0.0
     timing_cache: bytes | None = None
+    notes: list[str] = field(default_factory=list)  # what the build decided on its own (a rejected cache)
 
     @property
     def built(self) -> bool:
@@ -237,6 +254,8 @@ def parse_and_build(trt, logger, onnx_path: str | os.PathLike, spec: GraphSpec, 
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings.workspace_mb) << 20)
     if settings.fp16_flag:
         config.set_flag(trt.BuilderFlag.FP16)
+    if hasattr(trt.BuilderFlag, "TF32"):  # on by default: fp32 layers would run as TF32 on Ampere and later
+        (config.set_flag if settings.tf32 else config.clear_flag)(trt.BuilderFlag.TF32)
     if settings.compute_capabilities:
         try:
             targets = [getattr(trt.ComputeCapability, str(c).upper()) for c in settings.compute_capabilities]
@@ -248,7 +267,11 @@ def parse_and_build(trt, logger, onnx_path: str | os.PathLike, spec: GraphSpec, 
         for i, target in enumerate(targets):
             config.set_compute_capability(target, i)
     if settings.timing_cache is not None:
-        config.set_timing_cache(config.create_timing_cache(settings.timing_cache), ignore_mismatch=False)
+        # A cache from another GPU or TensorRT version is rejected (False): build with a new one.
+        if not config.set_timing_cache(config.create_timing_cache(settings.timing_cache), ignore_mismatch=False):
+            outcome.notes.append("the timing cache was made for another GPU or TensorRT version: "
+                                 "starting a new one")
+            config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
     optimisation = builder.create_optimization_profile()
     try:
         for name, (low, opt, high) in profile.items():
@@ -272,15 +295,40 @@ def parse_and_build(trt, logger, onnx_path: str | os.PathLike, spec: GraphSpec, 
     return outcome
 
 
-def current_device(builder: str) -> DeviceInfo:
-    """The GPU engines are built for (through cuda-python); an AOT marker for TensorRT-RTX without one."""
+def import_cudart(required: bool = True):
+    """cuda-python's runtime API (``cuda.bindings.runtime``, or ``cuda.cudart`` before 12.6).
+
+    None when absent and not ``required``; else an EngineError with the pin to install:
+    cuda-python 13 links the CUDA 13 runtime and fails on CUDA 12 drivers (JetPack 6)."""
     try:
         from cuda.bindings import runtime as cudart
     except ImportError:
         try:
-            from cuda import cudart  # cuda-python < 12.6 layout
+            from cuda import cudart  # cuda-python < 12.6
         except ImportError:
-            cudart = None
+            if not required:
+                return None
+            raise EngineError('the tensorrt backend needs cuda-python: pip install "cuda-python>=12.6,<13" for '
+                              'CUDA 12 drivers (JetPack 6), "cuda-python>=13,<14" for CUDA 13') from None
+    return cudart
+
+
+def cuda_error_name(cudart, error) -> str:
+    """The CUDA error's name (``cudaErrorInsufficientDriver``), as cuda-python reports it."""
+    name = getattr(error, "name", None)
+    if isinstance(name, str):
+        return name
+    try:
+        status, text = cudart.cudaGetErrorName(error)
+        return text.decode() if isinstance(text, bytes) else str(text)
+    except Exception:  # noqa: BLE001 - an unknown code is still reported, by number
+        return f"CUDA error {int(error)}"
+
+
+def current_device(builder: str) -> DeviceInfo:
+    """The GPU engines are built for (through cuda-python); an AOT marker for TensorRT-RTX without one."""
+    cudart = import_cudart(required=builder != "tensorrt_rtx")
+    problem = "cuda-python is not installed"
     if cudart is not None:
         error, count = cudart.cudaGetDeviceCount()
         if int(error) == 0 and count > 0:
@@ -288,23 +336,34 @@ def current_device(builder: str) -> DeviceInfo:
             if int(error) == 0:
                 name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
                 return DeviceInfo(name.strip("\x00 "), f"{props.major}.{props.minor}")
+            problem = f"cudaGetDeviceProperties: {cuda_error_name(cudart, error)}"
+        else:
+            problem = (f"cudaGetDeviceCount: {cuda_error_name(cudart, error)}" if int(error) != 0
+                       else "cudaGetDeviceCount: 0 devices")
     if builder == "tensorrt_rtx":
         return DeviceInfo("none", "aot")
-    raise EngineError("no CUDA GPU is visible (cuda-python found none): TensorRT engines are built on the "
-                      "GPU that runs them")
+    hint = (" (cuda-python 13 needs a CUDA 13 driver, 580 or newer: on CUDA 12 drivers such as JetPack 6 "
+            'install "cuda-python>=12.6,<13")' if "InsufficientDriver" in problem else "")
+    raise EngineError(f"no CUDA GPU is visible ({problem}){hint}: TensorRT engines are built on the GPU that "
+                      "runs them")
 
 
 def engine_fields(bundle: Bundle, graph: str, trt_name: str, trt_version: str, device: DeviceInfo,
                   options: BuildOptions) -> dict[str, Any]:
-    """Everything an engine's validity depends on."""
+    """Everything an engine's validity depends on (its key is their hash)."""
     spec = bundle.graph_spec(graph)
     profile = profile_shapes(spec, bundle.segment_size, options.max_batch, options.opt_batch,
                              bundle.num_mem_tokens)
+    files = bundle.manifest["files"]
+    graph_file = bundle.manifest["graphs"][graph]["file"]
     return {
         "builder": trt_name, "trt_version": trt_version, "gpu": device.name,
         "compute_capability": device.compute_capability, "precision": bundle.precision,
-        "fp16_flag": options.fp16_flag, "graph": graph,
-        "graph_sha256": bundle.manifest["files"][bundle.manifest["graphs"][graph]["file"]],
+        "fp16_flag": options.fp16_flag, "tf32": options.tf32, "graph": graph,
+        "max_batch": options.max_batch, "opt_batch": options.opt_batch,
+        "graph_sha256": files[graph_file],
+        # External weights (<graph>.onnx.data) change an engine as much as the graph does.
+        "data_sha256": {name: sha for name, sha in sorted(files.items()) if name.startswith(f"{graph_file}.")},
         "profile": {name: [list(s) for s in shapes] for name, shapes in profile.items()},
     }
 
@@ -317,19 +376,34 @@ def engine_path(bundle: Bundle, fields: dict[str, Any]) -> Path:
     return bundle.path / ENGINE_DIR / f"{fields['graph']}-{engine_key(fields)}.plan"
 
 
+def timing_cache_path(bundle: Bundle, builder: str, trt_version: str, device: DeviceInfo) -> Path:
+    """One timing cache per builder version and GPU: another's is rejected by the builder."""
+    gpu = re.sub(r"[^A-Za-z0-9.]+", "_", device.name).strip("_") or "gpu"
+    return bundle.path / ENGINE_DIR / f"timing-{builder}-{trt_version}-{gpu}-sm{device.compute_capability}.cache"
+
+
+def _engine_metadata(bundle: Bundle, graph: str) -> list[tuple[Path, dict[str, Any] | None]]:
+    """Every cached engine's metadata of ``graph`` (None where unreadable)."""
+    found = []
+    for meta in sorted((bundle.path / ENGINE_DIR).glob(f"{graph}-*.json")):
+        try:
+            found.append((meta, json.loads(meta.read_text())))
+        except (OSError, json.JSONDecodeError):
+            found.append((meta, None))
+    return found
+
+
 def stale_engines(bundle: Bundle, fields: dict[str, Any]) -> list[str]:
     """Cached engines of this graph built for something else, each with the first field that differs."""
     found = []
-    for meta in sorted((bundle.path / ENGINE_DIR).glob(f"{fields['graph']}-*.json")):
-        try:
-            theirs = json.loads(meta.read_text())
-        except (OSError, json.JSONDecodeError):
+    for meta, theirs in _engine_metadata(bundle, fields["graph"]):
+        if theirs is None:
             found.append(f"{meta.name}: unreadable")
             continue
         differs = [k for k in fields if theirs.get(k) != fields[k]]
         if differs:
             k = differs[0]
-            found.append(f"{meta.stem}.plan was built for {k}={theirs.get(k)!r}, this machine needs {fields[k]!r}")
+            found.append(f"{meta.stem}.plan was built for {k}={theirs.get(k)!r}, not {fields[k]!r}")
     return found
 
 
@@ -346,6 +420,8 @@ def _check_precision(trt, bundle: Bundle, options: BuildOptions) -> None:
     if options.fp16_flag and (not hasattr(trt, "BuilderFlag") or not hasattr(trt.BuilderFlag, "FP16")):
         raise EngineError(f"this TensorRT ({trt.__version__}) has no FP16 builder flag (TensorRT 11 and RTX "
                           "build strongly typed networks): export the bundle with --fp16 instead")
+    if options.tf32 and bundle.precision != "fp32":
+        raise EngineError(f"--tf32 applies to fp32 bundles; this one is {bundle.precision}")
 
 
 def build_engine(bundle: Bundle, graph: str, options: BuildOptions = BuildOptions(),
@@ -356,12 +432,13 @@ def build_engine(bundle: Bundle, graph: str, options: BuildOptions = BuildOption
     device = current_device(options.builder)
     fields = engine_fields(bundle, graph, options.builder, str(trt.__version__), device, options)
     path = engine_path(bundle, fields)
-    if path.is_file():
+    if path.is_file() and path.with_suffix(".json").is_file():
         return path
     say = progress or (lambda message: None)
     say(f"building the TensorRT engine of {graph} for {device.name} (sm {device.compute_capability}), "
-        f"{bundle.precision}; this can take minutes (9.5 min reported on an Orin)")
-    cache_file = bundle.path / ENGINE_DIR / TIMING_CACHE
+        f"{bundle.precision}{' with TF32' if options.tf32 else ''}; this can take minutes (9.5 min reported "
+        "on an Orin)")
+    cache_file = timing_cache_path(bundle, options.builder, str(trt.__version__), device)
     keep_timing = options.builder == "tensorrt"  # timing caches are no-ops in TensorRT-RTX
     strongly_typed = bundle.precision == "fp16" or trt_major(trt) >= 11 or options.builder == "tensorrt_rtx"
     started = time.perf_counter()
@@ -369,31 +446,101 @@ def build_engine(bundle: Bundle, graph: str, options: BuildOptions = BuildOption
         trt, stderr_logger(trt), bundle.graph_path(graph), bundle.graph_spec(graph),
         {name: tuple(tuple(s) for s in shapes) for name, shapes in fields["profile"].items()},
         BuildSettings(workspace_mb=options.workspace_mb, fp16_flag=options.fp16_flag, strongly_typed=strongly_typed,
+                      tf32=options.tf32,
                       timing_cache=(cache_file.read_bytes() if cache_file.is_file() else b"") if keep_timing else None))
+    for note in outcome.notes:
+        say(note)
     if not outcome.built:
         raise EngineError(f"TensorRT could not build the {graph} engine: " + "; ".join(outcome.problems()[:5]))
     serialized = outcome.serialized
     (bundle.path / ENGINE_DIR).mkdir(exist_ok=True)
     _write_atomically(path, bytes(serialized))
-    _write_atomically(path.with_suffix(".json"), json.dumps(fields, indent=2, sort_keys=True).encode())
-    if outcome.timing_cache:
+    metadata = dict(fields, built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    workspace_mb=options.workspace_mb)
+    # The metadata goes last: an engine without it is not found (a build killed in between is redone).
+    _write_atomically(path.with_suffix(".json"), json.dumps(metadata, indent=2, sort_keys=True).encode())
+    if outcome.timing_cache:  # None when the builder gave no cache back: nothing to keep
         _write_atomically(cache_file, outcome.timing_cache)
     say(f"built {path.name} ({path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - started:.1f}s")
     return path
 
 
-def cached_engine(bundle: Bundle, graph: str, options: BuildOptions = BuildOptions()) -> Path:
-    """The engine valid for this machine; never builds. A stale or missing one is an EngineError."""
-    trt = import_builder(options.builder)
-    fields = engine_fields(bundle, graph, options.builder, str(trt.__version__),
-                           current_device(options.builder), options)
-    path = engine_path(bundle, fields)
-    if path.is_file():
-        return path
-    stale = stale_engines(bundle, fields)
-    detail = ("; ".join(stale) + "; ") if stale else ""
-    raise EngineError(f"no TensorRT engine of {graph} for this machine in {bundle.path / ENGINE_DIR}: {detail}"
-                      f"build one with rmt-build --bundle {bundle.path}")
+@dataclass(frozen=True)
+class EngineSet:
+    """The engines a TensorRT runner loads: one per segment graph, all built with ``options``."""
+
+    paths: dict[str, Path]
+    options: BuildOptions
+    built_at: str = ""
+    others: int = 0          # other complete sets valid for this machine (older builds)
+
+    def describe(self) -> str:
+        flags = self.options.flags()
+        return (f"engines built {self.built_at or 'at an unknown time'} with rmt-build {flags or '(defaults)'}"
+                + (f"; {self.others} older set(s) not used" if self.others else ""))
+
+
+def _options_of(metadata: dict[str, Any], builder: str) -> BuildOptions | None:
+    try:
+        return BuildOptions(builder=builder, max_batch=int(metadata["max_batch"]),
+                            opt_batch=int(metadata["opt_batch"]), fp16_flag=bool(metadata["fp16_flag"]),
+                            tf32=bool(metadata["tf32"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def find_engines(bundle: Bundle, builder: str = "tensorrt", options: BuildOptions | None = None) -> EngineSet:
+    """The engines of every segment graph valid for this machine; never builds.
+
+    With ``options``, exactly the engines those build options make. Without, the build
+    options are read from the engines' metadata: every set whose fields equal what this
+    machine, this bundle and those options give counts, and the most recently built is
+    taken (``EngineSet.others`` says how many were passed over). No set is an EngineError
+    naming rmt-build and, for each cached engine, why it does not fit.
+    """
+    trt = import_builder(builder)
+    device = current_device(builder)
+    version = str(trt.__version__)
+    graphs = bundle.segment_graph_names
+    if options is not None:
+        candidates = [options]
+    else:
+        candidates = []
+        for _, metadata in _engine_metadata(bundle, graphs[0]):
+            found = _options_of(metadata or {}, builder)
+            if found is not None and found not in candidates:
+                candidates.append(found)
+    complete = []
+    for candidate in candidates:
+        paths, built = {}, []
+        for graph in graphs:
+            fields = engine_fields(bundle, graph, builder, version, device, candidate)
+            path = engine_path(bundle, fields)
+            meta = path.with_suffix(".json")
+            if not (path.is_file() and meta.is_file()):
+                break
+            try:
+                metadata = json.loads(meta.read_text())
+            except (OSError, json.JSONDecodeError):
+                break
+            if any(metadata.get(k) != v for k, v in fields.items()):
+                break
+            paths[graph] = path
+            built.append(str(metadata.get("built_at", "")))
+        else:
+            complete.append(EngineSet(paths, candidate, max(built)))
+    if complete:
+        newest = max(complete, key=lambda s: s.built_at)
+        return EngineSet(newest.paths, newest.options, newest.built_at, len(complete) - 1)
+    wanted = options or BuildOptions(builder=builder)
+    stale = [reason for graph in graphs
+             for reason in stale_engines(bundle, engine_fields(bundle, graph, builder, version, device, wanted))]
+    flags = (wanted.flags() + " ") if options is not None and wanted.flags() else (
+        f"--builder {builder} " if builder != "tensorrt" else "")
+    detail = ("; ".join(stale[:4]) + "; ") if stale else ""
+    raise EngineError(f"no TensorRT engines for this machine ({device.name}, sm {device.compute_capability}, "
+                      f"{builder} {version}) in {bundle.path / ENGINE_DIR}: {detail}build them first with "
+                      f"rmt-build --bundle {bundle.path} {flags}".rstrip())
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -408,6 +555,7 @@ def build_bundle_engines(bundle_dir: str | os.PathLike, options: BuildOptions,
     return {graph: str(build_engine(bundle, graph, options, progress)) for graph in bundle.segment_graph_names}
 
 
-__all__ = ["BuildOptions", "BuildOutcome", "BuildSettings", "DeviceInfo", "EngineError", "build_bundle_engines",
-           "build_engine", "cached_engine", "check_network_io", "current_device", "engine_fields", "engine_key",
-           "parse_and_build", "profile_shapes", "stale_engines", "stderr_logger"]
+__all__ = ["BuildOptions", "BuildOutcome", "BuildSettings", "DeviceInfo", "EngineError", "EngineSet",
+           "build_bundle_engines", "build_engine", "check_network_io", "cuda_error_name", "current_device",
+           "engine_fields", "engine_key", "find_engines", "import_cudart", "parse_and_build", "profile_shapes",
+           "stale_engines", "stderr_logger", "timing_cache_path"]

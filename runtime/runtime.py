@@ -80,7 +80,7 @@ class RMTRuntime:
     def __init__(self, bundle: Bundle, runner: Runner, picked: str) -> None:
         self.bundle = bundle
         self.runner = runner
-        self.picked = picked
+        self._picked = picked
         self.state_pairs = bundle.state_pairs          # state input -> output replacing it
         self.state_shapes = bundle.state_shapes()      # state input -> shape after the batch axis
         self._initial = bundle.initial_state()
@@ -88,14 +88,22 @@ class RMTRuntime:
 
     @classmethod
     def load(cls, bundle: str | os.PathLike | Bundle, backend: str = "auto", provider: str | None = None,
-             threads: int | None = None, cuda_graphs: bool = False) -> "RMTRuntime":
+             threads: int | None = None, cuda_graphs: bool = False, engine_options=None) -> "RMTRuntime":
         """Verify the bundle (schema, hashes), open the backend, and say what runs (``.picked``).
         ``cuda_graphs``: backend="tensorrt" replays full segments as captured CUDA graphs.
+        ``engine_options`` (``rmt_runtime.engines.BuildOptions``): backend="tensorrt" loads the
+        engines rmt-build made with these options (default: the newest set built for this
+        machine); loading never builds.
         A runner built elsewhere (e.g. rmt_export's PyTorch reference) goes to the constructor."""
         if not isinstance(bundle, Bundle):
             bundle = Bundle.load(bundle)
-        runner, picked = open_runner(bundle, backend, provider, threads, cuda_graphs)
+        runner, picked = open_runner(bundle, backend, provider, threads, cuda_graphs, engine_options)
         return cls(bundle, runner, picked)
+
+    @property
+    def picked(self) -> str:
+        """What runs and why; with what the backend changed since (CUDA graphs turned off for a graph)."""
+        return "; ".join([self._picked, *self.runner.notes])
 
     # ---- geometry -----------------------------------------------------------------------
     @property

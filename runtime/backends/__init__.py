@@ -11,25 +11,30 @@ _AUTO_ORDER = ("tensorrt", "cuda", "cpu")
 
 
 def open_runner(bundle: Bundle, backend: str = "auto", provider: str | None = None,
-                threads: int | None = None, cuda_graphs: bool = False) -> tuple[Runner, str]:
+                threads: int | None = None, cuda_graphs: bool = False, engine_options=None) -> tuple[Runner, str]:
     """The runner for ``backend``/``provider``, activated, and a sentence saying what was picked and why.
 
     An explicit backend or provider that cannot run is an error; only ``auto`` moves on
     to the next candidate, and says which ones it skipped. ``cuda_graphs``: the native
     TensorRT backend captures and replays full segments (an error for any other backend).
+    ``engine_options`` (a ``BuildOptions``): the native TensorRT backend loads the engines
+    built with exactly these options; by default, the newest set built for this machine.
     """
     if backend == "torch":
         raise BackendError("the PyTorch reference backend is part of the export stack (it needs torch and the "
                            "checkpoint): rmt_export.reference_backend.reference_runtime(bundle, checkpoint)")
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}: expected one of {BACKENDS}")
-    if cuda_graphs and backend != "tensorrt":
-        raise BackendError(f"cuda_graphs is a feature of the native tensorrt backend, not of {backend!r}")
+    for feature, value in (("cuda_graphs", cuda_graphs), ("engine_options", engine_options)):
+        if value and backend != "tensorrt":
+            raise BackendError(f"{feature} is a feature of the native tensorrt backend, not of {backend!r}")
     if backend == "tensorrt":
         from .tensorrt import TensorRTRunner
 
-        runner = TensorRTRunner(bundle, cuda_graphs=cuda_graphs)
-        return runner.activate(), f"{runner.name} (asked for; engines built or reused in {bundle.path}/engines)"
+        builder = engine_options.builder if engine_options is not None else "tensorrt"
+        runner = TensorRTRunner(bundle, builder=builder, engine_options=engine_options, cuda_graphs=cuda_graphs)
+        runner.activate()
+        return runner, f"{runner.name} (asked for; {runner.engines.describe()})"
 
     from .onnxruntime import OnnxRuntimeRunner
 

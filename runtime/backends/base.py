@@ -70,6 +70,11 @@ class Runner(ABC):
         self.deactivate()
 
     @property
+    def notes(self) -> list[str]:
+        """What the backend decided while running that changes what runs (e.g. CUDA graphs turned off)."""
+        return []
+
+    @property
     @abstractmethod
     def name(self) -> str:
         """What actually runs, e.g. ``onnxruntime/CPUExecutionProvider``."""

@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from rmt_runtime.build_cli import main as build_main
-from rmt_runtime.engines import BuildOptions, EngineError, build_engine, cached_engine, import_builder
+from rmt_runtime.engines import BuildOptions, EngineError, build_engine, find_engines, import_builder
 from rmt_runtime import Bundle
 
 pytest.importorskip("tensorrt_rtx", reason="tensorrt_rtx is not installed (pip install tensorrt-rtx-cu12)")
@@ -34,23 +34,25 @@ def test_engines_are_built_once_and_reused(bundle):
     again = []
     assert build_engine(bundle, "step", RTX, again.append) == path and again == []  # reused, not rebuilt
     assert path.stat().st_mtime_ns == mtime
-    assert cached_engine(bundle, "step", RTX) == path
+    build_engine(bundle, "ingest", RTX)
+    assert find_engines(bundle, "tensorrt_rtx").paths["step"] == path
 
 
 def test_a_stale_engine_is_refused_naming_what_differs(bundle):
     build_engine(bundle, "step", RTX)
-    with pytest.raises(EngineError, match=r"was built for profile=.*build one with rmt-build"):
-        cached_engine(bundle, "step", BuildOptions(builder="tensorrt_rtx", max_batch=8))
-    with pytest.raises(EngineError, match="no TensorRT engine of ingest"):
-        cached_engine(bundle, "ingest", RTX)
+    with pytest.raises(EngineError, match=r"was built for max_batch=4, not 8.*build them first with rmt-build"):
+        find_engines(bundle, "tensorrt_rtx", BuildOptions(builder="tensorrt_rtx", max_batch=8))
+    with pytest.raises(EngineError, match="no TensorRT engines for this machine"):  # ingest's is missing
+        find_engines(bundle, "tensorrt_rtx", RTX)
 
 
 def test_a_changed_graph_makes_its_engine_stale(bundle):
     build_engine(bundle, "step", RTX)
+    build_engine(bundle, "ingest", RTX)
     manifest = dict(bundle.manifest, files=dict(bundle.manifest["files"], **{"step.onnx": "0" * 64}))
     changed = Bundle(path=bundle.path, manifest=manifest)
     with pytest.raises(EngineError, match="graph_sha256"):
-        cached_engine(changed, "step", RTX)
+        find_engines(changed, "tensorrt_rtx", RTX)
 
 
 def test_precision_flags_follow_the_tensorrt_version(bundle):

@@ -21,7 +21,7 @@ from .spec import GENERATION_GRAPHS, SEGMENT_GRAPHS, SPEC_VERSION, GraphSpec
 MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA_VERSION = 1
 MEMORY_INIT_NAME = "memory_init.npy"
-# Written into a bundle after export by rmt-build (engines/<graph>-<key>.plan|.json, timing.cache).
+# Written into a bundle after export by rmt-build (engines/<graph>-<key>.plan|.json, timing-*.cache).
 ENGINE_DIR = "engines"
 PRECISIONS = ("fp32", "fp16", "int8")
 

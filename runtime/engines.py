@@ -111,7 +111,7 @@ def trt_major(trt) -> int:
 
 # ---- the one build path ------------------------------------------------------------------------
 # The spec's numpy dtype names, as TensorRT names them.
-_TRT_DTYPES = {"float32": "FLOAT", "float16": "HALF", "bfloat16": "BF16", "int64": "INT64",
+TRT_DTYPES = {"float32": "FLOAT", "float16": "HALF", "bfloat16": "BF16", "int64": "INT64",
                "int32": "INT32", "int8": "INT8", "uint8": "UINT8", "bool": "BOOL"}
 
 Profile = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
@@ -145,7 +145,7 @@ def check_network_io(network, spec: GraphSpec) -> tuple[list[str], bool]:
                 problems.append(f"spec {kind} {t.name!r} is not in the graph")
                 fatal |= kind == "input"
                 continue
-            want = _TRT_DTYPES.get(t.dtype, t.dtype.upper())
+            want = TRT_DTYPES.get(t.dtype, t.dtype.upper())
             if tensor.dtype.name != want:
                 problems.append(f"{kind} {t.name!r}: graph dtype {tensor.dtype.name}, spec {t.dtype}")
             shape = tuple(tensor.shape)

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from ..bundle import Bundle
-from ..engines import (_TRT_DTYPES, BuildOptions, EngineSet, cuda_error_name, find_engines, import_builder,
+from ..engines import (TRT_DTYPES, BuildOptions, EngineSet, cuda_error_name, find_engines, import_builder,
                        import_cudart, stderr_logger)
 from ..errors import BackendError
 from ..spec import BATCH, SEQ, TensorSpec, bind_symbols
@@ -235,7 +235,7 @@ class TensorRTRunner(Runner):
                 if engine.get_tensor_mode(t.name) != mode:
                     problems.append(f"{t.name} is not an {mode.name.lower()}")
                 dtype = engine.get_tensor_dtype(t.name).name
-                if dtype != _TRT_DTYPES.get(t.dtype, t.dtype.upper()):
+                if dtype != TRT_DTYPES.get(t.dtype, t.dtype.upper()):
                     problems.append(f"{t.name}: engine {dtype}, spec {t.dtype}")
         if problems:
             raise BackendError(f"{path} does not match the {graph} graph's spec: " + "; ".join(problems)

@@ -20,7 +20,7 @@ while [ $# -gt 0 ]; do
 done
 # A relative --bundles is relative to where the script was started, before the cd below.
 if [ -n "$bundles" ] && [ -d "$bundles" ]; then bundles=$(cd "$bundles" && pwd); fi
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 report=${OUT:-gpu-report}
 mkdir -p "$report"
 if [ -n "${PYTHON:-}" ]; then py=$PYTHON; elif [ -x .venv/bin/python ]; then py=.venv/bin/python; else py=python3; fi

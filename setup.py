@@ -42,7 +42,12 @@ setup(
         "text": ["tokenizers>=0.20"],  # rmt-run --text, rmt-generate --prompt: the bundle's tokenizer.json
         "gpu": ["onnxruntime-gpu>=1.22"],
         "triton": ["tritonclient[grpc]>=2.40"],
-        "trt": ["tensorrt>=10.3", "cuda-python>=12.6"],
+        # Native TensorRT where pip can install it (x86; on a Jetson TensorRT comes from JetPack's apt,
+        # so install only the cuda-python pin there). Two lines, by the driver's CUDA major:
+        # cuda-bindings 13.x link the CUDA 13 runtime and fail on CUDA 12 drivers (< 580, JetPack 6)
+        # with cudaErrorInsufficientDriver, and tensorrt-cu13's libraries need CUDA 13 too.
+        "trt": ["tensorrt-cu12>=10.3", "cuda-python>=12.6,<13"],        # CUDA 12 drivers
+        "trt-cu13": ["tensorrt-cu13>=10.13.2", "cuda-python>=13,<14"],    # drivers >= 580 (CUDA 13)
         "dev": ["pytest>=8", "hypothesis>=6.100"],
     },
     entry_points={"console_scripts": [

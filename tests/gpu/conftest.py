@@ -1,11 +1,41 @@
 """GPU tests: marked ``gpu``. Where what a test needs is missing it skips with the reason, and
 with RMT_REQUIRE_GPU=1 (scripts/gpu_checks.sh sets it) every such skip is a failure instead: a
-GPU run that tested nothing cannot pass."""
-import os
+GPU run that tested nothing cannot pass.
 
+No torch (a Jetson has none): the tests run pre-exported bundles and compare with PyTorch's
+outputs stored beside them, both made by scripts/make_gpu_bundles.py into the directory that
+RMT_GPU_BUNDLES names (scripts/gpu_checks.sh --bundles DIR sets it). Without the variable, where
+torch is importable, that script makes them once per session into a temporary directory.
+This conftest imports neither torch nor the suite's tests/conftest.py fixtures, so that
+``pytest tests/gpu --confcutdir=tests/gpu`` runs where torch is not installed.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
 import pytest
 
 REQUIRE = "RMT_REQUIRE_GPU"
+BUNDLES = "RMT_GPU_BUNDLES"
+ROOT = Path(__file__).resolve().parents[2]
+MAKE_BUNDLES = ROOT / "scripts" / "make_gpu_bundles.py"
+
+# Largest |difference| from PyTorch's fp32 model allowed in memory and last-token logits. On
+# ONNX Runtime's CPU provider the tiny bundles' 128 chained segments differ by 1.2e-6 (fp32)
+# and 1.1e-2 (fp16) in memory, 7e-8 and 2.2e-4 in the last logits
+# (tests/scripts/test_gpu_checks.py pins that); the GPU bounds leave room for other kernels
+# (TF32 matmuls where ONNX Runtime enables them). Each GPU run records its figures in the JUnit
+# XML (scripts/gpu_checks.sh: gpu-report/gpu-junit.xml), from which they can be tightened.
+TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2}
 
 
 def require_or_skip(reason: str):
@@ -41,15 +71,17 @@ def cuda_provider_reason() -> str | None:
 def tensorrt_reason() -> str | None:
     """None when TensorRT, cuda-python (either layout) and a CUDA GPU are all here; else why not."""
     try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return "TensorRT is not installed (JetPack, or NVIDIA's pip index)"
+        importlib.import_module("tensorrt")
+    except ImportError as exc:
+        return f"TensorRT is not installed (JetPack, or NVIDIA's pip index): {exc}"
     cudart = cudart_module()
     if cudart is None:
         return "cuda-python is not installed (neither cuda.bindings.runtime nor cuda.cudart imports)"
     error, count = cudart.cudaGetDeviceCount()
     if int(error) != 0 or count < 1:
-        return f"cuda-python sees no CUDA GPU (cudaGetDeviceCount: {error}, {count} devices)"
+        name = getattr(error, "name", error)
+        return (f"cuda-python sees no CUDA GPU (cudaGetDeviceCount: {name}, {count} devices; "
+                "scripts/gpu_preflight.py says why)")
     return None
 
 
@@ -65,6 +97,84 @@ def needs_tensorrt():
     reason = tensorrt_reason()
     if reason:
         require_or_skip(reason)
+
+
+@dataclass(frozen=True)
+class ReferenceBundle:
+    """One bundle of a make_gpu_bundles.py directory and PyTorch's outputs on its seeded ids."""
+
+    path: Path
+    precision: str
+    arrays: dict[str, np.ndarray]   # chained_ids, chained_memory, chained_last_logits, short_*
+    index: dict
+
+    def errors(self, output, name: str) -> dict[str, float]:
+        """Max |difference| of a runtime Output from the reference ``name`` (chained or short)."""
+        return {"memory": float(np.abs(output.memory - self.arrays[f"{name}_memory"]).max()),
+                "last_logits": float(np.abs(output.last_logits - self.arrays[f"{name}_last_logits"]).max())}
+
+
+def load_reference_bundle(directory: Path, precision: str) -> ReferenceBundle:
+    """The ``precision`` bundle of a make_gpu_bundles.py directory; LookupError says what is wrong."""
+    index_file = Path(directory) / "index.json"
+    if not index_file.is_file():
+        raise LookupError(f"{directory} has no index.json: make it with scripts/make_gpu_bundles.py --out DIR")
+    index = json.loads(index_file.read_text())
+    entry = index.get("bundles", {}).get(precision)
+    if entry is None:
+        raise LookupError(f"{directory} has no {precision} bundle (it has {sorted(index.get('bundles', {}))})")
+    with np.load(Path(directory) / entry["reference"]) as stored:
+        arrays = {name: stored[name] for name in stored.files}
+    return ReferenceBundle(Path(directory) / entry["bundle"], precision, arrays, index)
+
+
+_MADE: dict[str, object] = {}   # "dir": the bundles made this session, or "failed": why making them failed
+
+
+def bundle_directory(make_into: Path | None = None) -> tuple[Path | None, str | None]:
+    """(directory, None) with the test bundles, or (None, why not). RMT_GPU_BUNDLES when set;
+    else, where torch is importable, scripts/make_gpu_bundles.py makes them into ``make_into``
+    (once per session, in its own process: torch never loads into the test process); a make
+    that fails raises RuntimeError, then and for every later test (never a skip: a bug)."""
+    given = os.environ.get(BUNDLES)
+    if given:
+        return Path(given), None
+    if "failed" in _MADE:
+        raise RuntimeError(_MADE["failed"])
+    if "dir" in _MADE:
+        return _MADE["dir"], None
+    if importlib.util.find_spec("torch") is None:
+        return None, (f"{BUNDLES} is not set and torch is not installed to make the bundles: make them where torch "
+                      f"is (python scripts/make_gpu_bundles.py --out DIR), copy DIR here and set {BUNDLES}=DIR "
+                      "(scripts/gpu_checks.sh --bundles DIR)")
+    if make_into is None:
+        return None, f"{BUNDLES} is not set and no directory was given to make the bundles in"
+    shutil.rmtree(make_into, ignore_errors=True)
+    done = subprocess.run([sys.executable, str(MAKE_BUNDLES), "--out", str(make_into)], capture_output=True,
+                          text=True, timeout=1800)
+    if done.returncode != 0:
+        _MADE["failed"] = f"scripts/make_gpu_bundles.py failed (exit {done.returncode}): {done.stderr[-2000:]}"
+        raise RuntimeError(_MADE["failed"])
+    _MADE["dir"] = make_into
+    return make_into, None
+
+
+@pytest.fixture
+def reference_bundle(tmp_path_factory):
+    """reference_bundle(precision) -> ReferenceBundle. Call it in the test body, after the needs_*
+    fixtures: a machine without a GPU skips before any bundle is made."""
+    def get(precision: str) -> ReferenceBundle:
+        try:
+            directory, reason = bundle_directory(tmp_path_factory.getbasetemp() / "gpu-bundles")
+        except RuntimeError as exc:
+            pytest.fail(str(exc), pytrace=False)
+        if directory is None:
+            require_or_skip(reason)
+        try:
+            return load_reference_bundle(directory, precision)
+        except (LookupError, OSError, KeyError, ValueError) as exc:
+            pytest.fail(f"{BUNDLES}={directory}: {exc}", pytrace=False)  # a broken directory is never a skip
+    return get
 
 
 def pytest_collection_modifyitems(config, items):

@@ -67,7 +67,7 @@ def _additive_causal_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
         ~allowed, torch.finfo(dtype).min).unsqueeze(1)
 
 
-def _right_padded(mask: torch.Tensor) -> torch.Tensor:
+def is_right_padded(mask: torch.Tensor) -> torch.Tensor:
     """[B, L] 0/1 mask -> 0-dim bool: every row is its tokens first, then zeros."""
     columns = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)      # [1, L]
     return (mask == (columns < mask.sum(dim=1, keepdim=True)).to(mask.dtype)).all()
@@ -116,7 +116,7 @@ def segment_positions(attention_mask: torch.Tensor, num_mem_tokens: int, write_s
     the positions it always got; while tracing (torch.export, ONNX export, torch.compile)
     that check cannot run and the right-padded form applies to every mask.
     """
-    if not torch.compiler.is_compiling() and not bool(_right_padded(attention_mask)):
+    if not torch.compiler.is_compiling() and not bool(is_right_padded(attention_mask)):
         return cumsum_positions(attention_mask, num_mem_tokens, write_slots)
     return right_padded_positions(attention_mask, num_mem_tokens, write_slots)
 

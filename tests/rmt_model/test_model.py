@@ -212,12 +212,12 @@ def _right_padded_masks():
 def test_positions_without_cumsum_equal_cumsum_positions_on_right_padded_masks(write_slots):
     """The CumSum-free positions the exported graphs compute are the cumsum ones, for every
     right-padded mask (all-ones, all-zeros and single-token rows among them)."""
-    from rmt_model.model import _right_padded, cumsum_positions, right_padded_positions, segment_positions
+    from rmt_model.model import cumsum_positions, is_right_padded, right_padded_positions, segment_positions
 
     masks = _right_padded_masks()
     seen = set()
     for mask in masks:
-        assert bool(_right_padded(mask))
+        assert bool(is_right_padded(mask))
         for m in (1, 2, 5):
             expected = cumsum_positions(mask, m, write_slots)
             got = right_padded_positions(mask, m, write_slots)
@@ -239,11 +239,11 @@ def test_positions_without_cumsum_equal_cumsum_positions_on_right_padded_masks(w
 def test_masks_that_are_not_right_padded_keep_cumsum_positions_when_run_eagerly():
     """Left padding and gaps (the runtime refuses them) still get the cumsum positions in the
     PyTorch model; the CumSum-free form would differ there, so the check is what keeps them."""
-    from rmt_model.model import _right_padded, cumsum_positions, right_padded_positions, segment_positions
+    from rmt_model.model import cumsum_positions, is_right_padded, right_padded_positions, segment_positions
 
     for mask in (torch.tensor([[0, 0, 1, 1]]), torch.tensor([[1, 0, 1, 1]]),
                  torch.tensor([[1, 1, 1, 1], [0, 1, 1, 0]])):
-        assert not bool(_right_padded(mask))
+        assert not bool(is_right_padded(mask))
         for write_slots in (True, False):
             expected = cumsum_positions(mask, 3, write_slots)
             assert torch.equal(segment_positions(mask, 3, write_slots), expected)

@@ -14,11 +14,10 @@ gets ``trt_fp16_enable``: the precision is the graph's own (an fp16 bundle is an
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from pathlib import Path
 
 from ..bundle import ENGINE_DIR, Bundle
 from ..engines import profile_shapes

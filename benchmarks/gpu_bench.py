@@ -27,6 +27,13 @@ from rmt_model import save_checkpoint  # noqa: E402
 from rmt_runtime import RMTRuntime  # noqa: E402
 
 
+def skip_reason(exc: BaseException) -> str:
+    """One line on why a variant cannot run: the exception's type and its message's first line
+    (only the type when the message is empty, e.g. ``RuntimeError()``)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("tiny", "gpt2-small"), default="gpt2-small")
@@ -69,7 +76,7 @@ def main() -> None:
         try:
             runtimes[name] = open_runtime()
         except Exception as exc:  # noqa: BLE001 - report every reason a variant cannot run
-            print(f"- skipped {name}: {str(exc).splitlines()[0]}")
+            print(f"- skipped {name}: {skip_reason(exc)}")
     print()
     size = model.segment_size
     print("| batch | variant | tokens/s | ms/segment | vs PyTorch loop |")

@@ -1,12 +1,14 @@
 """The Recurrent Memory Transformer: a memory cell around a Hugging Face backbone.
 
 ``step`` runs ONE segment (token ids + memory in, logits + new memory out); it is the
-function export/ traces, so it holds no Python branching on tensor values and takes no
-cache objects. ``forward`` is the segment loop over a long input: the reference for every
+function export/ traces, so it holds no traced Python branching on tensor values and takes
+no cache objects. ``forward`` is the segment loop over a long input: the reference for every
 parity test and the training loop. Semantics follow the authors' MemoryCell /
 RecurrentWrapper (decoder) and RMTEncoderForSequenceClassification (encoder); see
 docs/RMT_SEMANTICS.md for the two deliberate, documented refinements (explicit positions
-for padded rows; rows without tokens keep their memory).
+for padded rows; rows without tokens keep their memory). The one branch on tensor values,
+:func:`segment_positions`' check for masks that are not right-padded, runs only eagerly,
+never while tracing.
 """
 from __future__ import annotations
 
@@ -63,6 +65,60 @@ def _additive_causal_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
     allowed = causal.unsqueeze(0) & (mask > 0).unsqueeze(1)                   # [B, P, P]
     return torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill(
         ~allowed, torch.finfo(dtype).min).unsqueeze(1)
+
+
+def is_right_padded(mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] 0/1 mask -> 0-dim bool: every row is its tokens first, then zeros."""
+    columns = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)      # [1, L]
+    return (mask == (columns < mask.sum(dim=1, keepdim=True)).to(mask.dtype)).all()
+
+
+def cumsum_positions(attention_mask: torch.Tensor, num_mem_tokens: int, write_slots: bool = True
+                     ) -> torch.Tensor:
+    """``(cumsum(full_mask) - 1).clamp(min=0)`` over ``[mem, segment(, mem)]``: the position
+    ids of any mask (a position counts the real slots before it)."""
+    ones = torch.ones(attention_mask.shape[0], num_mem_tokens, dtype=attention_mask.dtype,
+                      device=attention_mask.device)
+    full_mask = torch.cat([ones, attention_mask, ones] if write_slots else [ones, attention_mask], dim=1)
+    return (full_mask.cumsum(dim=1) - 1).clamp(min=0)
+
+
+def right_padded_positions(attention_mask: torch.Tensor, num_mem_tokens: int, write_slots: bool = True
+                           ) -> torch.Tensor:
+    """:func:`cumsum_positions` of a right-padded mask, without CumSum: [B, P].
+
+    With n real tokens in the row, M memory tokens, L = the segment's length and
+    i = 0 .. P-1 (P = 2M + L, or M + L without write slots): i for i < M + n (read memory
+    and tokens), M + n - 1 on the padding, M + n + j on the j-th write slot.
+    """
+    m = num_mem_tokens
+    length = attention_mask.shape[1]
+    real = m + attention_mask.sum(dim=1, keepdim=True).long()                  # [B, 1]: M + n
+    index = torch.arange(2 * m + length if write_slots else m + length,
+                         device=attention_mask.device).unsqueeze(0)            # [1, P]
+    positions = torch.where(index < real, index, real - 1)
+    if write_slots:  # the j-th write slot (index M + L + j) sits at M + n + j
+        positions = torch.where(index >= m + length, index - (m + length) + real, positions)
+    return positions
+
+
+def segment_positions(attention_mask: torch.Tensor, num_mem_tokens: int, write_slots: bool = True
+                      ) -> torch.Tensor:
+    """Position ids [B, P] over ``[mem, segment, mem]`` (P = 2M + L) or, without write slots,
+    ``[mem, segment]`` (P = M + L; prefill): each row's positions as if it ran alone, so the
+    write slots follow the row's last real token. Without padding, 0 .. P-1 (the backbone's
+    default, as the reference RMT).
+
+    Right-padded masks (what the runtime takes) get :func:`right_padded_positions`, and that
+    is all an exported graph computes: ONNX CumSum becomes a loop in TensorRT before 10.8
+    (JetPack 6 has 10.3), and a loop cannot be captured in a CUDA graph. Any other mask (left
+    padding, gaps; the runtime refuses those) gets :func:`cumsum_positions` when run eagerly,
+    the positions it always got; while tracing (torch.export, ONNX export, torch.compile)
+    that check cannot run and the right-padded form applies to every mask.
+    """
+    if not torch.compiler.is_compiling() and not bool(is_right_padded(attention_mask)):
+        return cumsum_positions(attention_mask, num_mem_tokens, write_slots)
+    return right_padded_positions(attention_mask, num_mem_tokens, write_slots)
 
 
 class RMTBase(nn.Module):
@@ -136,8 +192,9 @@ class RMTDecoder(RMTBase):
         ones = torch.ones(input_ids.shape[0], m, dtype=attention_mask.dtype, device=input_ids.device)
         full_mask = torch.cat([ones, attention_mask, ones], dim=1)            # [B, 2M+L]
         # Positions as the row would get alone: write slots right after its last real
-        # token. Without padding this is 0..2M+L-1, the backbone's own default.
-        position_ids = (full_mask.cumsum(dim=1) - 1).clamp(min=0)
+        # token. Without padding this is 0..2M+L-1, the backbone's own default. No CumSum
+        # in the exported graph (segment_positions).
+        position_ids = segment_positions(attention_mask, m)
         extra = {"logits_to_keep": 1} if logits == "last" else {}
         out = self.model(inputs_embeds=inputs_embeds, attention_mask=_additive_causal_mask(full_mask, inputs_embeds.dtype),
                          position_ids=position_ids, output_hidden_states=True, use_cache=False, **extra)
@@ -165,7 +222,7 @@ class RMTDecoder(RMTBase):
         inputs_embeds = torch.cat([memory.to(token_embeds.dtype), token_embeds], dim=1)  # [B, M+L, D]
         ones = torch.ones(input_ids.shape[0], m, dtype=attention_mask.dtype, device=input_ids.device)
         full_mask = torch.cat([ones, attention_mask], dim=1)
-        position_ids = (full_mask.cumsum(dim=1) - 1).clamp(min=0)
+        position_ids = segment_positions(attention_mask, m, write_slots=False)
         out = self.model(inputs_embeds=inputs_embeds, attention_mask=full_mask, position_ids=position_ids,
                          cache=DynamicCache(config=self.model.config), use_cache=True,
                          output_hidden_states=True, logits_to_keep=1)

@@ -125,7 +125,8 @@ def check_manifest(manifest: Any, source: str) -> None:
 def not_a_bundle(directory: str | os.PathLike) -> str | None:
     """Why ``directory`` is not a complete rmt-edge bundle (None when it is one): a readable
     manifest of this schema, and no file besides those it lists and the engines rmt-build
-    wrote. What ``rmt-export --force`` checks before it replaces a directory."""
+    and the ONNX Runtime TensorRT provider wrote (anything under engines/). What
+    ``rmt-export --force`` checks before it replaces a directory."""
     directory = Path(directory)
     manifest_path = directory / MANIFEST_NAME
     if not manifest_path.is_file():
@@ -141,7 +142,8 @@ def not_a_bundle(directory: str | os.PathLike) -> str | None:
         name = entry.relative_to(directory).as_posix()
         if entry.is_symlink() or (entry.is_file() and name not in known and not name.startswith(f"{ENGINE_DIR}/")):
             unknown.append(name)
-        elif entry.is_dir() and name != ENGINE_DIR and not any(k.startswith(f"{name}/") for k in known):
+        elif (entry.is_dir() and name != ENGINE_DIR and not name.startswith(f"{ENGINE_DIR}/")
+              and not any(k.startswith(f"{name}/") for k in known)):
             unknown.append(name + "/")
     if unknown:
         return f"it holds files the manifest does not list: {', '.join(unknown[:5])}" + (

@@ -4,22 +4,36 @@ Memory never leaves the provider's device between segments: each state holds two
 OrtValues (ping-pong) bound with IOBinding; only requested host outputs are copied out.
 The provider asked for must be the one the session really uses: onnxruntime-gpu falls
 back to CPU silently when CUDA is missing, which is an error here.
+
+The TensorRT provider always gets an engine cache and a timing cache (by default in
+``<bundle>/engines/onnxruntime-trt/``, one engine folder per graph file's sha256) and one
+explicit optimisation profile per graph (batch 1..max_batch, seq 1..segment_size, tuned for
+one full segment), so engines are built once, not per session or per new input shape. It never
+gets ``trt_fp16_enable``: the precision is the graph's own (an fp16 bundle is an fp16 graph).
 """
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..bundle import Bundle
+from ..bundle import ENGINE_DIR, Bundle
+from ..engines import profile_shapes
 from ..errors import BackendError
+from ..spec import DECODE
 from .base import Runner, RunResult
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider"}
 # Where each provider keeps tensors: OrtValue device names.
 _DEVICE = {"cpu": "cpu", "cuda": "cuda", "tensorrt": "cuda"}
+#: The TensorRT provider's caches inside the bundle (beside the native backend's engines).
+TENSORRT_CACHE_DIR = f"{ENGINE_DIR}/onnxruntime-trt"
+#: Largest batch of the TensorRT provider's optimisation profile unless the runner is given
+#: another (the native backend's default too); a larger batch is refused before running.
+TENSORRT_MAX_BATCH = 8
 
 
 def import_onnxruntime():
@@ -35,13 +49,21 @@ class OnnxRuntimeRunner(Runner):
     """Runs a bundle's graphs with one ONNX Runtime execution provider."""
 
     def __init__(self, bundle: Bundle, provider: str = "cpu", threads: int | None = None,
-                 engine_cache: str | os.PathLike | None = None) -> None:
+                 engine_cache: str | os.PathLike | None = None, max_batch: int | None = None) -> None:
+        """engine_cache: where the TensorRT provider keeps its engines and timing cache (default
+        ``<bundle>/engines/onnxruntime-trt``; give another for a read-only bundle).
+        max_batch: the largest batch taken (default: TENSORRT_MAX_BATCH for the TensorRT
+        provider, whose engines are built for batch 1..max_batch; any for the others)."""
         super().__init__(bundle)
         if provider not in PROVIDERS:
             raise BackendError(f"unknown provider {provider!r}: expected one of {sorted(PROVIDERS)}")
+        if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int)
+                                      or max_batch < 1):
+            raise BackendError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         self.provider = provider
         self.threads = threads
         self.engine_cache = engine_cache
+        self.max_batch = TENSORRT_MAX_BATCH if max_batch is None and provider == "tensorrt" else max_batch
         self.device = _DEVICE[provider]
         self.state_on_host = self.device == "cpu"
         self._ort = import_onnxruntime()
@@ -55,14 +77,63 @@ class OnnxRuntimeRunner(Runner):
     def name(self) -> str:
         return f"onnxruntime/{PROVIDERS[self.provider]}"
 
-    def _provider_list(self) -> list:
+    @property
+    def tensorrt_cache(self) -> Path:
+        """The TensorRT provider's cache root: ``engine_cache`` or ``<bundle>/engines/onnxruntime-trt``."""
+        return Path(self.engine_cache) if self.engine_cache is not None else self.bundle.path / TENSORRT_CACHE_DIR
+
+    def _writable_directory(self, directory: Path) -> str:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            if not os.access(directory, os.W_OK | os.X_OK):
+                raise PermissionError("not writable")
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise BackendError(
+                f"the TensorRT provider keeps its engines and timing cache in {directory}, which cannot be "
+                f"created or written ({reason}; a read-only bundle?): pass another directory, "
+                "OnnxRuntimeRunner(bundle, 'tensorrt', engine_cache=DIR)") from None
+        return str(directory.resolve())
+
+    def tensorrt_profile(self, graph: str) -> dict[str, tuple[tuple[int, ...], ...]]:
+        """(min, opt, max) of every input of ``graph``: batch 1/1/max_batch, seq 1/segment/segment;
+        the decode cache ``past`` 1..M + segment - 1 (rollover), or up to the backbone's last
+        position when the bundle records it (generation without rollover grows the cache there)."""
+        spec = self.bundle.graph_spec(graph)
+        segment, memory = self.bundle.segment_size, self.bundle.num_mem_tokens
+        profile = profile_shapes(spec, segment, self.max_batch, 1, memory)
+        limit = self.bundle.manifest.get("max_positions")
+        if graph == DECODE and limit and limit - 1 > memory + segment - 1:
+            profile = {t.name: (low, opt, t.shape(self.max_batch, segment, limit - 1))
+                       for t, (low, opt, _) in zip(spec.inputs, profile.values())}
+        return profile
+
+    def tensorrt_options(self, graph: str) -> dict[str, Any]:
+        """The TensorRT provider's options for ``graph`` (creates the cache folders)."""
+        root = self.tensorrt_cache
+        engines = root / f"{graph}-{self._graph_sha256(graph)[:16]}"
+        profile = self.tensorrt_profile(graph)
+
+        def shapes(which: int) -> str:
+            return ",".join(f"{name}:{'x'.join(str(d) for d in ranges[which])}" for name, ranges in profile.items())
+
+        timing = self._writable_directory(root)
+        return {
+            # ONNX Runtime names an engine by the graph file's name and its node names, not its
+            # weights: one folder per graph file's content keeps bundles sharing a cache apart.
+            "trt_engine_cache_enable": True, "trt_engine_cache_path": self._writable_directory(engines),
+            "trt_timing_cache_enable": True, "trt_timing_cache_path": timing,
+            "trt_profile_min_shapes": shapes(0), "trt_profile_opt_shapes": shapes(1),
+            "trt_profile_max_shapes": shapes(2),
+        }
+
+    def _graph_sha256(self, graph: str) -> str:
+        return self.bundle.manifest["files"][self.bundle.manifest["graphs"][graph]["file"]]
+
+    def _provider_list(self, graph: str) -> list:
         if self.provider == "tensorrt":
-            options = {"trt_fp16_enable": self.bundle.precision == "fp16"}
-            if self.engine_cache is not None:
-                options.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(self.engine_cache),
-                               trt_timing_cache_enable=True)
             # Nodes TensorRT cannot take run on CUDA, never on the CPU.
-            return [(PROVIDERS["tensorrt"], options), PROVIDERS["cuda"]]
+            return [(PROVIDERS["tensorrt"], self.tensorrt_options(graph)), PROVIDERS["cuda"]]
         return [PROVIDERS[self.provider]]
 
     def _open_session(self, graph: str):
@@ -72,9 +143,9 @@ class OnnxRuntimeRunner(Runner):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self.threads:
             options.intra_op_num_threads = self.threads
+        providers = self._provider_list(graph)
         try:
-            session = ort.InferenceSession(str(self.bundle.graph_path(graph)), options,
-                                           providers=self._provider_list())
+            session = ort.InferenceSession(str(self.bundle.graph_path(graph)), options, providers=providers)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise BackendError(f"{self.bundle.graph_path(graph)}: onnxruntime cannot load the "

@@ -291,3 +291,32 @@ def test_decoder_attention_has_no_nan_guard_over_the_score_tensors(bundle_factor
     for name in ("step", "ingest"):
         ops = [node.op_type for node in onnx.load(str(result.path / f"{name}.onnx")).graph.node]
         assert "IsNaN" not in ops, name
+
+
+def _op_types(graph) -> set[str]:
+    """Every node's op type in ``graph`` and in the subgraphs of its nodes (If/Loop bodies)."""
+    ops = set()
+    for node in graph.node:
+        ops.add(node.op_type)
+        for attribute in node.attribute:
+            for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                ops |= _op_types(sub)
+    return ops
+
+
+@pytest.mark.parametrize("family, precision", CASES + INT8_CASES)
+def test_graphs_have_no_cumsum_and_no_loop(bundle_factory, family, precision):
+    """TensorRT before 10.8 (JetPack 6: 10.3) imports ONNX CumSum as a loop, and a loop cannot
+    be captured in a CUDA graph: no exported graph may hold CumSum, Loop or Scan, in its
+    body, its subgraphs or its local functions (the decoders' positions are computed without
+    CumSum, rmt_model.model.segment_positions)."""
+    _, result = bundle_factory(family, precision)
+    names = sorted(p.stem for p in result.path.glob("*.onnx"))
+    assert names == sorted(result.manifest["graphs"]), names
+    for name in names:
+        model = onnx.load(str(result.path / f"{name}.onnx"), load_external_data=False)
+        ops = _op_types(model.graph)
+        for function in model.functions:
+            ops |= {node.op_type for node in function.node}
+        assert "MatMul" in ops or "MatMulInteger" in ops, (name, sorted(ops))  # really read the graph
+        assert not ops & {"CumSum", "Loop", "Scan"}, (family, precision, name, sorted(ops & {"CumSum", "Loop", "Scan"}))

@@ -129,6 +129,28 @@ def test_every_graph_of_every_bundle_builds(trt, bundle_factory, family, precisi
         assert result.precision == precision and result.engine_bytes > 0
 
 
+
+# What TensorRT makes of ONNX CumSum (a cumulative layer; a loop before TensorRT 10.8) and of
+# ONNX Loop/Scan: none may come from an exported graph (no CUDA-graph capture of loops).
+_LOOPING_LAYERS = {"CUMULATIVE", "TRIP_LIMIT", "RECURRENCE", "ITERATOR", "LOOP_OUTPUT"}
+
+
+@pytest.mark.parametrize("family, precision", [("gpt2", "fp32"), ("gpt2", "fp16"), ("gpt_neox", "fp32"),
+                                               ("llama", "fp32"), ("qwen2", "fp32")])
+def test_decoder_graphs_parse_without_cumulative_or_loop_layers(trt, bundle_factory, family, precision):
+    """The parsed networks of every decoder graph hold no cumulative and no loop layer (the
+    positions used to be a CumSum, which TensorRT 10.3 on JetPack 6 imports as a loop)."""
+    _, exported = bundle_factory(family, precision)
+    logger = trt.Logger(trt.Logger.ERROR)
+    for name in ("step", "ingest", "prefill", "decode"):
+        builder = trt.Builder(logger)
+        network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+        parser = trt.OnnxParser(network, logger)
+        assert parser.parse_from_file(str(exported.path / f"{name}.onnx")), name
+        layers = {network.get_layer(i).type.name for i in range(network.num_layers)}
+        assert "MATRIX_MULTIPLY" in layers, (name, sorted(layers))
+        assert not layers & _LOOPING_LAYERS, (family, precision, name, sorted(layers & _LOOPING_LAYERS))
+
 def test_cli_reports_every_graph_and_exits_zero(trt, bundle_factory):
     _, exported = bundle_factory("gpt2", "fp16")
     result = CliRunner().invoke(check_trt_main, ["--bundle", str(exported.path), "--json"])

@@ -81,6 +81,18 @@ def test_force_replaces_a_real_bundle_and_its_engines(model, a_bundle, tmp_path)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging or .old-* left
 
 
+def test_force_replaces_a_bundle_holding_the_onnxruntime_tensorrt_caches(model, a_bundle):
+    """The ONNX Runtime TensorRT provider's engine folders under engines/onnxruntime-trt are
+    the bundle's own, like rmt-build's engines: --force replaces them with the bundle."""
+    bundle = a_bundle
+    folder = bundle / "engines" / "onnxruntime-trt" / "step-0123456789abcdef"
+    folder.mkdir(parents=True)
+    (folder / "TensorrtExecutionProvider_TRTKernel_graph_main_graph_1_0_0_sm87.engine").write_bytes(b"engine")
+    (folder.parent / "TensorrtExecutionProvider_cache_sm87.timing").write_bytes(b"timing")
+    replaced = _export(model, bundle, force=True).path
+    assert replaced == bundle and not (replaced / "engines").exists()
+
+
 def test_force_on_the_current_directory_leaves_nothing_behind(model, a_bundle, tmp_path):
     bundle = a_bundle
     cwd = os.getcwd()

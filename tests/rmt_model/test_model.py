@@ -191,3 +191,60 @@ def test_last_logits_equal_full_logits_at_each_rows_last_token(make_model, famil
     expected = torch.stack([full[0, 7], full[1, 4], full[2, 0]])
     torch.testing.assert_close(last, expected, rtol=0, atol=1e-6)
     assert torch.equal(memory_full, memory_last)
+
+
+def _right_padded_masks():
+    """Random right-padded 0/1 masks [B, L] with the edge rows: all ones, all zeros, one token."""
+    gen = torch.Generator().manual_seed(7)
+    masks = [torch.ones(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long),
+             torch.tensor([[1, 0, 0, 0]]), torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0], [1, 0, 0, 0]])]
+    for _ in range(200):
+        batch = int(torch.randint(1, 6, (1,), generator=gen))
+        length = int(torch.randint(1, 20, (1,), generator=gen))
+        lengths = torch.randint(0, length + 1, (batch,), generator=gen)
+        edge = (0, 1, length)[int(torch.randint(0, 3, (1,), generator=gen))]  # one edge row per mask
+        lengths[int(torch.randint(0, batch, (1,), generator=gen))] = edge
+        masks.append((torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)).long())
+    return masks
+
+
+@pytest.mark.parametrize("write_slots", [True, False], ids=["step", "prefill"])
+def test_positions_without_cumsum_equal_cumsum_positions_on_right_padded_masks(write_slots):
+    """The CumSum-free positions the exported graphs compute are the cumsum ones, for every
+    right-padded mask (all-ones, all-zeros and single-token rows among them)."""
+    from rmt_model.model import cumsum_positions, is_right_padded, right_padded_positions, segment_positions
+
+    masks = _right_padded_masks()
+    seen = set()
+    for mask in masks:
+        assert bool(is_right_padded(mask))
+        for m in (1, 2, 5):
+            expected = cumsum_positions(mask, m, write_slots)
+            got = right_padded_positions(mask, m, write_slots)
+            assert got.dtype == torch.int64 and got.shape == expected.shape
+            assert torch.equal(got, expected), (mask, m)
+            assert torch.equal(segment_positions(mask, m, write_slots), expected)
+        seen.update(int(n) for n in mask.sum(dim=1) if n in (0, 1, mask.shape[1]))
+    assert {0, 1} <= seen
+    # Without padding: 0 .. P-1, the backbone's default positions (the reference RMT's).
+    full = torch.ones(3, 8, dtype=torch.long)
+    width = 2 * 4 + 8 if write_slots else 4 + 8
+    assert torch.equal(right_padded_positions(full, 4, write_slots), torch.arange(width).expand(3, -1))
+    # The written formula, one row by hand: M=2, L=5, n=3.
+    row = torch.tensor([[1, 1, 1, 0, 0]])
+    expected = [0, 1, 2, 3, 4, 4, 4] + ([5, 6] if write_slots else [])
+    assert right_padded_positions(row, 2, write_slots).tolist() == [expected]
+
+
+def test_masks_that_are_not_right_padded_keep_cumsum_positions_when_run_eagerly():
+    """Left padding and gaps (the runtime refuses them) still get the cumsum positions in the
+    PyTorch model; the CumSum-free form would differ there, so the check is what keeps them."""
+    from rmt_model.model import cumsum_positions, is_right_padded, right_padded_positions, segment_positions
+
+    for mask in (torch.tensor([[0, 0, 1, 1]]), torch.tensor([[1, 0, 1, 1]]),
+                 torch.tensor([[1, 1, 1, 1], [0, 1, 1, 0]])):
+        assert not bool(is_right_padded(mask))
+        for write_slots in (True, False):
+            expected = cumsum_positions(mask, 3, write_slots)
+            assert torch.equal(segment_positions(mask, 3, write_slots), expected)
+            assert not torch.equal(right_padded_positions(mask, 3, write_slots), expected)

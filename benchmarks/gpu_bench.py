@@ -64,6 +64,14 @@ def main() -> None:
     def opener(**kwargs):
         return lambda: RMTRuntime.load(out, **kwargs)
 
+    try:  # loading never builds: the native TensorRT variants need rmt-build's engines first
+        from rmt_runtime.engines import BuildOptions, build_bundle_engines
+
+        build_bundle_engines(out, BuildOptions(max_batch=max(int(b) for b in args.batches.split(","))),
+                             lambda message: print(f"- rmt-build: {message}"))
+    except Exception as exc:  # noqa: BLE001 - no TensorRT here: the native variants are then skipped
+        print(f"- rmt-build: {skip_reason(exc)}")
+
     candidates = {
         "tensorrt native": opener(backend="tensorrt"),
         "tensorrt native + CUDA graphs": opener(backend="tensorrt", cuda_graphs=True),

@@ -13,7 +13,7 @@ from . import fake_tensorrt
 from .fake_cudart import FakeCudart
 
 
-def install(monkeypatch, version: str = "10.8.0", **device) -> tuple[types.ModuleType, FakeCudart]:
+def install(monkeypatch, version: str = "10.3.0", **device) -> tuple[types.ModuleType, FakeCudart]:
     """Install fresh fakes; returns (fake tensorrt module, fake cudart)."""
     cudart = FakeCudart(**device)
     fake_tensorrt.reset(cudart, version)

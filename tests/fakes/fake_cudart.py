@@ -55,6 +55,7 @@ class FakeCudart:
         self.calls: list[str] = []
         self.violations: list[str] = []
         self.allocations: dict[int, ctypes.Array] = {}
+        self.freed: list[int] = []                   # pointers freed, in order (addresses are reused)
         self.stream_flags: dict[int, int] = {}
         self.capturing: dict[int, dict] = {}        # stream -> {"work": [...], "invalid": reason, "thread": id}
         self.graphs: dict[int, list] = {}
@@ -131,6 +132,7 @@ class FakeCudart:
         if self.allocations.pop(int(ptr), None) is None:
             self.violations.append(f"cudaFree of unknown pointer {ptr}")
             return (cudaError_t.cudaErrorInvalidResourceHandle,)
+        self.freed.append(int(ptr))
         return (OK,)
 
     def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):

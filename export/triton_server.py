@@ -1,0 +1,222 @@
+"""Start and stop a local Triton server (the one the ``nvidia-pytriton`` wheel ships) on 127.0.0.1.
+
+The wheel carries ``pytriton/tritonserver/bin/tritonserver`` (Triton 2.51 with the Python
+backend only), its libraries in ``nvidia_pytriton.libs`` and one Python-backend stub per
+Python version in ``pytriton/tritonserver/python_backend_stubs/<X.Y>``. The stub for this
+interpreter goes into a backend directory of our own (symbolic links), and the stub finds
+this interpreter's environment (rmt_runtime, onnxruntime, numpy<2) through ``PATH``.
+
+Used by the tests (tests/triton), benchmarks/triton_load.py and anyone serving a ``python``
+kind repository on a CPU node. Binds every endpoint to 127.0.0.1 on free ports.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ExportError
+
+HOST = "127.0.0.1"
+
+
+class TritonUnavailable(ExportError):
+    """No Triton server can run here (nvidia-pytriton missing or not for this platform)."""
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    """Where the nvidia-pytriton wheel keeps the server."""
+
+    binary: Path
+    libs: Path
+    python_backend: Path
+    stub: Path
+
+    @classmethod
+    def find(cls, python_version: str | None = None) -> "TritonInstall":
+        """The installed server, with the Python-backend stub for ``python_version`` (default: this one)."""
+        version = python_version or f"{sys.version_info.major}.{sys.version_info.minor}"
+        spec = importlib.util.find_spec("pytriton")  # locates the package without importing it
+        if spec is None or not spec.submodule_search_locations:
+            raise TritonUnavailable("no Triton server here: the nvidia-pytriton wheel (x86_64 or aarch64 Linux, "
+                                    "glibc >= 2.35) ships one: pip install nvidia-pytriton==0.7.0")
+        root = Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
+        install = cls(binary=root / "bin" / "tritonserver", libs=root.parent.parent / "nvidia_pytriton.libs",
+                      python_backend=root / "backends" / "python",
+                      stub=root / "python_backend_stubs" / version / "triton_python_backend_stub")
+        missing = [str(p) for p in (install.binary, install.libs, install.python_backend / "libtriton_python.so",
+                                    install.stub) if not p.exists()]
+        if missing:
+            raise TritonUnavailable(f"nvidia-pytriton is installed but incomplete for Python {version}: missing "
+                                    f"{', '.join(missing)}")
+        return install
+
+    def backend_directory(self, into: Path) -> Path:
+        """A backend directory holding the Python backend with this interpreter's stub (links)."""
+        python = into / "backends" / "python"
+        python.mkdir(parents=True, exist_ok=True)
+        for source in (self.python_backend / "libtriton_python.so",
+                       self.python_backend / "triton_python_backend_utils.py", self.stub):
+            link = python / source.name
+            if not link.exists():
+                link.symlink_to(source)
+        return into / "backends"
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct ports free on 127.0.0.1 now (the server binds them right after)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((HOST, 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+class LocalTritonServer:
+    """``tritonserver`` on 127.0.0.1 serving ``repository``; a context manager.
+
+    ``start`` waits until the server is ready (polls /v2/health/ready with a deadline) and
+    raises with the server's log tail if it exits or does not become ready. ``stop`` ends it
+    (SIGTERM, then SIGKILL); ``kill`` ends it at once, as a crash would.
+    """
+
+    def __init__(self, repository: str | os.PathLike, log_path: str | os.PathLike | None = None,
+                 ready_timeout_s: float = 180.0, extra_args: tuple[str, ...] = (), python: str = sys.executable):
+        self.repository = Path(repository)
+        self.ready_timeout_s = ready_timeout_s
+        self.extra_args = tuple(extra_args)
+        self.python = python
+        self._workdir = Path(tempfile.mkdtemp(prefix="rmt-triton-"))
+        self.log_path = Path(log_path) if log_path else self._workdir / "tritonserver.log"
+        self.process: subprocess.Popen | None = None
+        self.http_port = self.grpc_port = self.metrics_port = 0
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{HOST}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{HOST}:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{HOST}:{self.metrics_port}/metrics"
+
+    def command(self, install: TritonInstall) -> list[str]:
+        return [str(install.binary), f"--model-repository={self.repository}",
+                f"--backend-directory={install.backend_directory(self._workdir)}",
+                f"--http-address={HOST}", f"--http-port={self.http_port}",
+                f"--grpc-address={HOST}", f"--grpc-port={self.grpc_port}",
+                f"--metrics-address={HOST}", f"--metrics-port={self.metrics_port}",
+                "--allow-cpu-metrics=false", "--allow-gpu-metrics=false", "--exit-timeout-secs=5",
+                *self.extra_args]
+
+    def environment(self, install: TritonInstall) -> dict[str, str]:
+        env = dict(os.environ)
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(install.libs), env.get("LD_LIBRARY_PATH")) if p)
+        # The stub embeds Python and finds its environment (site-packages) by the python3 on PATH.
+        env["PATH"] = os.pathsep.join([str(Path(self.python).parent), env.get("PATH", "")])
+        return env
+
+    def start(self) -> "LocalTritonServer":
+        if self.process is not None:
+            raise ExportError("this server is already started")
+        install = TritonInstall.find()
+        if not self.repository.is_dir():
+            raise ExportError(f"{self.repository}: no model repository there")
+        for attempt in range(3):  # a port taken between choosing and binding: choose again
+            self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
+            with open(self.log_path, "ab") as log:
+                self.process = subprocess.Popen(self.command(install), env=self.environment(install), stdout=log,
+                                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                                start_new_session=True)
+            try:
+                self._wait_ready()
+                return self
+            except ExportError:
+                taken = "address already in use" in self.log_tail().lower()
+                self._end(signal.SIGKILL)
+                if not taken or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            return False
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            if self._ready():
+                return
+            try:  # waits for the process to exit, at most 0.2 s: the pause between polls
+                code = self.process.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                continue
+            raise ExportError(f"tritonserver exited with code {code} before it was ready:\n{self.log_tail()}")
+        raise ExportError(f"tritonserver was not ready within {self.ready_timeout_s:g} s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        kept = [line for line in text.splitlines() if not line.startswith(("+", "|"))]  # drop the banner tables
+        return "\n".join(kept[-lines:])
+
+    def _end(self, sig: int, timeout_s: float = 30.0) -> int | None:
+        if self.process is None:
+            return None
+        process, self.process = self.process, None
+        if process.poll() is None:
+            try:  # the whole session: tritonserver and its Python-backend stub processes
+                os.killpg(process.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # stubs left behind by the parent
+        except ProcessLookupError:
+            pass
+        return process.returncode
+
+    def stop(self) -> int | None:
+        """Stop the server (SIGTERM: Triton finishes in-flight requests, up to 5 s); its exit code."""
+        return self._end(signal.SIGTERM)
+
+    def kill(self) -> int | None:
+        """End the server at once (SIGKILL), as a crash would."""
+        return self._end(signal.SIGKILL)
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def __enter__(self) -> "LocalTritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

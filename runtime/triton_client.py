@@ -238,7 +238,14 @@ class TritonSequence:
                                          "FP32"))
         outputs = [LAST_LOGITS, TOKENS_SEEN] + ([MEMORY_OUT] if want_memory else []) + (
             [RESUME_MEMORY] if self.keep_state else [])
-        response = client._infer(self.sequence_id, self.tokens_seen, inputs, outputs, start, end)
+        try:
+            response = client._infer(self.sequence_id, self.tokens_seen, inputs, outputs, start, end)
+        except BackendError as exc:
+            if self.started and "must specify the START flag" in str(exc):
+                raise BackendError(f"{exc} (the server no longer knows this sequence: it was idle longer than the "
+                                   "model's max_sequence_idle_microseconds, or the server restarted; start it again, "
+                                   "or resume it from a state saved with keep_state=True)") from None
+            raise
         self.started, self.ended = True, end
         seen = int(response.as_numpy(TOKENS_SEEN).reshape(-1)[0])
         self.tokens_seen = self._base + seen

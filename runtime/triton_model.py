@@ -24,7 +24,7 @@ that resumes the sequence exactly; ``rmt_runtime.triton_client`` writes it as a 
 A START request may carry ``start_memory`` to continue a saved sequence.
 
 Requests of different sequences in one ``execute`` run as rows of one batch (their states
-stacked); a row's result equals running that sequence alone (tests/triton).
+stacked); a row's result is bit-identical to running that sequence alone (tests/triton).
 """
 from __future__ import annotations
 
@@ -193,21 +193,32 @@ class SequenceTable:
 
     def _run_rows(self, requests: list[ChunkRequest], states: list[SequenceState]
                   ) -> list[tuple[ChunkResult, SequenceState]]:
+        """Full segments of all rows as one batch; then each row's partial segment (the logits at
+        its last token, the memory as if its input ended there) in batches of rows with partial
+        segments of the same length, so every row's numbers are bit-identical to running it
+        alone (a wider padded batch changes the matmuls' shapes and so their rounding)."""
         rt = self.runtime
         batch = rt.stack(states)  # copies: the stored states change only when everything ran
         rt.feed(batch, [r.ids for r in requests])
-        ended = rt.peek(batch)     # as if every row's input ended at its chunk
-        committed = rt.memory(batch) if any(RESUME_MEMORY in r.outputs for r in requests) else None
-        seen = batch.tokens_seen.copy()
         parts = rt.unstack(batch)
+        by_width: dict[int, list[int]] = {}
+        for row, part in enumerate(parts):
+            by_width.setdefault(len(part.pending[0]), []).append(row)
+        ended: list[Any] = [None] * len(parts)
+        for rows in by_width.values():
+            group = parts[rows[0]] if len(rows) == 1 else rt.stack([parts[r] for r in rows])
+            output = rt.peek(group)  # as if each row's input ended at its chunk; the state is unchanged
+            for position, row in enumerate(rows):
+                ended[row] = (output.last_logits[position], output.memory[position])
         out = []
         for row, request in enumerate(requests):
+            part = parts[row]
             result = ChunkResult(
-                last_logits=ended.last_logits[row],
-                memory=ended.memory[row] if MEMORY_OUT in request.outputs else None,
-                resume_memory=committed[row] if committed is not None and RESUME_MEMORY in request.outputs else None,
-                tokens_seen=int(seen[row]))
-            out.append((result, parts[row]))
+                last_logits=ended[row][0],
+                memory=ended[row][1] if MEMORY_OUT in request.outputs else None,
+                resume_memory=rt.memory(part)[0] if RESUME_MEMORY in request.outputs else None,
+                tokens_seen=int(part.tokens_seen[0]))
+            out.append((result, part))
         return out
 
     # ---- lifetime ------------------------------------------------------------------------------

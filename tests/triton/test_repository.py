@@ -1,17 +1,21 @@
-"""The Triton model repository: its config parses with Triton's own protobuf, its state
-matches the step spec, and the client's request protocol reproduces the runtime exactly."""
+"""The Triton model repositories, both kinds, without a server: their configs parse with
+Triton's own protobuf, the onnxruntime kind's state matches the step spec and its request
+protocol reproduces the runtime; the python kind holds a model.py and a verified bundle copy.
+(tests/triton/test_live.py serves the python kind from a real server.)"""
+import ast
+
 import numpy as np
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
-from google.protobuf import text_format
+from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
 from rmt_export.cli import triton_main
 from rmt_export.errors import ExportError
 from rmt_export.triton import INITIAL_STATE_FILE, TritonOptions, write_triton_repository
 from rmt_runtime import BackendError, Bundle, RMTRuntime
-from rmt_runtime.triton_client import TritonRMTClient, segment_requests
+from rmt_runtime.triton_client import TritonRMTClient, repository_kind, segment_requests
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +119,92 @@ def test_bad_options_are_refused(served, tmp_path):
 def test_client_without_a_server_says_so():
     with pytest.raises(BackendError, match="cannot read model 'rmt' from Triton at 127.0.0.1:9"):
         TritonRMTClient("127.0.0.1:9", "rmt")
+
+
+# ---- the python kind ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def python_served(bundle_factory, tmp_path_factory):
+    _, exported = bundle_factory("gpt2", "fp32")
+    repo = tmp_path_factory.mktemp("triton-python")
+    options = TritonOptions(name="rmt", repository_kind="python", max_batch_size=4, instances=2, threads=2)
+    return Bundle.load(exported.path), write_triton_repository(exported.path, repo, options)
+
+
+def test_python_kind_config_parses_with_tritons_model_config_protobuf(python_served):
+    bundle, model_dir = python_served
+    config = text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert config.backend == "python" and config.max_batch_size == 4
+    ids, seed = config.input
+    assert (ids.name, ids.data_type, list(ids.dims), ids.allow_ragged_batch) == (
+        "input_ids", model_config_pb2.TYPE_INT64, [-1], True)
+    memory_dims = [bundle.num_mem_tokens, bundle.hidden_size]
+    assert (seed.name, seed.data_type, list(seed.dims), seed.optional) == (
+        "start_memory", model_config_pb2.TYPE_FP32, memory_dims, True)
+    assert [(o.name, list(o.dims)) for o in config.output] == [
+        ("last_logits", [bundle.vocab_size]), ("memory", memory_dims), ("resume_memory", memory_dims),
+        ("tokens_seen", [1])]
+    batching = config.sequence_batching
+    assert not batching.state  # the Python backend does not carry implicit state: the model keeps it
+    kinds = {c.name: c.control[0].kind for c in batching.control_input}
+    Control = model_config_pb2.ModelSequenceBatching.Control
+    assert kinds == {"START": Control.CONTROL_SEQUENCE_START, "END": Control.CONTROL_SEQUENCE_END,
+                     "READY": Control.CONTROL_SEQUENCE_READY, "CORRID": Control.CONTROL_SEQUENCE_CORRID}
+    assert batching.oldest.max_candidate_sequences == 16 and list(batching.oldest.preferred_batch_size) == [4]
+    assert batching.max_sequence_idle_microseconds == 60_000_000
+    assert (config.instance_group[0].count, config.instance_group[0].kind) == (
+        2, model_config_pb2.ModelInstanceGroup.KIND_CPU)
+    parameters = {k: v.string_value for k, v in config.parameters.items()}
+    assert parameters == {"rmt.repository_kind": "python", "rmt.segment_size": str(bundle.segment_size),
+                          "rmt.bundle_identity": bundle.identity, "rmt.threads": "2"}
+
+
+def test_python_kind_holds_a_model_py_importing_only_rmt_runtime_and_a_verified_bundle_copy(python_served):
+    bundle, model_dir = python_served
+    tree = ast.parse((model_dir / "1" / "model.py").read_text())
+    imports = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    imports += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+    assert imports == ["rmt_runtime.triton_model"]
+    copy = Bundle.load(model_dir / "1" / "bundle")
+    assert copy.identity == bundle.identity
+    assert sorted(p.name for p in model_dir.iterdir()) == ["1", "config.pbtxt"]
+
+
+def test_the_client_tells_the_repository_kinds_apart(served, python_served):
+    def served_config(model_dir):
+        config = text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        return json_format.MessageToDict(config, preserving_proto_field_name=True)  # as Triton returns it
+
+    assert repository_kind(served_config(served[1])) == "onnxruntime"
+    assert repository_kind(served_config(python_served[1])) == "python"
+    with pytest.raises(BackendError, match="not written by rmt-triton"):
+        repository_kind({"name": "other", "backend": "python"})
+    mixed = served_config(python_served[1]) | {"backend": "onnxruntime"}
+    with pytest.raises(BackendError, match="repository kind 'python' with backend 'onnxruntime'"):
+        repository_kind(mixed)
+
+
+def test_cli_writes_the_python_kind(bundle_factory, tmp_path):
+    _, exported = bundle_factory("gpt2", "fp32")
+    args = ["--bundle", str(exported.path), "--repo", str(tmp_path / "models"), "--kind", "python",
+            "--max-batch", "2", "--max-sequences", "64", "--idle-seconds", "2.5", "--instances", "3", "--threads", "2"]
+    result = CliRunner().invoke(triton_main, args)
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "models" / "rmt" / "config.pbtxt").read_text()
+    for line in ('backend: "python"', "max_candidate_sequences: 64", "max_sequence_idle_microseconds: 2500000",
+                 "count: 3", "kind: KIND_CPU", 'key: "rmt.threads" value: { string_value: "2" }'):
+        assert line in text
+    step = CliRunner().invoke(triton_main, [*args, "--force", "--graph", "step"])
+    assert step.exit_code == 2 and "--graph step is for the onnxruntime kind" in step.output
+
+
+@pytest.mark.parametrize("options, message", [
+    (TritonOptions(repository_kind="python", kind="KIND_GPU"), "the python kind runs ONNX Runtime on the CPU"),
+    (TritonOptions(repository_kind="triton"), "repository kind must be one of"),
+    (TritonOptions(repository_kind="python", graph="step"), "the python kind returns last-token logits"),
+    (TritonOptions(max_batch_size=8, max_sequences=4), r"max_sequences \(4\) must be >= max_batch_size \(8\)"),
+    (TritonOptions(repository_kind="python", threads=0), "threads must be >= 1"),
+])
+def test_bad_python_kind_options_are_refused(served, tmp_path, options, message):
+    bundle, _ = served
+    with pytest.raises(ExportError, match=message):
+        write_triton_repository(bundle.path, tmp_path, options)

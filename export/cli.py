@@ -240,6 +240,8 @@ def check_trt_main(bundle_dir, max_batch, workspace_mb, as_json, verbose):
                    "in Triton's backlog until one ends.")
 @click.option("--idle-seconds", type=click.FloatRange(min=0.001), default=60.0, show_default=True,
               help="A sequence without a request for this long is dropped with its memory.")
+@click.option("--queue-delay-us", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="How long the batcher waits to fill a batch (microseconds): latency at low load vs batching.")
 @click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="python kind: ONNX Runtime threads per instance (instances x threads <= cores).")
@@ -248,7 +250,7 @@ def check_trt_main(bundle_dir, max_batch, workspace_mb, as_json, verbose):
 @click.option("--force", is_flag=True, help="Replace an existing model directory.")
 @click.option("--verbose", is_flag=True, help="Show tracebacks.")
 def triton_main(bundle_dir, repository, repository_kind, name, graph, max_batch, max_sequences, idle_seconds,
-                instances, threads, cpu, force, verbose):
+                queue_delay_us, instances, threads, cpu, force, verbose):
     """Write a Triton Inference Server model repository for a bundle.
 
     \b
@@ -266,9 +268,13 @@ def triton_main(bundle_dir, repository, repository_kind, name, graph, max_batch,
 
     if repository_kind == "python" and graph != "ingest":
         raise click.UsageError("--graph step is for the onnxruntime kind; the python kind returns last-token logits")
+    if repository_kind != "python" and threads != 1:
+        raise click.UsageError("--threads is for the python kind (ONNX Runtime inside the Python backend); the "
+                               "onnxruntime backend's threads are set in Triton's own backend config")
     options = TritonOptions(name=name, graph=graph, max_batch_size=max_batch, instances=instances,
                             kind=None if repository_kind == "python" else ("KIND_CPU" if cpu else "KIND_GPU"),
                             repository_kind=repository_kind, max_sequences=max_sequences,
-                            max_sequence_idle_us=int(round(idle_seconds * 1e6)), threads=threads)
+                            max_sequence_idle_us=int(round(idle_seconds * 1e6)), max_queue_delay_us=queue_delay_us,
+                            threads=threads)
     model_dir = _run_guarded(verbose, False, lambda: write_triton_repository(bundle_dir, repository, options, force))
     click.echo(str(model_dir))

@@ -30,6 +30,9 @@ from .state import SequenceState, StateLayout, load_state_file, save_state_file
 from .triton_model import INPUT_IDS, LAST_LOGITS, MEMORY_OUT, RESUME_MEMORY, START_MEMORY, TOKENS_SEEN
 
 KINDS = ("python", "onnxruntime", "tensorrt")
+# Every request carries its sequence id in this gRPC metadata header too, so that a load
+# balancer in front of several servers can pin a sequence to one server by hashing it.
+SEQUENCE_HEADER = "x-rmt-sequence-id"
 
 
 @dataclass(frozen=True)
@@ -127,7 +130,7 @@ class TritonRMTClient:
         try:
             return self.client.infer(self.model, inputs, sequence_id=sequence_id, sequence_start=start,
                                      sequence_end=end, outputs=[self._grpc.InferRequestedOutput(n) for n in outputs],
-                                     client_timeout=self.timeout_s)
+                                     client_timeout=self.timeout_s, headers={SEQUENCE_HEADER: str(sequence_id)})
         except self._server_error as exc:
             status = str(exc.status() or "")
             if "UNAVAILABLE" in status or "DEADLINE_EXCEEDED" in status:

@@ -49,6 +49,29 @@ def test_one_sequence_in_chunks_equals_runtime_run(server, runtime):
     assert client.read(ids, 102, chunk_size=13).last_logits.argmax() == answer
 
 
+class Recording:
+    """Wraps tritonclient's client: records the keyword arguments of every infer call."""
+
+    def __init__(self, client):
+        self.client, self.calls = client, []
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+    def infer(self, *args, **kwargs):
+        self.calls.append(kwargs)
+        return self.client.infer(*args, **kwargs)
+
+
+def test_every_request_carries_its_sequence_id_in_a_header_for_load_balancers(server, runtime):
+    client = TritonRMTClient(server.grpc_url, MAIN)
+    client.client = Recording(client.client)
+    ids, _ = keyrecall_example(seed=9)
+    assert_equals_alone(client.read(ids, 123456, chunk_size=50, want_memory=True), runtime, ids)
+    assert [call["headers"] for call in client.client.calls] == [{"x-rmt-sequence-id": "123456"}] * 3
+    assert [call["sequence_id"] for call in client.client.calls] == [123456] * 3
+
+
 def test_sixteen_sequences_from_eight_threads_each_equal_their_solo_run(server, runtime):
     """8 client threads, each interleaving 2 sequences in chunks of random sizes: the server
     batches rows of different sequences, and every sequence still equals its solo run."""

@@ -186,15 +186,19 @@ def test_the_client_tells_the_repository_kinds_apart(served, python_served):
 def test_cli_writes_the_python_kind(bundle_factory, tmp_path):
     _, exported = bundle_factory("gpt2", "fp32")
     args = ["--bundle", str(exported.path), "--repo", str(tmp_path / "models"), "--kind", "python",
-            "--max-batch", "2", "--max-sequences", "64", "--idle-seconds", "2.5", "--instances", "3", "--threads", "2"]
+            "--max-batch", "2", "--max-sequences", "64", "--idle-seconds", "2.5", "--instances", "3", "--threads", "2",
+            "--queue-delay-us", "250"]
     result = CliRunner().invoke(triton_main, args)
     assert result.exit_code == 0, result.output
     text = (tmp_path / "models" / "rmt" / "config.pbtxt").read_text()
     for line in ('backend: "python"', "max_candidate_sequences: 64", "max_sequence_idle_microseconds: 2500000",
-                 "count: 3", "kind: KIND_CPU", 'key: "rmt.threads" value: { string_value: "2" }'):
+                 "count: 3", "kind: KIND_CPU", 'key: "rmt.threads" value: { string_value: "2" }',
+                 "max_queue_delay_microseconds: 250"):
         assert line in text
     step = CliRunner().invoke(triton_main, [*args, "--force", "--graph", "step"])
     assert step.exit_code == 2 and "--graph step is for the onnxruntime kind" in step.output
+    threads = CliRunner().invoke(triton_main, [*args[:4], "--threads", "2", "--repo", str(tmp_path / "gpu")])
+    assert threads.exit_code == 2 and "--threads is for the python kind" in threads.output
 
 
 @pytest.mark.parametrize("options, message", [

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -188,8 +189,8 @@ class LocalTritonServer:
             return None
         process, self.process = self.process, None
         if process.poll() is None:
-            try:  # the whole session: tritonserver and its Python-backend stub processes
-                os.killpg(process.pid, sig)
+            try:  # SIGTERM to tritonserver alone (it stops its stubs); SIGKILL to the whole session
+                os.killpg(process.pid, sig) if sig == signal.SIGKILL else process.send_signal(sig)
             except ProcessLookupError:
                 pass
             try:
@@ -201,6 +202,9 @@ class LocalTritonServer:
             os.killpg(process.pid, signal.SIGKILL)  # stubs left behind by the parent
         except ProcessLookupError:
             pass
+        shutil.rmtree(self._workdir / "backends", ignore_errors=True)
+        if self._workdir not in self.log_path.parents:
+            shutil.rmtree(self._workdir, ignore_errors=True)
         return process.returncode
 
     def stop(self) -> int | None:

@@ -331,7 +331,7 @@ class TritonPythonModel:
             try:
                 parsed = self._parse(request)
             except SequenceRequestError as exc:
-                responses[index] = pb.InferenceResponse(error=pb.TritonError(str(exc)))
+                responses[index] = pb.InferenceResponse(error=pb.TritonError(str(exc), pb.TritonError.INVALID_ARG))
                 try:  # an END that was refused still ends the sequence (Triton has forgotten it)
                     if self._control(request, "END"):
                         self.table.forget(self._control(request, "CORRID"))
@@ -345,7 +345,8 @@ class TritonPythonModel:
             where.append(index)
         for index, request, result in zip(where, checked, self.table.execute(checked)):
             if isinstance(result, Exception):
-                responses[index] = pb.InferenceResponse(error=pb.TritonError(str(result)))
+                code = pb.TritonError.INVALID_ARG if isinstance(result, SequenceRequestError) else pb.TritonError.INTERNAL
+                responses[index] = pb.InferenceResponse(error=pb.TritonError(str(result), code))
                 continue
             tensors = [pb.Tensor(LAST_LOGITS, result.last_logits[None].astype(np.float32))]
             if MEMORY_OUT in request.outputs:

@@ -177,7 +177,7 @@ def test_an_idle_sequence_is_dropped_and_its_next_request_gets_a_clear_error(ser
     with pytest.raises(BackendError, match=r"sequence 5 after 50 tokens: .*must specify the START flag.*no longer "
                                            r"knows this sequence.*idle"):
         abandoned.send(old[50:])
-    restarted = client.read(new, 5, want_memory=True)
+    restarted = client.read(new, 5, chunk_size=len(new), want_memory=True)  # one request: no idle gap
     assert_equals_alone(restarted, runtime, new)
     assert int(restarted.last_logits.argmax()) == answer
 
@@ -212,8 +212,9 @@ def test_bad_requests_get_error_responses_and_the_server_keeps_serving(server, r
          "must specify batch-size 1 due to requirements of sequence batcher"),
     ]
     for what, send, message in cases:
-        with pytest.raises(InferenceServerException, match=message):
+        with pytest.raises(InferenceServerException, match=message) as refused:
             send()
+        assert refused.value.status() == "StatusCode.INVALID_ARGUMENT", what
         assert server.running, what
     # The live sequence was untouched by the refused requests, and others are served.
     output = live.send(ids[20:], end=True, want_memory=True)

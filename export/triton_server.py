@@ -1,17 +1,26 @@
 """Start and stop a local Triton server (the one the ``nvidia-pytriton`` wheel ships) on 127.0.0.1.
 
-The wheel carries ``pytriton/tritonserver/bin/tritonserver`` (Triton 2.51 with the Python
-backend only), its libraries in ``nvidia_pytriton.libs`` and one Python-backend stub per
-Python version in ``pytriton/tritonserver/python_backend_stubs/<X.Y>``. The stub for this
-interpreter goes into a backend directory of our own (symbolic links), and the stub finds
-this interpreter's environment (rmt_runtime, onnxruntime, numpy<2) through ``PATH``.
+The server runs from an environment of its own, not the caller's: the wheel requires
+numpy<2, and rightly (Triton 2.51's Python backend stub sends empty output tensors under
+numpy 2), while clients and everything else of rmt-edge run on numpy 2. That environment
+(``requirements-triton.txt``: nvidia-pytriton, numpy<2, onnxruntime and rmt-edge itself;
+``make test`` creates it as ``.venv-triton``) is chosen by ``server_venv``: the ``venv``
+argument, else ``$RMT_TRITON_VENV``, else ``.venv-triton`` at the root of this source tree
+when it exists, else the running interpreter's own environment.
+
+In that environment the wheel carries ``pytriton/tritonserver/bin/tritonserver`` (Triton
+2.51 with the Python backend only), its libraries in ``nvidia_pytriton.libs`` and one
+Python-backend stub per Python version in ``pytriton/tritonserver/python_backend_stubs/<X.Y>``.
+The stub for the environment's Python goes into a backend directory of our own (symbolic
+links), and the stub finds that environment (rmt_runtime, onnxruntime, numpy<2) through the
+``python3`` first on ``PATH``: the environment's ``bin/``.
 
 Used by the tests (tests/triton), benchmarks/triton_load.py and anyone serving a ``python``
 kind repository on a CPU node. Binds every endpoint to 127.0.0.1 on free ports.
 """
 from __future__ import annotations
 
-import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -28,42 +37,100 @@ from pathlib import Path
 from .errors import ExportError
 
 HOST = "127.0.0.1"
+VENV_VARIABLE = "RMT_TRITON_VENV"
+DEFAULT_VENV = ".venv-triton"
+SOURCE_ROOT = Path(__file__).resolve().parent.parent  # the repository, when running from a checkout
+SETUP = "make .venv-triton/.installed (make test does it), or: python3 -m venv .venv-triton && " \
+        ".venv-triton/bin/pip install -r requirements-triton.txt"
+
+# Run by the server environment's Python: what is installed there, without importing it.
+_PROBE = """
+import importlib.metadata as md, importlib.util as iu, json, sys
+sys.path[:] = [p for p in sys.path if p not in ("", ".")]  # python -c puts the working directory first
+def version(name):
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return None
+def location(name):
+    spec = iu.find_spec(name)
+    return None if spec is None else (list(spec.submodule_search_locations or []) or [spec.origin])[0]
+print(json.dumps({"python": "%d.%d" % sys.version_info[:2], "pytriton": location("pytriton"),
+                  "rmt_runtime": location("rmt_runtime"),
+                  "versions": {n: version(n) for n in ("nvidia-pytriton", "numpy", "onnxruntime", "rmt-edge")}}))
+"""
+
+
+def _server_environ() -> dict[str, str]:
+    """This process's environment less what would point Python at the caller's packages."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
 
 
 class TritonUnavailable(ExportError):
     """No Triton server can run here (nvidia-pytriton missing or not for this platform)."""
 
 
+def server_venv(venv: str | os.PathLike | None = None) -> Path | None:
+    """The server's environment: ``venv``, else ``$RMT_TRITON_VENV``, else ``.venv-triton`` at
+    the root of this source tree when it exists; None: the running interpreter's environment."""
+    if venv is None and os.environ.get(VENV_VARIABLE):
+        venv = os.environ[VENV_VARIABLE]
+    if venv is None and (SOURCE_ROOT / DEFAULT_VENV).is_dir():
+        venv = SOURCE_ROOT / DEFAULT_VENV
+    return None if venv is None else Path(venv).absolute()
+
+
 @dataclass(frozen=True)
 class TritonInstall:
-    """Where the nvidia-pytriton wheel keeps the server."""
+    """Where the nvidia-pytriton wheel keeps the server, in the environment that runs it."""
 
     binary: Path
     libs: Path
     python_backend: Path
     stub: Path
+    python: Path                  # the environment's interpreter; its bin/ goes first on the server's PATH
+    venv: Path | None             # None: the running interpreter's environment
+    versions: dict                # distribution -> version there (None: not installed)
+    runtime_source: Path | None   # where rmt_runtime imports from there
 
     @classmethod
-    def find(cls, python_version: str | None = None) -> "TritonInstall":
-        """The installed server, with the Python-backend stub for ``python_version`` (default: this one)."""
-        version = python_version or f"{sys.version_info.major}.{sys.version_info.minor}"
-        spec = importlib.util.find_spec("pytriton")  # locates the package without importing it
-        if spec is None or not spec.submodule_search_locations:
-            raise TritonUnavailable("no Triton server here: the nvidia-pytriton wheel (x86_64 or aarch64 Linux, "
-                                    "glibc >= 2.35) ships one: pip install nvidia-pytriton==0.7.0")
-        root = Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
+    def find(cls, venv: str | os.PathLike | None = None) -> "TritonInstall":
+        """The server installed in ``venv`` (default: ``server_venv()``), with the
+        Python-backend stub for that environment's Python."""
+        venv = server_venv(venv)
+        python = venv / "bin" / "python" if venv else Path(sys.executable)
+        where = venv or (f"{sys.prefix} (this interpreter's environment: neither ${VENV_VARIABLE} nor "
+                         f"{SOURCE_ROOT / DEFAULT_VENV} names one)")
+        if not python.exists():
+            raise TritonUnavailable(f"no Triton server environment at {where} (no bin/python): {SETUP}")
+        probe = subprocess.run([str(python), "-c", _PROBE], capture_output=True, text=True, timeout=120,
+                               env=_server_environ())
+        if probe.returncode != 0:
+            raise TritonUnavailable(f"{python} does not run: {probe.stderr.strip()[-2000:]}")
+        found = json.loads(probe.stdout)
+        if not found["pytriton"]:
+            raise TritonUnavailable(f"no Triton server in {where}: the nvidia-pytriton wheel (x86_64 or aarch64 "
+                                    f"Linux, glibc >= 2.35) ships one; {SETUP}")
+        root = Path(found["pytriton"]) / "tritonserver"
         install = cls(binary=root / "bin" / "tritonserver", libs=root.parent.parent / "nvidia_pytriton.libs",
                       python_backend=root / "backends" / "python",
-                      stub=root / "python_backend_stubs" / version / "triton_python_backend_stub")
+                      stub=root / "python_backend_stubs" / found["python"] / "triton_python_backend_stub",
+                      python=python, venv=venv, versions=found["versions"],
+                      runtime_source=Path(found["rmt_runtime"]) if found["rmt_runtime"] else None)
         missing = [str(p) for p in (install.binary, install.libs, install.python_backend / "libtriton_python.so",
                                     install.stub) if not p.exists()]
         if missing:
-            raise TritonUnavailable(f"nvidia-pytriton is installed but incomplete for Python {version}: missing "
-                                    f"{', '.join(missing)}")
+            raise TritonUnavailable(f"nvidia-pytriton in {where} is incomplete for Python {found['python']}: "
+                                    f"missing {', '.join(missing)}")
+        numpy = found["versions"]["numpy"]
+        if numpy is None or int(numpy.split(".")[0]) >= 2 or install.runtime_source is None:
+            raise TritonUnavailable(f"{where} cannot serve rmt-edge: it needs numpy<2 (Triton 2.51's Python backend "
+                                    f"sends empty output tensors under numpy 2; found {numpy}) and rmt_runtime "
+                                    f"(found {install.runtime_source}); {SETUP}")
         return install
 
     def backend_directory(self, into: Path) -> Path:
-        """A backend directory holding the Python backend with this interpreter's stub (links)."""
+        """A backend directory holding the Python backend with the environment's stub (links)."""
         python = into / "backends" / "python"
         python.mkdir(parents=True, exist_ok=True)
         for source in (self.python_backend / "libtriton_python.so",
@@ -91,17 +158,22 @@ def free_ports(count: int) -> list[int]:
 class LocalTritonServer:
     """``tritonserver`` on 127.0.0.1 serving ``repository``; a context manager.
 
+    The server and its Python models run from ``venv`` (default: ``server_venv()``: the
+    argument, ``$RMT_TRITON_VENV``, ``.venv-triton`` at the source root, this interpreter's
+    environment), which needs nvidia-pytriton, numpy<2, onnxruntime and rmt-edge
+    (requirements-triton.txt); the caller's own environment may run numpy 2.
     ``start`` waits until the server is ready (polls /v2/health/ready with a deadline) and
     raises with the server's log tail if it exits or does not become ready. ``stop`` ends it
     (SIGTERM, then SIGKILL); ``kill`` ends it at once, as a crash would.
     """
 
     def __init__(self, repository: str | os.PathLike, log_path: str | os.PathLike | None = None,
-                 ready_timeout_s: float = 180.0, extra_args: tuple[str, ...] = (), python: str = sys.executable):
+                 ready_timeout_s: float = 180.0, extra_args: tuple[str, ...] = (),
+                 venv: str | os.PathLike | None = None):
         self.repository = Path(repository)
         self.ready_timeout_s = ready_timeout_s
         self.extra_args = tuple(extra_args)
-        self.python = python
+        self.venv = server_venv(venv)
         self._workdir = Path(tempfile.mkdtemp(prefix="rmt-triton-"))
         self.log_path = Path(log_path) if log_path else self._workdir / "tritonserver.log"
         self.process: subprocess.Popen | None = None
@@ -129,16 +201,17 @@ class LocalTritonServer:
                 *self.extra_args]
 
     def environment(self, install: TritonInstall) -> dict[str, str]:
-        env = dict(os.environ)
+        env = _server_environ()  # no PYTHONPATH/PYTHONHOME: the server's Python is the environment's own
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(install.libs), env.get("LD_LIBRARY_PATH")) if p)
-        # The stub embeds Python and finds its environment (site-packages) by the python3 on PATH.
-        env["PATH"] = os.pathsep.join([str(Path(self.python).parent), env.get("PATH", "")])
+        # The stub embeds Python and finds its environment (site-packages) by the python3 on PATH:
+        # the server environment's bin/ (not resolved: a venv's python is a link to the base one).
+        env["PATH"] = os.pathsep.join([str(install.python.parent), env.get("PATH", "")])
         return env
 
     def start(self) -> "LocalTritonServer":
         if self.process is not None:
             raise ExportError("this server is already started")
-        install = TritonInstall.find()
+        install = TritonInstall.find(self.venv)
         if not self.repository.is_dir():
             raise ExportError(f"{self.repository}: no model repository there")
         for attempt in range(3):  # a port taken between choosing and binding: choose again

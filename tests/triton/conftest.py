@@ -2,12 +2,15 @@
 repository of it, and one live tritonserver per test session (per xdist worker) on
 127.0.0.1 with free ports, stopped at the end.
 
-The server is the one the nvidia-pytriton wheel ships (requirements-dev.txt installs it). A
-test is skipped only where that wheel cannot be installed (not Linux x86_64/aarch64, or a
-Python without a stub in the wheel); anywhere else a missing server is a failure.
+The server is the one the nvidia-pytriton wheel ships, run from its own environment
+(.venv-triton from requirements-triton.txt, numpy<2; ``make test`` creates it and names it in
+RMT_TRITON_VENV) while the tests and the clients run here, on numpy 2. A test is skipped only
+where that wheel cannot be installed (not Linux x86_64/aarch64 with glibc >= 2.35, or a
+Python without a stub in the wheel); anywhere else a missing server environment is a failure.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import platform
 import re
 import sys
@@ -44,14 +47,28 @@ def not_installable() -> str | None:
 
 @pytest.fixture(scope="session")
 def triton_install() -> TritonInstall:
+    """The server environment (RMT_TRITON_VENV, else the repository's .venv-triton), checked to
+    run this checkout's rmt_runtime with this environment's onnxruntime."""
+    reason = not_installable()
+    if reason:
+        pytest.skip(f"no live Triton tests: {reason}")
     try:
-        return TritonInstall.find()
+        install = TritonInstall.find()
     except TritonUnavailable as exc:
-        reason = not_installable()
-        if reason:
-            pytest.skip(f"no live Triton tests: {reason}")
-        pytest.fail(f"{exc}. It installs on this machine, so the live tests must run: "
-                    "pip install -r requirements-dev.txt", pytrace=False)
+        pytest.fail(f"{exc}. nvidia-pytriton installs on this machine, so the live tests must run: `make test` "
+                    f"creates the server environment (RMT_TRITON_VENV names one other than {ROOT / '.venv-triton'})",
+                    pytrace=False)
+    where = install.venv or sys.prefix
+    if install.runtime_source is None or install.runtime_source.resolve() != (ROOT / "runtime").resolve():
+        pytest.fail(f"the server environment {where} imports rmt_runtime from {install.runtime_source}, not from this "
+                    f"checkout ({ROOT / 'runtime'}): install it there editable ({install.python} -m pip install "
+                    f"--no-deps -e {ROOT})", pytrace=False)
+    here = importlib.metadata.version("onnxruntime")
+    if install.versions["onnxruntime"] != here:
+        pytest.fail(f"the server environment {where} has onnxruntime {install.versions['onnxruntime']}, this one "
+                    f"{here}: the tests compare the two bit for bit (requirements-dev.txt and "
+                    f"requirements-triton.txt pin the same version)", pytrace=False)
+    return install
 
 
 @pytest.fixture(scope="session")
@@ -91,7 +108,7 @@ def repository(sample_bundle, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def server(triton_install, repository, tmp_path_factory):
     log = tmp_path_factory.mktemp("triton-log") / "tritonserver.log"
-    with LocalTritonServer(repository, log_path=log) as running:
+    with LocalTritonServer(repository, log_path=log, venv=triton_install.venv) as running:
         yield running
         assert running.running, f"the server died during the tests:\n{running.log_tail()}"
 

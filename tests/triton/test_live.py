@@ -258,7 +258,7 @@ def test_killing_the_server_mid_stream_gives_a_clear_error_and_a_saved_state_res
     repo = tmp_path / "repo"
     write_triton_repository(sample_bundle, repo, TritonOptions(name=MAIN, repository_kind="python"))
     ids, answer = keyrecall_example(seed=8)
-    with LocalTritonServer(repo, log_path=tmp_path / "first.log") as first:
+    with LocalTritonServer(repo, log_path=tmp_path / "first.log", venv=triton_install.venv) as first:
         sequence = TritonRMTClient(first.grpc_url, MAIN).sequence(9, keep_state=True)
         sequence.send(ids[:40])
         saved = sequence.save_state(tmp_path / "state.npz")
@@ -266,7 +266,7 @@ def test_killing_the_server_mid_stream_gives_a_clear_error_and_a_saved_state_res
         with pytest.raises(BackendError, match=r"Triton at 127\.0\.0\.1:\d+ did not answer for sequence 9 after 40 "
                                                r"tokens .*memory lived in that server.*resume"):
             sequence.send(ids[40:])
-    with LocalTritonServer(repo, log_path=tmp_path / "second.log") as second:
+    with LocalTritonServer(repo, log_path=tmp_path / "second.log", venv=triton_install.venv) as second:
         client = TritonRMTClient(second.grpc_url, MAIN)
         output = client.resume(saved, 9).send(ids[40:], end=True, want_memory=True)
         assert_equals_alone(output, runtime, ids)

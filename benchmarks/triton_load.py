@@ -5,7 +5,10 @@ client each) each stream --per-client sequences, one after another: every sequen
 --tokens random byte ids sent in --chunk-token requests (START on the first, END on the
 last). Bounded in count (N x per-client sequences) and in time (--time-limit seconds per
 level: no sequence starts after it; those under way finish). One server (nvidia-pytriton's
-tritonserver on 127.0.0.1, free ports) serves every level.
+tritonserver on 127.0.0.1, free ports) serves every level. The server runs from its own
+environment (--triton-venv, default $RMT_TRITON_VENV or the repository's .venv-triton:
+requirements-triton.txt, numpy<2); this script, the clients and the in-process runs use
+the running one (.venv, numpy 2).
 
 The same work then runs in process, twice, for the ratios:
 - batched: the served model's own code (``SequenceTable``) fed one chunk of each of the N
@@ -18,6 +21,7 @@ ratios, and where a request's time goes (Triton's statistics: queue, compute inp
 compute infer (the Python model, including the stub round trip), compute output; the
 average batch; the client-side rest is gRPC and the client threads).
 
+    make .venv/.installed .venv-triton/.installed   # the two environments (make test makes them too)
     .venv/bin/python benchmarks/triton_load.py
     .venv/bin/python benchmarks/triton_load.py --concurrency 1,4,16,64 --tokens 256 --chunk 32 --json out.json
 """
@@ -38,7 +42,7 @@ import numpy as np
 from rmt_export.bench import machine
 from rmt_export.exporter import ExportOptions, export_bundle
 from rmt_export.triton import TritonOptions, write_triton_repository
-from rmt_export.triton_server import LocalTritonServer
+from rmt_export.triton_server import LocalTritonServer, TritonInstall
 from rmt_runtime import RMTRuntime
 from rmt_runtime.triton_client import TritonRMTClient
 from rmt_runtime.triton_model import LAST_LOGITS, SequenceTable
@@ -175,7 +179,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "rmt-triton-load",
                         help="work folder (the sample bundle, the repository, the server log)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--triton-venv", type=Path, default=None,
+                        help="the server's environment (requirements-triton.txt) [default: $RMT_TRITON_VENV, "
+                             "else .venv-triton at the repository root]")
     args = parser.parse_args()
+    install = TritonInstall.find(args.triton_venv)  # fails at once, saying how to make it, when there is none
     levels = [int(x) for x in args.concurrency.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     bundle = args.bundle or sample_bundle(args.out / "keyrecall-fp32")
@@ -189,14 +197,16 @@ def main() -> None:
     print("# Triton load: python-kind repository, loopback gRPC\n")
     print(f"- CPU: {facts['cpu']} ({' '.join(facts['simd'])}); {facts['cores']} logical cores, "
           f"{facts['usable_cores']} usable; load average at start {' '.join(f'{x:.2f}' for x in facts['load_average'])}")
-    print(f"- Python {platform.python_version()}, onnxruntime {facts['onnxruntime']}, numpy {np.__version__}; "
-          f"server: nvidia-pytriton's tritonserver, {args.instances} instance(s) x {args.threads} ORT thread(s), "
+    print(f"- Python {platform.python_version()}, onnxruntime {facts['onnxruntime']}, numpy {np.__version__} "
+          f"(clients, in process); server: nvidia-pytriton {install.versions['nvidia-pytriton']}'s tritonserver "
+          f"from {install.venv or 'this environment'} (onnxruntime {install.versions['onnxruntime']}, numpy "
+          f"{install.versions['numpy']}), {args.instances} instance(s) x {args.threads} ORT thread(s), "
           f"max batch {args.max_batch}, queue delay {options.max_queue_delay_us} us")
     print(f"- work per level: N clients x max({args.per_client}, {args.min_sequences}/N) sequences x {args.tokens} "
           f"tokens in {args.chunk}-token requests; time limit {args.time_limit:g} s per level\n")
     rt = RMTRuntime.load(bundle, backend="onnxruntime", provider="cpu", threads=args.threads)
     rows = []
-    with LocalTritonServer(repo, log_path=args.out / "tritonserver.log") as server:
+    with LocalTritonServer(repo, log_path=args.out / "tritonserver.log", venv=install.venv) as server:
         warm = TritonRMTClient(server.grpc_url, "rmt")
         warm.read(np.arange(2 * args.chunk) % warm.vocab_size, 99_999_999, chunk_size=args.chunk)
         for n in levels:

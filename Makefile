@@ -2,6 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# The Triton server's own environment (numpy<2: requirements-triton.txt); the tests find it
+# through RMT_TRITON_VENV.
+TRITON_VENV ?= .venv-triton
 
 .PHONY: test demo check-aarch64 clean
 
@@ -10,10 +13,16 @@ $(VENV)/.installed: setup.py requirements-dev.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
-## test: create the venv, install the project with its test extras, run the whole suite
+$(TRITON_VENV)/.installed: setup.py requirements-triton.txt
+	$(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-triton.txt
+	touch $@
+
+## test: create the venvs (.venv: the project with its test extras, numpy 2; .venv-triton: the
+## Triton server of the live Triton tests, numpy<2), run the whole suite from .venv
 ## (one pytest worker per core; the workers share one cache of exported test bundles)
-test: $(VENV)/.installed
-	$(PY) -m pytest -q -n auto --dist worksteal
+test: $(VENV)/.installed $(TRITON_VENV)/.installed
+	RMT_TRITON_VENV=$(abspath $(TRITON_VENV)) $(PY) -m pytest -q -n auto --dist worksteal
 
 ## check-aarch64: the built wheel on arm64 (Debian root under qemu-user; needs root; ~5 min cold, ~1 min cached)
 check-aarch64: $(VENV)/.installed
@@ -24,4 +33,4 @@ demo: $(VENV)/.installed
 	$(PY) samples/demo.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(TRITON_VENV) build *.egg-info .pytest_cache

@@ -226,30 +226,55 @@ def check_trt_main(bundle_dir, max_batch, workspace_mb, as_json, verbose):
               type=click.Path(exists=True, file_okay=False, path_type=Path), help="Bundle directory.")
 @click.option("--repo", "repository", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Triton model repository to write into.")
+@click.option("--kind", "repository_kind", type=click.Choice(["onnxruntime", "python"]), default="onnxruntime",
+              show_default=True,
+              help="onnxruntime: Triton's ONNX Runtime backend, implicit state, whole segments (GPU deployment). "
+                   "python: Triton's Python backend running rmt_runtime, chunks of any length (CPU nodes).")
 @click.option("--name", default="rmt", show_default=True, help="Model name in the repository.")
 @click.option("--graph", type=click.Choice(["ingest", "step"]), default="ingest", show_default=True,
-              help="ingest: last-token logits per request; step: logits for every position.")
+              help="onnxruntime kind: ingest: last-token logits per request; step: logits for every position.")
 @click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
               help="Sequences batched into one step by the sequence batcher.")
+@click.option("--max-sequences", type=click.IntRange(min=1), default=None,
+              help="Live sequences per instance (max_candidate_sequences) [default: 4 x --max-batch]; more wait "
+                   "in Triton's backlog until one ends.")
+@click.option("--idle-seconds", type=click.FloatRange(min=0.001), default=60.0, show_default=True,
+              help="A sequence without a request for this long is dropped with its memory.")
+@click.option("--queue-delay-us", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="How long the batcher waits to fill a batch (microseconds): latency at low load vs batching.")
 @click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--cpu", is_flag=True, help="Serve on the CPU (KIND_CPU) instead of the GPU.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="python kind: ONNX Runtime threads per instance (instances x threads <= cores).")
+@click.option("--cpu", is_flag=True, help="onnxruntime kind: serve on the CPU (KIND_CPU) instead of the GPU "
+                                         "(the python kind always runs on the CPU).")
 @click.option("--force", is_flag=True, help="Replace an existing model directory.")
 @click.option("--verbose", is_flag=True, help="Show tracebacks.")
-def triton_main(bundle_dir, repository, name, graph, max_batch, instances, cpu, force, verbose):
+def triton_main(bundle_dir, repository, repository_kind, name, graph, max_batch, max_sequences, idle_seconds,
+                queue_delay_us, instances, threads, cpu, force, verbose):
     """Write a Triton Inference Server model repository for a bundle.
 
     \b
-    Example:
-      rmt-triton --bundle model-fp32 --repo models --max-batch 8
-      tritonserver --model-repository models
+    Examples:
+      rmt-triton --bundle model-fp32 --repo models --max-batch 8            # GPU: ONNX Runtime backend
+      rmt-triton --bundle model-fp32 --repo models --kind python --instances 2   # CPU: Python backend
 
-    The sequence batcher keeps each sequence's memory in the server (implicit state:
-    memory -> new_memory, starting from memory_init.npy). Clients stream fixed-size
-    segments under one sequence id: rmt_runtime.triton_client.TritonRMTClient.
+    onnxruntime kind: the sequence batcher keeps each sequence's memory in the server
+    (implicit state: memory -> new_memory, starting from memory_init.npy); clients stream
+    fixed-size segments. python kind: the model keeps each sequence's memory and partial
+    segment by correlation id; clients stream chunks of any length. Either kind:
+    rmt_runtime.triton_client.TritonRMTClient. docs/SCALING.md says which to use where.
     """
     from .triton import TritonOptions, write_triton_repository
 
+    if repository_kind == "python" and graph != "ingest":
+        raise click.UsageError("--graph step is for the onnxruntime kind; the python kind returns last-token logits")
+    if repository_kind != "python" and threads != 1:
+        raise click.UsageError("--threads is for the python kind (ONNX Runtime inside the Python backend); the "
+                               "onnxruntime backend's threads are set in Triton's own backend config")
     options = TritonOptions(name=name, graph=graph, max_batch_size=max_batch, instances=instances,
-                            kind="KIND_CPU" if cpu else "KIND_GPU")
+                            kind=None if repository_kind == "python" else ("KIND_CPU" if cpu else "KIND_GPU"),
+                            repository_kind=repository_kind, max_sequences=max_sequences,
+                            max_sequence_idle_us=int(round(idle_seconds * 1e6)), max_queue_delay_us=queue_delay_us,
+                            threads=threads)
     model_dir = _run_guarded(verbose, False, lambda: write_triton_repository(bundle_dir, repository, options, force))
     click.echo(str(model_dir))

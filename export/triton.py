@@ -1,15 +1,26 @@
-"""A Triton Inference Server model repository for a bundle, with implicit sequence state.
+"""Triton Inference Server model repositories for a bundle: two kinds.
 
-Triton's sequence batcher keeps each sequence's memory inside the server: the
+``onnxruntime`` (the GPU deployment; also ``tensorrt`` later): the bundle's ingest or step
+graph served by Triton's ONNX Runtime backend, with implicit sequence state: the
 ``new_memory`` output of one request becomes the ``memory`` input of the next request of
-the same sequence id, starting from ``memory_init.npy`` (``initial_state.data_file``). A
-client then only streams token segments under one sequence id (``rmt_runtime.triton_client``).
-
-Torch-free: reads a bundle, writes files. Layout written:
+the same sequence id, starting from ``memory_init.npy`` (``initial_state.data_file``).
+Requests are whole segments. Layout written:
 
     REPO/<name>/config.pbtxt
     REPO/<name>/1/model.onnx                    (the bundle's ingest or step graph)
     REPO/<name>/initial_state/memory_init.bin   (float32 [M, D], row-major)
+
+``python`` (CPU nodes): Triton's Python backend runs ``rmt_runtime`` (ONNX Runtime inside the
+server process) and keeps each sequence's memory and partial segment itself, keyed by
+correlation id (the Python backend does not carry implicit state; see
+``rmt_runtime.triton_model``). Requests are chunks of any length. Layout written:
+
+    REPO/<name>/config.pbtxt
+    REPO/<name>/1/model.py                      (imports rmt_runtime.triton_model)
+    REPO/<name>/1/bundle/                       (a copy of the bundle)
+
+Either kind is streamed by ``rmt_runtime.triton_client``. Torch-free: reads a bundle,
+writes files.
 """
 from __future__ import annotations
 
@@ -21,36 +32,82 @@ from pathlib import Path
 
 import numpy as np
 
-from rmt_runtime.bundle import Bundle
+from rmt_runtime.bundle import Bundle, manifest_paths
 from rmt_runtime.spec import BATCH, INGEST, SEQ, STEP, GraphSpec
+from rmt_runtime.triton_model import (BUNDLE_FOLDER, INPUT_IDS, LAST_LOGITS, MEMORY_OUT, RESUME_MEMORY,
+                                      START_MEMORY, TOKENS_SEEN)
 
 from .errors import ExportError
 
 TRITON_TYPES = {"int64": "TYPE_INT64", "float32": "TYPE_FP32", "float16": "TYPE_FP16"}
 INITIAL_STATE_FILE = "memory_init.bin"
+REPOSITORY_KINDS = ("onnxruntime", "python")
+MODEL_PY = '''"""Triton Python-backend model for an rmt-edge bundle (written by rmt-triton --kind python).
+
+The bundle is in bundle/ beside this file; the server's Python environment needs rmt-edge,
+onnxruntime and numpy<2 (for Triton 2.51's Python backend). See docs/SCALING.md.
+"""
+from rmt_runtime.triton_model import TritonPythonModel  # noqa: F401
+'''
 
 
 @dataclass(frozen=True)
 class TritonOptions:
-    """How the model is served."""
+    """How the model is served.
+
+    repository_kind: ``onnxruntime`` (GPU deployment, implicit state, whole segments) or
+    ``python`` (CPU nodes, rmt_runtime inside the server, chunks of any length).
+    instance_kind: KIND_GPU or KIND_CPU; default KIND_GPU for onnxruntime, KIND_CPU for python.
+    max_sequences: live sequences per instance (the sequence batcher's max_candidate_sequences;
+    default 4 x max_batch_size). A sequence beyond it waits in Triton's backlog until one ends.
+    threads: ONNX Runtime intra-op threads per instance (python kind).
+    """
 
     name: str = "rmt"
-    graph: str = INGEST            # ingest: last-token logits per segment; step: every position
+    graph: str = INGEST            # onnxruntime kind: ingest (last-token logits per segment) or step
     max_batch_size: int = 8        # sequences batched into one step
     instances: int = 1
-    kind: str = "KIND_GPU"         # KIND_GPU or KIND_CPU
+    kind: str | None = None        # instance kind: KIND_GPU or KIND_CPU (None: the repository kind's)
     max_sequence_idle_us: int = 60_000_000
     max_queue_delay_us: int = 1000
+    repository_kind: str = "onnxruntime"
+    max_sequences: int | None = None
+    threads: int = 1
+
+    @property
+    def instance_kind(self) -> str:
+        if self.kind is not None:
+            return self.kind
+        return "KIND_CPU" if self.repository_kind == "python" else "KIND_GPU"
+
+    @property
+    def candidate_sequences(self) -> int:
+        return self.max_sequences if self.max_sequences is not None else self.max_batch_size * 4
 
     def check(self) -> None:
         if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
             raise ExportError(f"model name {self.name!r}: use letters, digits, '-', '_' and '.'")
+        if self.repository_kind not in REPOSITORY_KINDS:
+            raise ExportError(f"repository kind must be one of {REPOSITORY_KINDS}, got {self.repository_kind!r}")
         if self.graph not in (INGEST, STEP):
             raise ExportError(f"graph must be {INGEST!r} or {STEP!r}, got {self.graph!r}")
+        if self.repository_kind == "python" and self.graph != INGEST:
+            raise ExportError("the python kind returns last-token logits (the ingest graph); --graph step is for "
+                              "the onnxruntime kind")
         if self.max_batch_size < 1 or self.instances < 1:
             raise ExportError("max_batch_size and instances must be >= 1")
-        if self.kind not in ("KIND_GPU", "KIND_CPU"):
-            raise ExportError(f"kind must be KIND_GPU or KIND_CPU, got {self.kind!r}")
+        if self.candidate_sequences < self.max_batch_size:
+            raise ExportError(f"max_sequences ({self.candidate_sequences}) must be >= max_batch_size "
+                              f"({self.max_batch_size}): a batch holds one request of each of several sequences")
+        if self.threads < 1:
+            raise ExportError(f"threads must be >= 1, got {self.threads}")
+        if self.max_sequence_idle_us < 1 or self.max_queue_delay_us < 0:
+            raise ExportError("max_sequence_idle_us must be >= 1 and max_queue_delay_us >= 0")
+        if self.instance_kind not in ("KIND_GPU", "KIND_CPU"):
+            raise ExportError(f"kind must be KIND_GPU or KIND_CPU, got {self.instance_kind!r}")
+        if self.repository_kind == "python" and self.instance_kind != "KIND_CPU":
+            raise ExportError("the python kind runs ONNX Runtime on the CPU inside the server: use KIND_CPU "
+                              "(the onnxruntime kind is the GPU deployment)")
 
 
 def _dims(spec_dims) -> str:
@@ -59,15 +116,40 @@ def _dims(spec_dims) -> str:
     return "[ " + ", ".join(str(d) for d in dims) + " ]"
 
 
+def _tensor(name: str, data_type: str, dims, extra: str = "") -> str:
+    return f'  {{\n    name: "{name}"\n    data_type: {data_type}\n    dims: {dims}{extra}\n  }}'
+
+
+def _instances_and_parameters(bundle: Bundle, options: TritonOptions) -> list[str]:
+    return [f"instance_group [\n  {{\n    count: {options.instances}\n    kind: {options.instance_kind}\n  }}\n]",
+            f'parameters {{ key: "rmt.repository_kind" value: {{ string_value: "{options.repository_kind}" }} }}',
+            f'parameters {{ key: "rmt.segment_size" value: {{ string_value: "{bundle.segment_size}" }} }}',
+            f'parameters {{ key: "rmt.bundle_identity" value: {{ string_value: "{bundle.identity}" }} }}']
+
+
+def _oldest(options: TritonOptions) -> str:
+    return ("  oldest {\n"
+            f"    max_candidate_sequences: {options.candidate_sequences}\n"
+            f"    preferred_batch_size: [ {options.max_batch_size} ]\n"
+            f"    max_queue_delay_microseconds: {options.max_queue_delay_us}\n"
+            "  }\n")
+
+
 def config_text(bundle: Bundle, options: TritonOptions) -> str:
+    """config.pbtxt of the repository kind ``options.repository_kind``."""
+    if options.repository_kind == "python":
+        return python_config_text(bundle, options)
+    return onnxruntime_config_text(bundle, options)
+
+
+def onnxruntime_config_text(bundle: Bundle, options: TritonOptions) -> str:
     """config.pbtxt for the bundle's graph: I/O from the step spec, memory as implicit state."""
     spec: GraphSpec = bundle.graph_spec(options.graph)
     state_inputs = set(spec.state)
     state_outputs = set(spec.state.values())
     lines = [f'name: "{options.name}"', 'backend: "onnxruntime"', f"max_batch_size: {options.max_batch_size}", ""]
     for section, tensors, hidden in (("input", spec.inputs, state_inputs), ("output", spec.outputs, state_outputs)):
-        entries = [f'  {{\n    name: "{t.name}"\n    data_type: {TRITON_TYPES[t.dtype]}\n    dims: {_dims(t.dims)}\n  }}'
-                   for t in tensors if t.name not in hidden]
+        entries = [_tensor(t.name, TRITON_TYPES[t.dtype], _dims(t.dims)) for t in tensors if t.name not in hidden]
         lines.append(f"{section} [\n" + ",\n".join(entries) + "\n]")
     memory = spec.input("memory")
     states = []
@@ -81,16 +163,64 @@ def config_text(bundle: Bundle, options: TritonOptions) -> str:
     lines.append(
         "sequence_batching {\n"
         f"  max_sequence_idle_microseconds: {options.max_sequence_idle_us}\n"
-        "  oldest {\n"
-        f"    max_candidate_sequences: {options.max_batch_size * 4}\n"
-        f"    preferred_batch_size: [ {options.max_batch_size} ]\n"
-        f"    max_queue_delay_microseconds: {options.max_queue_delay_us}\n"
-        "  }\n"
+        + _oldest(options) +
         "  state [\n" + ",\n".join(states) + "\n  ]\n}")
-    lines.append(f"instance_group [\n  {{\n    count: {options.instances}\n    kind: {options.kind}\n  }}\n]")
-    lines.append(f'parameters {{ key: "rmt.segment_size" value: {{ string_value: "{bundle.segment_size}" }} }}')
-    lines.append(f'parameters {{ key: "rmt.bundle_identity" value: {{ string_value: "{bundle.identity}" }} }}')
+    lines += _instances_and_parameters(bundle, options)
     return "\n".join(lines) + "\n"
+
+
+def _control(name: str, kind: str) -> str:
+    value = ("data_type: TYPE_UINT64" if kind == "CONTROL_SEQUENCE_CORRID" else "int32_false_true: [ 0, 1 ]")
+    return f'    {{\n      name: "{name}"\n      control [ {{ kind: {kind} {value} }} ]\n    }}'
+
+
+def python_config_text(bundle: Bundle, options: TritonOptions) -> str:
+    """config.pbtxt of the python kind: chunks of ids in, last-token logits (and, when asked, the
+    memory) out; control inputs START/END/READY/CORRID; the model keeps the memory."""
+    memory_dims = f"[ {bundle.num_mem_tokens}, {bundle.hidden_size} ]"
+    inputs = [_tensor(INPUT_IDS, "TYPE_INT64", "[ -1 ]", "\n    allow_ragged_batch: true"),
+              _tensor(START_MEMORY, "TYPE_FP32", memory_dims, "\n    optional: true")]
+    outputs = [_tensor(LAST_LOGITS, "TYPE_FP32", f"[ {bundle.vocab_size} ]"),
+               _tensor(MEMORY_OUT, "TYPE_FP32", memory_dims),
+               _tensor(RESUME_MEMORY, "TYPE_FP32", memory_dims),
+               _tensor(TOKENS_SEEN, "TYPE_INT64", "[ 1 ]")]
+    controls = [_control("START", "CONTROL_SEQUENCE_START"), _control("END", "CONTROL_SEQUENCE_END"),
+                _control("READY", "CONTROL_SEQUENCE_READY"), _control("CORRID", "CONTROL_SEQUENCE_CORRID")]
+    lines = [f'name: "{options.name}"', 'backend: "python"', f"max_batch_size: {options.max_batch_size}", "",
+             "input [\n" + ",\n".join(inputs) + "\n]",
+             "output [\n" + ",\n".join(outputs) + "\n]",
+             "sequence_batching {\n"
+             f"  max_sequence_idle_microseconds: {options.max_sequence_idle_us}\n"
+             "  control_input [\n" + ",\n".join(controls) + "\n  ]\n"
+             + _oldest(options) + "}"]
+    lines += _instances_and_parameters(bundle, options)
+    lines.append(f'parameters {{ key: "rmt.threads" value: {{ string_value: "{options.threads}" }} }}')
+    return "\n".join(lines) + "\n"
+
+
+def _check_python_kind(bundle: Bundle) -> None:
+    if bundle.kind != "decoder" or set(bundle.state_pairs) != {"memory"}:
+        raise ExportError(f"the python kind serves decoder bundles whose only state is the RMT memory; {bundle.path} "
+                          f"is a {bundle.kind} with state {sorted(bundle.state_pairs)}")
+
+
+def _fill_onnxruntime(staging: Path, bundle: Bundle, options: TritonOptions) -> None:
+    (staging / "1").mkdir()
+    shutil.copyfile(bundle.graph_path(options.graph), staging / "1" / "model.onnx")
+    (staging / "initial_state").mkdir()
+    memory_init = np.load(bundle.memory_init_path, allow_pickle=False).astype("<f4")
+    (staging / "initial_state" / INITIAL_STATE_FILE).write_bytes(memory_init.tobytes(order="C"))
+
+
+def _fill_python(staging: Path, bundle: Bundle) -> None:
+    (staging / "1").mkdir()
+    (staging / "1" / "model.py").write_text(MODEL_PY)
+    copy = staging / "1" / BUNDLE_FOLDER
+    copy.mkdir()
+    for name in sorted({"manifest.json", *manifest_paths(bundle.manifest)}):
+        (copy / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(bundle.path / name, copy / name)
+    Bundle.load(copy)  # the copy verifies (hashes) as the server will load it
 
 
 def write_triton_repository(bundle_dir: str | os.PathLike, repository: str | os.PathLike,
@@ -102,16 +232,17 @@ def write_triton_repository(bundle_dir: str | os.PathLike, repository: str | os.
     model_dir = repository / options.name
     if model_dir.exists() and not force:
         raise ExportError(f"{model_dir} already exists; pass --force to replace it")
-    if bundle.graph_path(options.graph).with_name(bundle.graph_path(options.graph).name + ".data").exists():
+    if options.repository_kind == "python":
+        _check_python_kind(bundle)
+    elif bundle.graph_path(options.graph).with_name(bundle.graph_path(options.graph).name + ".data").exists():
         raise ExportError("graphs with external weights (.onnx.data) are not supported here yet")
     repository.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{options.name}.partial-", dir=repository))
     try:
-        (staging / "1").mkdir()
-        shutil.copyfile(bundle.graph_path(options.graph), staging / "1" / "model.onnx")
-        (staging / "initial_state").mkdir()
-        memory_init = np.load(bundle.memory_init_path, allow_pickle=False).astype("<f4")
-        (staging / "initial_state" / INITIAL_STATE_FILE).write_bytes(memory_init.tobytes(order="C"))
+        if options.repository_kind == "python":
+            _fill_python(staging, bundle)
+        else:
+            _fill_onnxruntime(staging, bundle, options)
         (staging / "config.pbtxt").write_text(config_text(bundle, options))
         os.chmod(staging, 0o755)
         if model_dir.exists():

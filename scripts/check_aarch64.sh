@@ -103,7 +103,7 @@ flock -n 9 || { say "another check holds $ROOT.lock; waiting"; flock 9; }
 build_wheel() {
   # A copy of the source, as tests/packaging/test_wheel.py does (the build writes build/, egg-info).
   mkdir -p "$TMP/source" "$TMP/dist"
-  tar -C "$REPO" --exclude=./.venv --exclude=./.git --exclude=__pycache__ --exclude='*.egg-info' \
+  tar -C "$REPO" --exclude=./.venv --exclude=./.venv-triton --exclude=./.git --exclude=__pycache__ --exclude='*.egg-info' \
       --exclude=./build --exclude=.pytest_cache --exclude=./out --exclude=./.whl -cf - . | tar -C "$TMP/source" -xf -
   "$DEV_PY" -m build --wheel --no-isolation --outdir "$TMP/dist" "$TMP/source" > "$TMP/build.log" 2>&1 \
     || { tail -n 40 "$TMP/build.log" >&2; return 1; }

@@ -29,6 +29,8 @@ from sybil import Sybil
 from sybil.example import NotEvaluated
 from sybil.parsers.markdown import CodeBlockParser, PythonCodeBlockParser, SkipParser
 
+from rmt_export.triton_server import server_venv
+
 ROOT = Path(__file__).resolve().parents[2]
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LANGUAGES = {"sh", "python", "text"}
@@ -121,6 +123,8 @@ def _make_files(workdir: Path) -> None:
     np.save(workdir / "mask.npy", mask)
     for name in (".venv", "samples", "benchmarks", "scripts"):  # repository-relative commands
         (workdir / name).symlink_to(Path(sys.prefix) if name == ".venv" else ROOT / name)
+    # The Triton server's environment (docs/SCALING.md): the one the tests use.
+    (workdir / ".venv-triton").symlink_to(server_venv() or ROOT / ".venv-triton")
 
 
 def _reference_checkpoint(workdir: Path) -> None:

@@ -52,7 +52,7 @@ def dist(tmp_path_factory, shared_once):
     """(wheel, sdist) built from a copy of the source (the build writes build/ and egg-info)."""
     def build(out):
         source = tmp_path_factory.mktemp("source")
-        ignore = shutil.ignore_patterns(".venv", ".git", "__pycache__", "*.egg-info", "build", ".pytest_cache", "out")
+        ignore = shutil.ignore_patterns(".venv*", ".git", "__pycache__", "*.egg-info", "build", ".pytest_cache", "out")
         shutil.copytree(ROOT, source, dirs_exist_ok=True, ignore=ignore)
         _run(sys.executable, "-m", "build", "--no-isolation", "--outdir", out, source)
     out = shared_once("dist", build)

@@ -1,0 +1,166 @@
+"""The python-kind model's sequence logic, in process (no server): rmt_runtime.triton_model.SequenceTable."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from rmt_runtime import RMTRuntime, RuntimeInputError
+from rmt_runtime.triton_model import (LAST_LOGITS, MEMORY_OUT, RESUME_MEMORY, SequenceRequestError, SequenceTable,
+                                      check_numpy_for_python_backend)
+
+ALL = {LAST_LOGITS, MEMORY_OUT, RESUME_MEMORY}
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def runtime(bundle_factory):
+    _, exported = bundle_factory("gpt2", "fp32")
+    return RMTRuntime.load(exported.path, backend="onnxruntime", provider="cpu", threads=1)
+
+
+def test_chunks_of_many_sequences_run_together_equal_each_sequence_alone(runtime):
+    """Rows of 8 sequences (chunks of random sizes, sequences starting and ending at different
+    calls) batched in each call: every response equals RMTRuntime.run on that sequence's input
+    so far, bit for bit (full segments batched; partial ones batched by equal length)."""
+    table = SequenceTable(runtime, idle_seconds=60)
+    rng = np.random.default_rng(0)
+    vocab = runtime.bundle.vocab_size
+    documents = {i + 1: rng.integers(0, vocab, n) for i, n in enumerate((5, 16, 20, 47, 64, 81, 1, 33))}
+    position = dict.fromkeys(documents, 0)
+    calls = 0
+    while position:
+        requests = []
+        for sid in list(position)[calls % 3:]:  # sequences join the calls at different times
+            ids = documents[sid]
+            end = min(len(ids), position[sid] + int(rng.integers(1, 24)))
+            requests.append(table.check(sid, position[sid] == 0, end == len(ids), ids[position[sid]:end], ALL))
+            position[sid] = end
+        for request, result in zip(requests, table.execute(requests)):
+            ids = documents[request.sequence_id][:position[request.sequence_id]]
+            alone = runtime.run(ids)
+            np.testing.assert_array_equal(result.last_logits, alone.last_logits[0])
+            np.testing.assert_array_equal(result.memory, alone.memory[0])
+            assert result.tokens_seen == len(ids)
+            if request.end:
+                del position[request.sequence_id]
+        calls += 1
+    assert len(table) == 0 and calls > 3
+
+
+def test_resume_memory_is_the_memory_after_the_last_full_segment(runtime):
+    table = SequenceTable(runtime, idle_seconds=60)
+    ids = np.arange(40) % runtime.bundle.vocab_size
+    (result,) = table.execute([table.check(1, True, False, ids, ALL)])
+    np.testing.assert_array_equal(result.resume_memory, runtime.run(ids[:32]).memory[0])
+    np.testing.assert_array_equal(result.memory, runtime.run(ids).memory[0])
+
+
+def test_two_chunks_of_one_sequence_in_one_call_run_in_order(runtime):
+    table = SequenceTable(runtime, idle_seconds=60)
+    ids = np.arange(30) % runtime.bundle.vocab_size
+    first, second = table.execute([table.check(4, True, False, ids[:10], ALL),
+                                   table.check(4, False, True, ids[10:], ALL)])
+    np.testing.assert_array_equal(first.memory, runtime.run(ids[:10]).memory[0])
+    np.testing.assert_array_equal(second.memory, runtime.run(ids).memory[0])
+    assert 4 not in table
+
+
+@pytest.mark.parametrize("ids, kwargs, message", [
+    (np.array([1, 2], np.int32), {}, "sequence 3: input_ids must be INT64 token ids, got int32"),
+    (np.zeros((2, 3), np.int64), {}, r"must be \[1, n\] \(one chunk per request\), got \[2, 3\]"),
+    (np.zeros((1, 0), np.int64), {}, "input_ids is empty; every request carries at least one token"),
+    (np.array([[1, 999]]), {}, r"token id 999 at row 0, position 1 is outside the vocabulary 0\.\.\d+"),
+    (np.array([1]), {"start": False, "start_memory": np.zeros((4, 32), np.float32)},
+     "start_memory seeds a new sequence; send it only with START"),
+    (np.array([1]), {"start_memory": np.zeros((4, 31), np.float32)},
+     r"start_memory must be FP32 \[4, 32\], got float32 \[4, 31\]"),
+    (np.array([1]), {"start_memory": np.zeros((4, 32), np.float64)}, r"must be FP32 \[4, 32\], got float64"),
+    (np.array([1]), {"start_memory": np.full((4, 32), np.nan, np.float32)}, "start_memory holds NaN or Inf"),
+    (np.array([1]), {"outputs": {LAST_LOGITS, "logits"}}, r"unknown outputs \['logits'\]"),
+])
+def test_bad_requests_are_refused_naming_what_was_wrong(runtime, ids, kwargs, message):
+    table = SequenceTable(runtime, idle_seconds=60)
+    assert runtime.bundle.num_mem_tokens == 4 and runtime.bundle.hidden_size == 32
+    arguments = {"start": True, "outputs": {LAST_LOGITS}, "start_memory": None} | kwargs
+    with pytest.raises(SequenceRequestError, match=message):
+        table.check(3, arguments["start"], False, ids, arguments["outputs"], arguments["start_memory"])
+
+
+def test_a_sequence_the_table_does_not_hold_gets_an_error_not_another_sequences_memory(runtime):
+    table = SequenceTable(runtime, idle_seconds=60)
+    ids = np.arange(20) % runtime.bundle.vocab_size
+    started, unknown = table.execute([table.check(1, True, False, ids, ALL), table.check(2, False, False, ids, ALL)])
+    np.testing.assert_array_equal(started.memory, runtime.run(ids).memory[0])
+    assert isinstance(unknown, SequenceRequestError)
+    assert "sequence 2 has no state in this model instance: it was not started" in str(unknown)
+    assert 1 in table and 2 not in table
+
+
+def test_end_forgets_and_idle_sequences_are_dropped_by_the_clock(runtime):
+    clock = Clock()
+    table = SequenceTable(runtime, idle_seconds=10, clock=clock)
+    ids = np.arange(8)
+    table.execute([table.check(sid, True, False, ids, {LAST_LOGITS}) for sid in (1, 2, 3)])
+    table.execute([table.check(3, False, True, ids, {LAST_LOGITS})])
+    assert len(table) == 2 and 3 not in table
+    clock.now = 6.0
+    table.execute([table.check(2, False, False, ids, {LAST_LOGITS})])
+    assert table.seconds_to_next_expiry() == pytest.approx(4.0)
+    clock.now = 10.5
+    assert table.drop_idle() == [1] and len(table) == 1
+    clock.now = 16.5
+    assert table.drop_idle() == [2] and len(table) == 0
+    (refused,) = table.execute([table.check(1, False, False, ids, {LAST_LOGITS})])
+    assert isinstance(refused, SequenceRequestError) and "idle longer than max_sequence_idle_microseconds (10 s)" \
+        in str(refused)
+
+
+class FailsOnce:
+    """A runtime whose next feed fails (a backend error in the middle of a batch)."""
+
+    def __init__(self, runtime):
+        self.runtime, self.failed = runtime, False
+
+    def __getattr__(self, name):
+        return getattr(self.runtime, name)
+
+    def feed(self, *args, **kwargs):
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("the backend failed")
+        return self.runtime.feed(*args, **kwargs)
+
+
+def test_a_failing_batch_gives_every_row_the_error_and_leaves_every_state_as_it_was(runtime):
+    failing = FailsOnce(runtime)
+    table = SequenceTable(failing, idle_seconds=60)
+    ids = np.arange(40) % runtime.bundle.vocab_size
+    failing.failed = True
+    table.execute([table.check(1, True, False, ids[:10], ALL), table.check(2, True, False, ids[:25], ALL)])
+    failing.failed = False
+    errors = table.execute([table.check(1, False, False, ids[10:30], ALL), table.check(2, False, True, ids[25:], ALL)])
+    assert [str(e) for e in errors] == ["the backend failed"] * 2
+    assert 1 in table and 2 not in table  # END forgets the sequence even when its request failed
+    (retried,) = table.execute([table.check(1, False, True, ids[10:], ALL)])
+    np.testing.assert_array_equal(retried.memory, runtime.run(ids).memory[0])
+
+
+def test_only_decoder_bundles_with_the_rmt_memory_are_served():
+    encoder = SimpleNamespace(kind="encoder", state_pairs={"memory": "new_memory"})
+    with pytest.raises(RuntimeInputError, match="serves decoder bundles with the RMT memory as their only state"):
+        SequenceTable(encoder, idle_seconds=1)
+
+
+def test_numpy_2_is_refused_in_the_server_unless_allowed():
+    with pytest.raises(RuntimeError, match=r"numpy 2\.1\.0 .*sends empty output tensors under numpy 2; install "
+                                           r"numpy<2"):
+        check_numpy_for_python_backend("2.1.0", allowed=False)
+    check_numpy_for_python_backend("2.1.0", allowed=True)
+    check_numpy_for_python_backend("1.26.4", allowed=False)

@@ -8,12 +8,68 @@ from typing import Any, Literal
 
 from .errors import ConfigError
 
-Kind = Literal["decoder", "encoder"]
-KINDS = ("decoder", "encoder")
+Kind = Literal["decoder", "encoder", "armt"]
+KINDS = ("decoder", "encoder", "armt")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 
 # Special tokens around an encoder segment: [CLS] mem.. [SEP] tokens.. [SEP].
 ENCODER_SPECIAL_SLOTS = 3
+
+# The two revisions of the ARMT reference code whose numbers rmt_model reproduces (docs/ARMT.md).
+# "normalized": DPFP features L2-normalised, gamma = 1 - den / ||k||^2 (experimental branch
+# from 4587ca0, 2024-08-28, and the later single-file Hugging Face version);
+# "unnormalized": raw DPFP features, gamma = 1 - den / (||k||^2 + 1e-5) (the default branch
+# framework_accel, modeling_amt/language_modeling.py as of 98ea91b, 2024-06-17).
+ARMT_VERSIONS = ("normalized", "unnormalized")
+
+
+@dataclass(frozen=True)
+class ARMTSettings:
+    """The associative memory of an ARMT (kind="armt"): per layer a matrix W_mem and a
+    normaliser z per head, written from the M memory tokens at the end of each segment.
+
+    d_mem: width of the key/query projections (split over ``heads``); each head's DPFP
+    features are 6 * d_mem / heads wide. use_sink: a learned token in front of each segment.
+    correction: the reference's gamma ("new information") coefficient on z.
+    version: which reference revision's arithmetic (ARMT_VERSIONS).
+    """
+
+    d_mem: int = 64
+    heads: int = 1
+    use_sink: bool = False
+    correction: bool = True
+    version: str = "normalized"
+
+    def validate(self, hidden_size: int) -> None:
+        if not isinstance(self.d_mem, int) or isinstance(self.d_mem, bool) or self.d_mem < 1:
+            raise ConfigError(f"armt.d_mem must be an integer >= 1, got {self.d_mem!r}")
+        if not isinstance(self.heads, int) or isinstance(self.heads, bool) or self.heads < 1:
+            raise ConfigError(f"armt.heads must be an integer >= 1, got {self.heads!r}")
+        if self.d_mem % self.heads or hidden_size % self.heads:
+            raise ConfigError(f"armt.heads {self.heads} must divide both d_mem {self.d_mem} and the "
+                              f"hidden size {hidden_size}")
+        for name in ("use_sink", "correction"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"armt.{name} must be true or false, got {getattr(self, name)!r}")
+        if self.version not in ARMT_VERSIONS:
+            raise ConfigError(f"armt.version must be one of {ARMT_VERSIONS}, got {self.version!r}")
+
+    @property
+    def features(self) -> int:
+        """Per-head DPFP feature width: 2 * nu * d_mem / heads with nu = 3."""
+        return 6 * self.d_mem // self.heads
+
+    @classmethod
+    def from_value(cls, value: "ARMTSettings | dict[str, Any]") -> "ARMTSettings":
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"armt settings must be a dict, got {type(value).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ConfigError(f"unknown armt setting(s) {unknown}; expected only {sorted(known)}")
+        return cls(**value)
 
 
 @dataclass(frozen=True)
@@ -36,8 +92,14 @@ class RMTConfig:
     sep_token_id: int | None = None
     pad_token_id: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # kind="armt" only: the associative memory's settings (defaults when left out).
+    armt: ARMTSettings | None = None
 
     def __post_init__(self) -> None:
+        if self.kind == "armt" and self.armt is None:
+            object.__setattr__(self, "armt", ARMTSettings())
+        elif self.armt is not None:
+            object.__setattr__(self, "armt", ARMTSettings.from_value(self.armt))
         if isinstance(self.backbone, dict):
             # Normalise through JSON (int dict keys become strings) so that a config equals
             # itself after a checkpoint round trip.
@@ -77,6 +139,8 @@ class RMTConfig:
         """Positions one full segment occupies in the backbone, memory slots included."""
         if self.kind == "decoder":
             return self.segment_size + 2 * self.num_mem_tokens
+        if self.kind == "armt":  # [sink?, tokens, mem]
+            return self.segment_size + self.num_mem_tokens + int(self.armt.use_sink)
         return self.segment_size + self.num_mem_tokens + ENCODER_SPECIAL_SLOTS
 
     @property
@@ -107,10 +171,17 @@ class RMTConfig:
                 raise ConfigError(f"an encoder RMT needs {', '.join(missing)} "
                                   "(the ids framing each segment: [CLS] mem [SEP] tokens [SEP] pad)")
         self.hidden_size  # noqa: B018 - raises when the backbone names no width
+        if self.armt is not None:
+            if self.kind != "armt":
+                raise ConfigError(f"armt settings belong to kind='armt', not kind={self.kind!r}")
+            self.armt.validate(self.hidden_size)
         limit = self.max_positions
         if limit is not None and self.positions_needed > limit:
             if self.kind == "decoder":
                 layout = f"segment_size {self.segment_size} + 2 x {self.num_mem_tokens} memory tokens"
+            elif self.kind == "armt":
+                layout = (f"segment_size {self.segment_size} + {self.num_mem_tokens} memory tokens"
+                          + (" + 1 sink" if self.armt.use_sink else ""))
             else:
                 layout = (f"segment_size {self.segment_size} + {self.num_mem_tokens} memory tokens "
                           f"+ {ENCODER_SPECIAL_SLOTS} special tokens")
@@ -121,7 +192,10 @@ class RMTConfig:
     # ---- serialisation -----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict; ``from_dict`` rebuilds the same config."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        data = json.loads(json.dumps(dataclasses.asdict(self)))
+        if data.get("armt") is None:
+            data.pop("armt", None)  # RMT configs serialise as they always have
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RMTConfig":

@@ -57,6 +57,11 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.reshape(batch, length, heads, width // heads).transpose(1, 2)
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """x in float32, or float64 if it already is: the memory never computes below float32."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Causal + padding mask over [B, P] as the additive [B, 1, P, P] the backbone adds to scores."""
     positions = mask.shape[1]
@@ -118,8 +123,8 @@ class AssociativeLayer(nn.Module):
         self.W_mb = nn.Linear(hidden_size, settings.heads)
 
     def features(self, x: torch.Tensor, projection: nn.Linear) -> torch.Tensor:
-        """[B, T, D] -> phi of the projection per head, float32: [B, H, T, F]."""
-        phi = dpfp(_heads(projection(x).float(), self.settings.heads))
+        """[B, T, D] -> phi of the projection per head, at least float32: [B, H, T, F]."""
+        phi = dpfp(_heads(_wide(projection(x)), self.settings.heads))
         if self.settings.version == "normalized":
             phi = F.normalize(phi, p=2.0, dim=-1)
         return phi
@@ -137,8 +142,8 @@ class AssociativeLayer(nn.Module):
         """The memory tokens' block outputs [B, M, D] -> the new (W_mem, z)."""
         heads = self.settings.heads
         k = self.features(mem, self.W_mk)                                      # [B, H, M, F]
-        v = _heads(self.W_mv(mem).float(), heads)                              # [B, H, M, D/H]
-        beta = torch.sigmoid(self.W_mb(mem).float()).transpose(1, 2).unsqueeze(-1)  # [B, H, M, 1]
+        v = _heads(_wide(self.W_mv(mem)), heads)                              # [B, H, M, D/H]
+        beta = torch.sigmoid(_wide(self.W_mb(mem))).transpose(1, 2).unsqueeze(-1)  # [B, H, M, 1]
         den = torch.einsum("bhf,bhmf->bhm", z, k).unsqueeze(-1) + EPS          # [B, H, M, 1]
         v_prev = torch.einsum("bhmf,bhfd->bhmd", k, w_mem) / den
         if self.settings.correction:
@@ -159,6 +164,8 @@ class AssociativeLayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         io = self.io
+        if io.state_in is None:  # the backbone called on its own: the plain block
+            return self.layer(hidden_states, *args, **kwargs)
         w_mem, z = io.state_in[self.index]
         hidden_states = hidden_states + self.read(hidden_states, w_mem, z)
         out = self.layer(hidden_states, *args, **kwargs)
@@ -241,6 +248,13 @@ class ARMTDecoder(nn.Module):
             if tuple(state[name].shape) != shape:
                 raise ValueError(f"ARMT state {name} has shape {tuple(state[name].shape)}, expected {shape}")
 
+    def _state_in(self, state: dict[str, torch.Tensor], dtype: torch.dtype
+                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (W_mem, z) in the memory's compute dtype (float32; float64 for a float64 model)."""
+        wide = torch.promote_types(dtype, torch.float32)
+        return [(state[f"W_mem.{layer}"].to(wide), state[f"z.{layer}"].to(wide))
+                for layer in range(self.num_layers)]
+
     # ---- one segment ----------------------------------------------------------------------
     def _run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
              state: dict[str, torch.Tensor], write: bool, **backbone_kwargs):
@@ -261,8 +275,7 @@ class ARMTDecoder(nn.Module):
         full_mask = torch.cat([ones.expand(-1, sink), attention_mask, ones.expand(-1, m)], dim=1)
         positions = armt_positions(attention_mask, sink, m)
         io = self._io
-        io.state_in = [(state[f"W_mem.{layer}"].float(), state[f"z.{layer}"].float())
-                       for layer in range(self.num_layers)]
+        io.state_in = self._state_in(state, embeds.dtype)
         io.write = write
         io.has_tokens = attention_mask.sum(dim=1) > 0
         try:
@@ -355,8 +368,7 @@ class ARMTDecoder(nn.Module):
             if len(generated) == max_new_tokens:
                 break
             io = self._io
-            io.state_in = [(state[f"W_mem.{layer}"].float(), state[f"z.{layer}"].float())
-                           for layer in range(self.num_layers)]
+            io.state_in = self._state_in(state, self.memory.dtype)
             try:
                 out = self.model(input_ids=token, position_ids=torch.tensor([[position]]),
                                  attention_mask=torch.ones(1, position + 1, dtype=torch.long),

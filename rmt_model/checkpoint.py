@@ -16,7 +16,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from .config import RMTConfig
+from .armt import ARMTDecoder, build_armt_model
+from .config import ARMTSettings, RMTConfig
 from .errors import CheckpointError, ConfigError
 from .model import RMTBase, build_model
 
@@ -127,12 +128,12 @@ def load_checkpoint(path: str | os.PathLike) -> RMTBase:
     state_dict = payload.get("state_dict")
     if not isinstance(state_dict, dict):
         raise CheckpointError(f"{path}: checkpoint has no state_dict")
-    model = build_model(config)
+    model = build_armt_model(config) if config.kind == "armt" else build_model(config)
     _load_strict(model, state_dict, str(path))
     return model
 
 
-def _load_strict(model: RMTBase, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+def _load_strict(model: RMTBase | ARMTDecoder, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
     """Load every weight, refusing missing, unexpected or mis-shaped keys by name."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
@@ -303,4 +304,163 @@ def _reference_to_native(raw: Mapping[str, torch.Tensor], kind: str,
                      "model.gpt_neox.embed_in.weight"):
             if tied in out and "model.lm_head.weight" not in out:
                 out["model.lm_head.weight"] = out[tied]
+    return out
+
+
+# ---- ARMT: the reference code's AssociativeRecurrentWrapper state dicts ------------------------
+# Hugging Face-format ARMT checkpoints (ARMTForCausalLM) hold the wrapper under this prefix.
+_ARMT_HF_PREFIX = "armt."
+# The ARMT HF config.json fields that map onto ARMTSettings / RMTConfig.
+_ARMT_HF_FIELDS = {"d_mem": "d_mem", "n_heads": "heads", "use_sink": "use_sink", "correction": "correction"}
+# Reference options whose arithmetic rmt_model does not implement (name, value it must have).
+_ARMT_UNSUPPORTED = (("wrap_pos", False), ("use_denom", True), ("gating", False),
+                     ("sliding_window", False), ("attend_to_previous_input", False))
+
+
+def import_armt_checkpoint(state_dict_path: str | os.PathLike, config_path: str | os.PathLike, *,
+                           segment_size: int | None = None, version: str = "normalized",
+                           correction: bool | None = None, lora_alpha: float | None = None,
+                           note: Callable[[str], None] | None = None) -> ARMTDecoder:
+    """Load a state dict saved by the reference ARMT code (any layout ``read_state_dict`` reads).
+
+    Keys: ``memory_cell.memory``, optional ``memory_cell.sink``, the wrapped blocks'
+    ``memory_cell.model.<layers>.{i}.W_mq/W_mk/W_mv/W_mb.*`` and ``...{i}.layer.*``, the rest
+    of the backbone under ``memory_cell.model.*``; a Hugging Face-format ARMT adds the prefix
+    ``armt.``; older classes' ``memory_cell.layers.*`` duplicates are dropped; PEFT LoRA
+    adapters (``lora_A``/``lora_B``) are merged into their base weights with scale
+    ``lora_alpha / r`` (r read off lora_A).
+
+    ``config_path``: the base model's config.json, or an ARMT config.json (model_type "armt"
+    with ``base_model_config``), whose d_mem, n_heads, use_sink, correction, num_mem_tokens and
+    segment_size are then used. M, d_mem, heads and the sink are read off the tensors (and
+    checked against such a config); ``version`` cannot be and must be told (docs/ARMT.md).
+    """
+    raw, source = read_state_dict(state_dict_path)
+    converted = sorted({str(v.dtype).replace("torch.", "") for v in raw.values()
+                        if v.is_floating_point() and v.dtype != torch.float32})
+    state_dict, dropped, merged = _armt_reference_to_native(raw, lora_alpha, source)
+    if note is not None:
+        note(f"{len(raw)} tensors from {source}"
+             + (f"; dropped {dropped} duplicate memory_cell.layers.* tensors" if dropped else "")
+             + (f"; merged {merged} LoRA adapters (scale lora_alpha / r)" if merged else "")
+             + (f"; {'/'.join(converted)} weights converted to float32" if converted else ""))
+    backbone, declared = _read_armt_config(config_path)
+    geometry = _armt_geometry(state_dict, backbone, source)
+    for key, value in declared.items():
+        if key in geometry and geometry[key] != value:
+            raise CheckpointError(f"{config_path}: says {key}={value!r} but {source} holds "
+                                  f"{key}={geometry[key]!r}")
+    if segment_size is None:
+        segment_size = declared.get("segment_size")
+    if segment_size is None:
+        raise CheckpointError(f"{state_dict_path}: segment_size is not in {config_path}; pass it")
+    if correction is None:
+        correction = declared.get("correction", True)
+    try:
+        settings = ARMTSettings(d_mem=geometry["d_mem"], heads=geometry["heads"],
+                                use_sink=geometry["use_sink"], correction=correction, version=version)
+        config = RMTConfig(kind="armt", backbone=backbone, num_mem_tokens=geometry["num_mem_tokens"],
+                           segment_size=segment_size, armt=settings)
+        model = build_armt_model(config)
+    except (ConfigError, TypeError) as exc:
+        raise CheckpointError(f"{state_dict_path}: {exc}") from None
+    keys = set(model.state_dict())
+    if "model.lm_head.weight" in keys and "model.lm_head.weight" not in state_dict:
+        for tied in ("model.transformer.wte.weight", "model.model.embed_tokens.weight"):
+            if tied in state_dict:
+                state_dict["model.lm_head.weight"] = state_dict[tied]
+                break
+    _load_strict(model, state_dict, source)
+    return model
+
+
+def _read_armt_config(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(backbone config dict, what an ARMT config.json declares) from a base or ARMT config.json."""
+    data = _read_backbone_config(path)
+    if data["model_type"] != "armt":
+        return data, {}
+    base = data.get("base_model_config")
+    if not isinstance(base, dict) or "model_type" not in base:
+        raise CheckpointError(f"{path}: an ARMT config.json needs base_model_config as a dict with a "
+                              "'model_type'; pass the base model's own config.json instead")
+    for name, value in _ARMT_UNSUPPORTED:
+        if name in data and data[name] != value:
+            raise CheckpointError(f"{path}: {name}={data[name]!r} is not supported (rmt_model implements "
+                                  f"{name}={value!r} only; docs/ARMT.md)")
+    declared = {ours: data[theirs] for theirs, ours in _ARMT_HF_FIELDS.items() if theirs in data}
+    for name in ("num_mem_tokens", "segment_size"):
+        if name in data:
+            declared[name] = data[name]
+    return base, declared
+
+
+def _armt_geometry(state_dict: Mapping[str, torch.Tensor], backbone: dict[str, Any],
+                   source: str) -> dict[str, Any]:
+    """num_mem_tokens, d_mem, heads and use_sink as the tensors say."""
+    memory = state_dict.get("memory")
+    w_mq = next((v for k, v in state_dict.items() if k.endswith(".W_mq.weight")), None)
+    w_mb = next((v for k, v in state_dict.items() if k.endswith(".W_mb.weight")), None)
+    if memory is None or w_mq is None or w_mb is None:
+        raise CheckpointError(f"{source}: not an ARMT state dict (expected memory_cell.memory and "
+                              "per-layer W_mq/W_mb weights)")
+    return {"num_mem_tokens": int(memory.shape[0]), "d_mem": int(w_mq.shape[0]),
+            "heads": int(w_mb.shape[0]), "use_sink": "sink" in state_dict}
+
+
+def _armt_reference_to_native(raw: Mapping[str, torch.Tensor], lora_alpha: float | None,
+                              source: str) -> tuple[dict[str, torch.Tensor], int, int]:
+    """Rename reference ARMT keys to ARMTDecoder's; (state dict, duplicates dropped, LoRA merged)."""
+    renamed: dict[str, torch.Tensor] = {}
+    dropped = 0
+    for key, value in raw.items():
+        name = key[len(_ARMT_HF_PREFIX):] if key.startswith(_ARMT_HF_PREFIX) else key
+        if name.startswith("memory_cell.layers."):
+            dropped += 1
+            continue
+        if name in ("memory_cell.memory", "memory_cell.sink"):
+            renamed[name[len("memory_cell."):]] = value
+            continue
+        if name.startswith("memory_cell.model."):
+            name = name[len("memory_cell."):].replace(".base_model.model.", ".", 1)
+            if name.endswith(_LEGACY_BUFFER_SUFFIXES):
+                continue
+        renamed[name] = value  # anything else is reported as unexpected by the strict load
+    adapters = len(_lora_pairs(renamed))
+    return _merge_lora(renamed, lora_alpha, source), dropped, adapters
+
+
+def _lora_pairs(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, str]]:
+    """module prefix -> (lora_A key, lora_B key) for every PEFT adapter in the state dict."""
+    pairs: dict[str, tuple[str, str]] = {}
+    for key in state_dict:
+        if ".lora_A." in key:
+            prefix, _, rest = key.partition(".lora_A.")
+            other = f"{prefix}.lora_B.{rest}"
+            pairs[prefix] = (key, other)
+    return pairs
+
+
+def _merge_lora(state_dict: dict[str, torch.Tensor], lora_alpha: float | None,
+                source: str) -> dict[str, torch.Tensor]:
+    """W = W_base + (lora_alpha / r) B A for each adapter; the adapter keys removed."""
+    pairs = _lora_pairs(state_dict)
+    if not pairs:
+        return state_dict
+    if lora_alpha is None:
+        raise CheckpointError(f"{source}: holds {len(pairs)} LoRA adapters (e.g. {next(iter(pairs))}); "
+                              "pass lora_alpha (from the adapter's config) to merge them")
+    out = dict(state_dict)
+    for prefix, (a_key, b_key) in pairs.items():
+        if b_key not in out:
+            raise CheckpointError(f"{source}: {a_key} has no matching {b_key}")
+        base_key = next((k for k in (f"{prefix}.base_layer.weight", f"{prefix}.weight") if k in out), None)
+        if base_key is None:
+            raise CheckpointError(f"{source}: LoRA adapter {a_key} has no base weight "
+                                  f"({prefix}.base_layer.weight or {prefix}.weight)")
+        lora_a, lora_b = out.pop(a_key).float(), out.pop(b_key).float()
+        scale = float(lora_alpha) / lora_a.shape[0]
+        out[f"{prefix}.weight"] = out.pop(base_key).float() + scale * (lora_b @ lora_a)
+        bias_key = f"{prefix}.base_layer.bias"
+        if bias_key in out:
+            out[f"{prefix}.bias"] = out.pop(bias_key)
     return out

@@ -150,7 +150,7 @@ class AssociativeLayer(nn.Module):
             norm2 = torch.linalg.norm(k, dim=-1, keepdim=True) ** 2
             if self.settings.version == "unnormalized":
                 norm2 = norm2 + EPS
-            gamma = torch.clip(1 - den / norm2, 0, 1)
+            gamma = torch.clip(1 - den / norm2, 0, 1).detach()  # as the reference: no gradient
         else:
             gamma = torch.ones_like(den)
         # A layer that has never written (z all zero) writes as the reference's first segment:

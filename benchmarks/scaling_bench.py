@@ -204,7 +204,7 @@ def main() -> None:
             break
     result = {"model": args.model, "threads": threads, "bundle": bundle, "rows": rows}
     (args.out / f"scaling-{args.model}.json").write_text(json.dumps(result, indent=2))
-    print(f"| model | kind | tokens | seconds | µs/token | peak RSS MB | RSS growth MB |\n|---|---|---|---|---|---|---|")
+    print("| model | kind | tokens | seconds | µs/token | peak RSS MB | RSS growth MB |\n|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             print(f"| {args.model} | {r['kind']} | {r['length']:,} | {r['error']} | | | |")

@@ -22,12 +22,13 @@ from typing import Any, Callable
 import numpy as np
 
 from rmt_model import CheckpointError, ConfigError, RMTBase, import_reference_checkpoint, load_checkpoint
+from rmt_model.step import model_in_precision
 from rmt_runtime.bundle import (MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, MEMORY_INIT_NAME, PRECISIONS, not_a_bundle,
                                 write_manifest)
 from rmt_runtime.spec import SPEC_VERSION, step_specs
 
 from .errors import ExportError, ValidationError
-from .graphs import DEFAULT_OPSET, SUPPORTED_OPSETS, export_generation_graphs, export_graph, model_in_precision
+from .graphs import DEFAULT_OPSET, SUPPORTED_OPSETS, export_generation_graphs, export_graph
 from .memory import GiB, estimate_export_memory, memory_for_export
 from .validate import ValidationPlan, validate_generation, validate_graphs
 

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from rmt_model import RMTBase, RMTDecoder
-from rmt_model.step import PRECISION_DTYPES, StepModule, model_in_precision
+from rmt_model.step import PRECISION_DTYPES, StepModule
 from rmt_runtime.spec import (DECODE, INGEST, PREFILL, SPEC_VERSION, CacheLayer, GraphSpec, cache_names,
                               generation_specs)
 

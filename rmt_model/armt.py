@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from .backbone import backbone_config
 from .config import ARMTSettings, RMTConfig
 from .errors import ConfigError
-from .model import is_right_padded
+from .model import is_right_padded, next_token_loss, run_segments
 
 # Where each supported family keeps its list of blocks (the reference's ``layers_attr``).
 LAYER_PATHS = {"gpt2": "transformer.h", "llama": "model.layers"}
@@ -316,19 +316,9 @@ class ARMTDecoder(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         if state is None:
             state = self.initial_state(input_ids.shape[0])
-        all_logits = []
-        for index, start in enumerate(range(0, input_ids.shape[1], self.segment_size)):
-            end = start + self.segment_size
-            logits, state = self.step(input_ids[:, start:end], attention_mask[:, start:end], state)
-            all_logits.append(logits)
-            if bptt_depth is not None and (index + 1) % bptt_depth == 0:
-                state = {k: v.detach() for k, v in state.items()}
-        logits = torch.cat(all_logits, dim=1)
-        loss = None
-        if labels is not None:
-            targets = labels[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                   targets.reshape(-1), ignore_index=-100)
+        logits, state = run_segments(self.step, input_ids, attention_mask, state, self.segment_size, bptt_depth,
+                                     lambda s: {k: v.detach() for k, v in s.items()})
+        loss = None if labels is None else next_token_loss(logits, labels, attention_mask)
         return ARMTOutput(logits=logits, state=state, loss=loss)
 
     # ---- generation -------------------------------------------------------------------------

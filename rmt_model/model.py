@@ -13,6 +13,7 @@ never while tracing.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -119,6 +120,29 @@ def segment_positions(attention_mask: torch.Tensor, num_mem_tokens: int, write_s
     if not torch.compiler.is_compiling() and not bool(is_right_padded(attention_mask)):
         return cumsum_positions(attention_mask, num_mem_tokens, write_slots)
     return right_padded_positions(attention_mask, num_mem_tokens, write_slots)
+
+
+def run_segments(step: Callable, input_ids: torch.Tensor, attention_mask: torch.Tensor, state: Any,
+                 segment_size: int, bptt_depth: int | None, detach: Callable[[Any], Any]) -> tuple[torch.Tensor, Any]:
+    """The decoder segment loop (RMT and ARMT): left-aligned segments, each ``step(ids, mask,
+    state) -> (logits, state)``; logits concatenated over the segments. Truncated backprop
+    through time: ``detach(state)`` after every ``bptt_depth`` segments (None: never)."""
+    all_logits = []
+    for index, start in enumerate(range(0, input_ids.shape[1], segment_size)):
+        end = start + segment_size
+        logits, state = step(input_ids[:, start:end], attention_mask[:, start:end], state)
+        all_logits.append(logits)
+        if bptt_depth is not None and (index + 1) % bptt_depth == 0:
+            state = detach(state)
+    return torch.cat(all_logits, dim=1), state
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of next-token targets as the reference takes them (shifted inside);
+    positions whose attention_mask is 0, or label -100, do not count."""
+    targets = labels[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                           ignore_index=-100)
 
 
 class RMTBase(nn.Module):
@@ -256,18 +280,9 @@ class RMTDecoder(RMTBase):
         attention_mask = _check_ids(input_ids, attention_mask)
         if memory is None:
             memory = self.initial_memory(input_ids.shape[0])
-        all_logits = []
-        for index, start in enumerate(range(0, input_ids.shape[1], self.segment_size)):
-            end = start + self.segment_size
-            logits, memory = self.step(input_ids[:, start:end], attention_mask[:, start:end], memory)
-            all_logits.append(logits)
-            memory = self._detach_every(memory, index, bptt_depth)
-        logits = torch.cat(all_logits, dim=1)
-        loss = None
-        if labels is not None:
-            targets = labels[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                   targets.reshape(-1), ignore_index=-100)
+        logits, memory = run_segments(self.step, input_ids, attention_mask, memory, self.segment_size, bptt_depth,
+                                      torch.Tensor.detach)
+        loss = None if labels is None else next_token_loss(logits, labels, attention_mask)
         return RMTOutput(logits=logits, memory=memory, loss=loss)
 
 

@@ -11,7 +11,7 @@ ingest: the same inputs -> last_logits [batch, vocab] (each row's last real toke
         head on that one position only, as the RMT's ingest), new_W_mem.0, new_z.0, ...
 
 The state is float32 in every precision (the ARMT computes its memory in float32 even when
-the backbone is fp16); tracing reuses export/graphs.py's ``_trace_and_save``.
+the backbone is fp16); tracing reuses export/graphs.py's ``trace_and_save``.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from rmt_model.step import PRECISION_DTYPES
 from rmt_runtime.spec import BATCH, INGEST, SEQ, STEP, GraphSpec, TensorSpec
 
 from .errors import ExportError
-from .graphs import DEFAULT_OPSET, _trace_and_save
+from .graphs import DEFAULT_OPSET, trace_and_save
 
 NEW = "new_"  # a state input's output is its name with this prefix
 
@@ -116,5 +116,5 @@ def export_armt_graph(model: ARMTDecoder, spec: GraphSpec, precision: str, path:
     geometry = {"rmt.kind": "armt", "rmt.family": model.config.family,
                 "rmt.segment_size": str(model.config.segment_size),
                 "rmt.num_mem_tokens": str(model.config.num_mem_tokens)}
-    return _trace_and_save(module, model, example, dynamic_shapes, spec, precision, opset, path,
+    return trace_and_save(module, model, example, dynamic_shapes, spec, precision, opset, path,
                            {**geometry, **(metadata or {})})

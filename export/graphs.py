@@ -84,6 +84,10 @@ def _trace_and_save(module: nn.Module, model: RMTBase, example: tuple, dynamic_s
     return path
 
 
+# The tracing step, public for the other graph modules (export/armt_graphs.py).
+trace_and_save = _trace_and_save
+
+
 def quantize_graph(path: Path) -> None:
     """Int8 weights for every MatMul/Gemm with a constant weight, in place (ONNX Runtime's
     dynamic quantization: activations are quantized per call, MatMulInteger on the CPU's

@@ -9,7 +9,6 @@ and a short last one whose second row is right-padded.
 import copy
 import time
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest

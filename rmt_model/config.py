@@ -23,6 +23,16 @@ ENCODER_SPECIAL_SLOTS = 3
 ARMT_VERSIONS = ("normalized", "unnormalized")
 
 
+def _check_fields(cls, data: Any, what: str, fields: str) -> None:
+    """``data`` is a dict holding only fields of dataclass ``cls``; else a ConfigError naming them."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} must be a dict, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown {fields} {unknown}; expected only {sorted(known)}")
+
+
 @dataclass(frozen=True)
 class ARMTSettings:
     """The associative memory of an ARMT (kind="armt"): per layer a matrix W_mem and a
@@ -63,12 +73,7 @@ class ARMTSettings:
     def from_value(cls, value: "ARMTSettings | dict[str, Any]") -> "ARMTSettings":
         if isinstance(value, cls):
             return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"armt settings must be a dict, got {type(value).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ConfigError(f"unknown armt setting(s) {unknown}; expected only {sorted(known)}")
+        _check_fields(cls, value, "armt settings", "armt setting(s)")
         return cls(**value)
 
 
@@ -200,12 +205,7 @@ class RMTConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RMTConfig":
         """Rebuild a config from ``to_dict``'s output; unknown keys are an error."""
-        if not isinstance(data, dict):
-            raise ConfigError(f"an RMT config must be a dict, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown RMT config field(s) {unknown}; expected only {sorted(known)}")
+        _check_fields(cls, data, "an RMT config", "RMT config field(s)")
         missing = sorted(name for name in ("kind", "backbone", "num_mem_tokens", "segment_size")
                          if name not in data)
         if missing:

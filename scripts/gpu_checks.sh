@@ -51,7 +51,7 @@ fi
 
 # RMT_REQUIRE_GPU=1: a GPU test whose provider, TensorRT, cuda-python, GPU or bundles are missing
 # fails instead of skipping (tests/gpu/conftest.py), so a run that tested nothing cannot pass.
-# --confcutdir: the suite's tests/conftest.py imports torch, which tests/gpu does not need.
+# --confcutdir: tests/gpu needs only its own conftest (the suite's needs the dev packages, e.g. filelock).
 RMT_REQUIRE_GPU=1 RMT_GPU_BUNDLES="$bundles" PYTHONUNBUFFERED=1 "$py" -m pytest -m gpu tests/gpu \
   --confcutdir=tests/gpu -v -rs --junitxml="$report/gpu-junit.xml" 2>&1 | tee "$report/gpu-pytest.log"
 status=${PIPESTATUS[0]}

@@ -3,18 +3,17 @@
 Exporting (tracing with dynamo) is what the suite spends its time on, so each bundle is
 exported once per test run: under pytest-xdist the workers share one on-disk cache, and a
 file lock makes the first worker that needs a bundle export it while the others wait.
+
+torch and the export stack are imported by the fixtures that use them, not here: the GPU
+tests (tests/gpu) run on a Jetson without torch from pre-exported bundles, and pytest loads
+this file for them too.
 """
 import os
 import shutil
 
 import pytest
-import torch
 from filelock import FileLock
 
-from rmt_export.exporter import ExportOptions, ExportResult, export_model
-from rmt_export.validate import ValidationPlan
-from rmt_model import build_model, save_checkpoint
-from rmt_model.tiny import tiny_config
 from rmt_runtime import Bundle
 
 
@@ -22,6 +21,10 @@ def pytest_configure(config):
     """Under pytest-xdist every core already runs a worker: one torch thread per worker, so
     workers do not oversubscribe the cores (tiny models gain nothing from a second thread)."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
+        try:
+            import torch
+        except ImportError:  # the GPU tests on a Jetson: nothing to limit
+            return
         torch.set_num_threads(1)
 
 
@@ -29,6 +32,11 @@ def pytest_configure(config):
 def make_model():
     """Build a tiny seeded RMT of a family: make_model('llama', num_mem_tokens=2, ...)."""
     def make(family: str = "gpt2", seed: int = 0, **overrides):
+        import torch
+
+        from rmt_model import build_model
+        from rmt_model.tiny import tiny_config
+
         torch.manual_seed(seed)
         return build_model(tiny_config(family, **overrides))
     return make
@@ -66,6 +74,11 @@ def shared_once(shared_dir):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(shared_once):
     """A saved tiny GPT-2 RMT checkpoint and the model it holds."""
+    import torch
+
+    from rmt_model import build_model, save_checkpoint
+    from rmt_model.tiny import tiny_config
+
     torch.manual_seed(0)
     model = build_model(tiny_config("gpt2", num_mem_tokens=4, segment_size=16))
     return shared_once("ckpt/model.pt", lambda path: save_checkpoint(model, path)), model
@@ -76,6 +89,13 @@ def bundle_factory(shared_once):
     """bundle_factory(family, precision, **config_overrides) -> (model, ExportResult), exported once
     per run (32 validation segments: validating costs under a second, tracing ~7-15 s).
     Overrides go to tiny_config (e.g. initializer_range=0.2)."""
+    import torch
+
+    from rmt_export.exporter import ExportOptions, ExportResult, export_model
+    from rmt_export.validate import ValidationPlan
+    from rmt_model import build_model
+    from rmt_model.tiny import tiny_config
+
     cache = {}
 
     def make(family: str, precision: str = "fp32", **overrides):

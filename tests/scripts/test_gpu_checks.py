@@ -238,10 +238,10 @@ def test_onnxruntime_cpu_without_torch_reproduces_the_stored_references(gpu_bund
 
 
 def test_gpu_tests_import_no_torch_and_skip_or_fail_with_the_reason():
-    """tests/gpu alone (--confcutdir: the suite's tests/conftest.py imports torch), torch unimportable:
-    every test is collected and skips here; under RMT_REQUIRE_GPU=1 each of those skips is an error
-    (the needs_* fixtures fail in setup) that says why."""
-    arguments = ["tests/gpu", "--confcutdir=tests/gpu", "-p", "no:cacheprovider", "-q", "-rs"]
+    """pytest tests/gpu with torch unimportable (the suite's tests/conftest.py imports torch only in
+    the fixtures that use it): every test is collected and skips here; under RMT_REQUIRE_GPU=1 each
+    of those skips is an error (the needs_* fixtures fail in setup) that says why."""
+    arguments = ["tests/gpu", "-p", "no:cacheprovider", "-q", "-rs"]
     skipped = run_without(("torch",), PYTEST, arguments, env=clean_env(), cwd=ROOT)
     assert skipped.returncode == 0, skipped.stdout + skipped.stderr
     count = re.fullmatch(r"(\d+) skipped in .*", skipped.stdout.strip().splitlines()[-1])

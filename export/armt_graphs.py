@@ -68,17 +68,7 @@ class ARMTStepModule(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, state: tuple[torch.Tensor, ...]):
         model = self.model
         named = dict(zip(self.names, state))
-        if self.logits == "all":
-            logits, new_state = model.step(input_ids, attention_mask, named)
-        else:
-            # logits_to_keep=1: the LM head runs on the last position only (a memory token,
-            # discarded); the last real token's logits come from its final hidden state.
-            out, new_state = model._run(input_ids, attention_mask, named, True, use_cache=False,
-                                        output_hidden_states=True, logits_to_keep=1)
-            final_hidden = out.hidden_states[-1]                               # [B, P, D], post final norm
-            last = (int(model.settings.use_sink) + attention_mask.sum(dim=1) - 1).clamp(min=0)
-            index = last.view(-1, 1, 1).expand(-1, 1, final_hidden.shape[-1])
-            logits = model.model.get_output_embeddings()(final_hidden.gather(1, index).squeeze(1))
+        logits, new_state = model.step(input_ids, attention_mask, named, logits=self.logits)
         return (logits.float(), *(new_state[name].float() for name in self.names))
 
 

@@ -293,17 +293,29 @@ class ARMTDecoder(nn.Module):
         return out, new_state
 
     def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-             state: dict[str, torch.Tensor], write: bool = True
+             state: dict[str, torch.Tensor], write: bool = True, logits: str = "all"
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One segment: ids [B, L], mask [B, L] (right-padded), state -> (logits [B, L, V], new state).
+        """One segment: ids [B, L], mask [B, L] (right-padded), state -> (logits, new state).
 
+        logits="all": [B, L, V], every token position. logits="last": [B, V], only at each
+        row's last real token (the LM head runs on one position per row: reading context).
         write=False: the reference's last segment before generating: ``[sink?, tokens]``
         without memory tokens, reads on, the state returned unchanged.
         """
+        if logits not in ("all", "last"):
+            raise ValueError(f"logits must be 'all' or 'last', got {logits!r}")
         sink = int(self.settings.use_sink)
-        out, new_state = self._run(input_ids, attention_mask, state, write, use_cache=False)
-        length = input_ids.shape[1]
-        return out.logits[:, sink:sink + length], new_state
+        if logits == "all":
+            out, new_state = self._run(input_ids, attention_mask, state, write, use_cache=False)
+            return out.logits[:, sink:sink + input_ids.shape[1]], new_state
+        # logits_to_keep=1: the backbone's head runs on the last position only (discarded); the
+        # last real token's logits come from its final hidden state.
+        out, new_state = self._run(input_ids, attention_mask, state, write, use_cache=False,
+                                   output_hidden_states=True, logits_to_keep=1)
+        final_hidden = out.hidden_states[-1]                                   # [B, P, D], post final norm
+        last = (sink + attention_mask.sum(dim=1) - 1).clamp(min=0)             # [B]
+        index = last.view(-1, 1, 1).expand(-1, 1, final_hidden.shape[-1])
+        return self.model.get_output_embeddings()(final_hidden.gather(1, index).squeeze(1)), new_state
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 state: dict[str, torch.Tensor] | None = None, labels: torch.Tensor | None = None,

@@ -68,6 +68,24 @@ def test_a_step_returns_logits_of_the_tokens_only_and_a_new_state():
     assert set(state) == set(model.initial_state(2)) and all(v.abs().sum() > 0 for v in state.values())
 
 
+@pytest.mark.parametrize("settings", [NEWER, OLDER], ids=["newer", "older"])
+def test_last_logits_are_each_rows_last_real_token_of_all_logits_with_the_same_state(settings):
+    model = make_armt("gpt2", **settings)
+    ids = token_ids(2, SEGMENT)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0                            # row 1: 6 tokens, right-padded
+    state = model.step(token_ids(2, SEGMENT, seed=5), torch.ones_like(ids), model.initial_state(2))[1]
+    with torch.no_grad():
+        every, every_state = model.step(ids, mask, state)
+        last, last_state = model.step(ids, mask, state, logits="last")
+    assert last.shape == (2, 97)
+    assert max_diff(last[0], every[0, -1]) < 1e-5 and max_diff(last[1], every[1, 5]) < 1e-5
+    assert max_diff(last[1], every[1, -1]) > 1e-3   # not the padded position's
+    assert all(torch.equal(every_state[name], last_state[name]) for name in every_state)
+    with pytest.raises(ValueError, match="logits must be 'all' or 'last'"):
+        model.step(ids, mask, state, logits="first")
+
+
 def test_the_first_segment_reads_nothing_so_its_logits_are_the_plain_backbones():
     """No sink: the tokens come first and causally never see the memory tokens after them."""
     model = make_armt("gpt2", d_mem=8, heads=2)

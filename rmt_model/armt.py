@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
+from transformers import DynamicCache
 
 from .backbone import backbone_config
 from .config import ARMTSettings, RMTConfig
@@ -341,43 +342,68 @@ class ARMTDecoder(nn.Module):
             raise ValueError("generation needs at least one context token")
         return ((num_tokens - 1) // self.segment_size) * self.segment_size
 
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, state: dict[str, torch.Tensor]
+                ) -> tuple[torch.Tensor, DynamicCache]:
+        """Start generating (the reference's last segment): read ``[sink?, tokens]`` with no
+        memory tokens, reads on, writes off. ids [B, L], mask [B, L] (right-padded), state ->
+        (logits at each row's last real token [B, V], the key/value cache over the sink + L
+        positions; a padded row's padding positions are in it, masked out by decode's mask).
+        Positions: ``armt_positions(mask, sink, 0)``."""
+        sink = int(self.settings.use_sink)
+        # logits_to_keep=1: the backbone's head runs on the last position only (discarded); the
+        # last real token's logits come from its final (post-norm) hidden state, as step's "last".
+        out, _ = self._run(input_ids, attention_mask, state, write=False,
+                           cache=DynamicCache(config=self.model.config), use_cache=True,
+                           output_hidden_states=True, logits_to_keep=1)
+        final_hidden = out.hidden_states[-1]                                   # [B, sink + L, D]
+        last = (sink + attention_mask.sum(dim=1) - 1).clamp(min=0)             # [B]
+        index = last.view(-1, 1, 1).expand(-1, 1, final_hidden.shape[-1])
+        return self.model.get_output_embeddings()(final_hidden.gather(1, index).squeeze(1)), out.cache
+
+    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+               cache: DynamicCache, state: dict[str, torch.Tensor]) -> tuple[torch.Tensor, DynamicCache]:
+        """One generated token per row: ids [B, 1], mask [B, P+1] over cache + token, positions
+        [B, 1], the cache, the state (read only) -> logits [B, V] and the cache grown by one.
+        Every layer reads the memory at the new token (as the reference: reads on, writes off)."""
+        if not torch.compiler.is_compiling():
+            self._check_state(state, input_ids.shape[0])
+        io = self._io
+        io.state_in = self._state_in(state, self.model.get_input_embeddings().weight.dtype)
+        io.write = False
+        try:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             cache=cache, use_cache=True)
+        finally:
+            io.clear()
+        return out.logits[:, -1], out.cache
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int,
                  state: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Greedy generation for one unpadded sequence [1, T] -> [1, new tokens], as the
         reference: every segment but the last is written; the last is read as
-        ``[sink?, tokens]`` with no memory tokens and the backbone continues with a KV cache,
-        reads on and writes off (the state is never updated while generating)."""
+        ``[sink?, tokens]`` with no memory tokens (``prefill``) and the backbone continues with
+        a KV cache (``decode``), reads on and writes off (the state is never updated while
+        generating)."""
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise ValueError("generate takes one unpadded sequence [1, T]")
-        from transformers import DynamicCache
-
         state = self.initial_state(1) if state is None else state
         commit = self.split_context(input_ids.shape[1])
         for start in range(0, commit, self.segment_size):
             ids = input_ids[:, start:start + self.segment_size]
             _, state = self.step(ids, torch.ones_like(ids), state)
         last = input_ids[:, commit:]
-        cache = DynamicCache(config=self.model.config)
-        out, _ = self._run(last, torch.ones_like(last), state, write=False, cache=cache, use_cache=True,
-                           logits_to_keep=1)
-        cache = out.cache
+        logits, cache = self.prefill(last, torch.ones_like(last), state)
         position = int(self.settings.use_sink) + last.shape[1]
+        device = input_ids.device
         generated = []
         for _ in range(max_new_tokens):
-            token = out.logits[:, -1].argmax(dim=-1, keepdim=True)              # [1, 1]
+            token = logits.argmax(dim=-1, keepdim=True)                         # [1, 1]
             generated.append(token)
             if len(generated) == max_new_tokens:
                 break
-            io = self._io
-            io.state_in = self._state_in(state, self.memory.dtype)
-            try:
-                out = self.model(input_ids=token, position_ids=torch.tensor([[position]]),
-                                 attention_mask=torch.ones(1, position + 1, dtype=torch.long),
-                                 cache=cache, use_cache=True)
-            finally:
-                io.clear()
-            cache = out.cache
+            logits, cache = self.decode(token, torch.ones(1, position + 1, dtype=torch.long, device=device),
+                                        torch.tensor([[position]], device=device), cache, state)
             position += 1
         return torch.cat(generated, dim=1)
 

@@ -10,6 +10,16 @@ step:   input_ids, attention_mask [batch, seq], W_mem.0, z.0, W_mem.1, ... ->
 ingest: the same inputs -> last_logits [batch, vocab] (each row's last real token, the LM
         head on that one position only, as the RMT's ingest), new_W_mem.0, new_z.0, ...
 
+Generation (as the reference: the last segment is read as ``[sink?, tokens]`` without memory
+tokens, reads on, writes off, then greedy decoding with a key/value cache):
+
+prefill: input_ids, attention_mask [batch, seq], W_mem.0, z.0, ... -> last_logits [batch,
+         vocab], present.i.key/value [batch, heads, seq (+ 1 with a sink), head_dim].
+decode:  input_ids [batch, 1], attention_mask [batch, past + 1], position_ids [batch, 1],
+         past.i.key/value [.., past, ..], W_mem.0, z.0, ... -> logits [batch, vocab],
+         present.i.key/value [.., past + 1, ..]. The state is read only: its pairs are
+         past -> present, never W_mem/z.
+
 The state is float32 in every precision (the ARMT computes its memory in float32 even when
 the backbone is fp16); tracing reuses export/graphs.py's ``trace_and_save``.
 """
@@ -20,13 +30,15 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from rmt_model.armt import ARMTDecoder
 from rmt_model.step import PRECISION_DTYPES
-from rmt_runtime.spec import BATCH, INGEST, SEQ, STEP, GraphSpec, TensorSpec
+from rmt_runtime.spec import (BATCH, DECODE, INGEST, PAST, PREFILL, SEQ, STEP, CacheLayer, Dim, GraphSpec,
+                              TensorSpec, cache_names)
 
 from .errors import ExportError
-from .graphs import DEFAULT_OPSET, trace_and_save
+from .graphs import CACHE_DTYPES, DEFAULT_OPSET, flat_cache, trace_and_save
 
 NEW = "new_"  # a state input's output is its name with this prefix
 
@@ -81,6 +93,21 @@ def _example(model: ARMTDecoder, batch: int) -> tuple:
     return ids, torch.ones(batch, config.segment_size, dtype=torch.int64), state
 
 
+def _check_model(model: ARMTDecoder, precision: str, what: str) -> None:
+    if not isinstance(model, ARMTDecoder):
+        raise ExportError(f"{what} needs an ARMTDecoder, got {type(model).__name__}")
+    model_dtype = next(model.parameters()).dtype
+    if model_dtype != PRECISION_DTYPES[precision]:
+        raise ExportError(f"the model computes in {model_dtype}, precision {precision} needs "
+                          f"{PRECISION_DTYPES[precision]} (use model_in_precision)")
+
+
+def _geometry(model: ARMTDecoder) -> dict[str, str]:
+    return {"rmt.kind": "armt", "rmt.family": model.config.family,
+            "rmt.segment_size": str(model.config.segment_size),
+            "rmt.num_mem_tokens": str(model.config.num_mem_tokens)}
+
+
 def export_armt_graph(model: ARMTDecoder, spec: GraphSpec, precision: str, path: str | os.PathLike,
                       opset: int = DEFAULT_OPSET, metadata: dict[str, str] | None = None) -> Path:
     """Trace the ARMT's ``spec.name`` graph (step or ingest) in ``precision`` and save it at ``path``.
@@ -89,22 +116,134 @@ def export_armt_graph(model: ARMTDecoder, spec: GraphSpec, precision: str, path:
     Batch is dynamic (1..1024) and seq 1..segment_size; the state's other dims are fixed.
     The saved graph is checked against the spec (names, dtypes, dims) before returning.
     """
-    if not isinstance(model, ARMTDecoder):
-        raise ExportError(f"export_armt_graph needs an ARMTDecoder, got {type(model).__name__}")
+    _check_model(model, precision, "export_armt_graph")
     if spec.name not in (STEP, INGEST):
         raise ExportError(f"an ARMT has the graphs {STEP!r} and {INGEST!r}, not {spec.name!r}")
-    model_dtype = next(model.parameters()).dtype
-    if model_dtype != PRECISION_DTYPES[precision]:
-        raise ExportError(f"the model computes in {model_dtype}, precision {precision} needs "
-                          f"{PRECISION_DTYPES[precision]} (use model_in_precision)")
     module = ARMTStepModule(model, "all" if spec.name == STEP else "last").eval()
     batch = torch.export.Dim("batch", min=1, max=1024)
     seq = torch.export.Dim("seq", min=1, max=model.config.segment_size)
     example = _example(model, 2)
     dynamic_shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq},
                       "state": tuple({0: batch} for _ in example[2])}
-    geometry = {"rmt.kind": "armt", "rmt.family": model.config.family,
-                "rmt.segment_size": str(model.config.segment_size),
-                "rmt.num_mem_tokens": str(model.config.num_mem_tokens)}
     return trace_and_save(module, model, example, dynamic_shapes, spec, precision, opset, path,
-                           {**geometry, **(metadata or {})})
+                          {**_geometry(model), **(metadata or {})})
+
+
+# ---- generation: prefill and decode -----------------------------------------------------------
+class ARMTPrefillModule(nn.Module):
+    """(input_ids, attention_mask, (W_mem.0, z.0, ...)) -> (last_logits, present.0.key, present.0.value, ...).
+
+    The state enters as float32 (the memory computes in float32 in every precision); the
+    caches leave in the model's dtype."""
+
+    def __init__(self, model: ARMTDecoder) -> None:
+        super().__init__()
+        self.model = model
+        self.names = state_names(model)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, state: tuple[torch.Tensor, ...]):
+        logits, cache = self.model.prefill(input_ids, attention_mask, dict(zip(self.names, state)))
+        return (logits.float(), *flat_cache(cache))
+
+
+class ARMTDecodeModule(nn.Module):
+    """(input_ids, attention_mask, position_ids, (past.0.key, ...), (W_mem.0, z.0, ...)) ->
+    (logits, present.0.key, ...). The flat caches are wrapped in a DynamicCache inside the
+    traced function (transformers 5 takes no cache object as a graph input)."""
+
+    def __init__(self, model: ARMTDecoder) -> None:
+        super().__init__()
+        self.model = model
+        self.names = state_names(model)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                past: tuple[torch.Tensor, ...], state: tuple[torch.Tensor, ...]):
+        pairs = [(past[i], past[i + 1]) for i in range(0, len(past), 2)]
+        cache = DynamicCache(ddp_cache_data=pairs, config=self.model.model.config)
+        logits, cache = self.model.decode(input_ids, attention_mask, position_ids, cache,
+                                          dict(zip(self.names, state)))
+        return (logits.float(), *flat_cache(cache))
+
+
+def armt_cache_layout(model: ARMTDecoder) -> list[CacheLayer]:
+    """Per-layer key/value geometry, read from one PyTorch prefill of one token (GQA, head dims)."""
+    ids = torch.zeros(1, 1, dtype=torch.int64, device=model.memory.device)
+    with torch.no_grad():
+        flat = ARMTPrefillModule(model)(ids, torch.ones_like(ids), tuple(model.initial_state(1).values()))[1:]
+    return [CacheLayer(heads=int(flat[i].shape[1]), head_dim=int(flat[i].shape[3])) for i in range(0, len(flat), 2)]
+
+
+def _positions(symbol: str, offset: int) -> Dim:
+    """runtime/spec.py's ``symbol + k`` (plain ``symbol`` for k = 0)."""
+    return f"{symbol} + {offset}" if offset else symbol
+
+
+def armt_generation_specs(model: ARMTDecoder, precision: str) -> dict[str, GraphSpec]:
+    """The ARMT's prefill and decode specs (module docstring). Caches in the precision's cache
+    dtype (export/graphs.py CACHE_DTYPES, as the RMT's generation graphs); state float32."""
+    config = model.config
+    cache_dtype = CACHE_DTYPES[precision]
+    layers = armt_cache_layout(model)
+    state = tuple(TensorSpec(name, "float32", (BATCH, *shape[1:])) for name, shape in model.state_shapes(1).items())
+    past_names, present_names = cache_names(len(layers))
+
+    def caches(names: list[str], positions: Dim) -> tuple[TensorSpec, ...]:
+        return tuple(TensorSpec(name, cache_dtype, (BATCH, layer.heads, positions, layer.head_dim))
+                     for name, layer in zip(names, (layer for layer in layers for _ in range(2))))
+
+    prefill = GraphSpec(
+        PREFILL,
+        (TensorSpec("input_ids", "int64", (BATCH, SEQ)), TensorSpec("attention_mask", "int64", (BATCH, SEQ)),
+         *state),
+        (TensorSpec("last_logits", "float32", (BATCH, config.vocab_size)),
+         *caches(present_names, _positions(SEQ, int(model.settings.use_sink)))))
+    decode = GraphSpec(
+        DECODE,
+        (TensorSpec("input_ids", "int64", (BATCH, 1)),
+         TensorSpec("attention_mask", "int64", (BATCH, _positions(PAST, 1))),
+         TensorSpec("position_ids", "int64", (BATCH, 1)), *caches(past_names, PAST), *state),
+        (TensorSpec("logits", "float32", (BATCH, config.vocab_size)), *caches(present_names, _positions(PAST, 1))),
+        dict(zip(past_names, present_names)))
+    return {PREFILL: prefill, DECODE: decode}
+
+
+def export_armt_generation_graphs(model: ARMTDecoder, precision: str, opset: int, directory: Path,
+                                  metadata: dict[str, str]) -> dict[str, tuple[Path, GraphSpec]]:
+    """Trace the ARMT's prefill and decode graphs into ``directory`` (prefill.onnx, decode.onnx);
+    returns name -> (path, spec), as export/graphs.py's export_generation_graphs.
+
+    ``model`` must already compute in the precision (rmt_model.step.model_in_precision). Batch
+    1..1024, seq 1..segment_size, past 1..the backbone's position limit - 1; the state's other
+    dims are fixed. Each saved graph is checked against its spec before returning.
+    """
+    _check_model(model, precision, "export_armt_generation_graphs")
+    config = model.config
+    specs = armt_generation_specs(model, precision)
+    metadata = {**_geometry(model), **(metadata or {})}
+    directory = Path(directory)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    seq = torch.export.Dim("seq", min=1, max=config.segment_size)
+    # Reference-mode generation may grow the cache up to the backbone's position limit.
+    past = torch.export.Dim("past", min=1, max=max((config.max_positions or 8192) - 1, 2))
+    ids, mask, state = _example(model, 2)
+    state_shapes = tuple({0: batch} for _ in state)
+    prefill = ARMTPrefillModule(model).eval()
+    out: dict[str, tuple[Path, GraphSpec]] = {}
+    path = trace_and_save(prefill, model, (ids, mask, state),
+                          {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq},
+                           "state": state_shapes},
+                          specs[PREFILL], precision, opset, directory / f"{PREFILL}.onnx", metadata)
+    out[PREFILL] = (path, specs[PREFILL])
+    with torch.no_grad():
+        cache = tuple(prefill(ids, mask, state)[1:])
+    positions = cache[0].shape[2]
+    token = ids[:, :1]
+    decode_mask = torch.ones(ids.shape[0], positions + 1, dtype=torch.int64)
+    position_ids = torch.full((ids.shape[0], 1), positions, dtype=torch.int64)
+    path = trace_and_save(ARMTDecodeModule(model).eval(), model, (token, decode_mask, position_ids, cache, state),
+                          {"input_ids": {0: batch}, "attention_mask": {0: batch, 1: past + 1},
+                           "position_ids": {0: batch}, "past": tuple({0: batch, 2: past} for _ in cache),
+                           "state": state_shapes},
+                          specs[DECODE], precision, opset, directory / f"{DECODE}.onnx", metadata)
+    out[DECODE] = (path, specs[DECODE])
+    return out

@@ -133,6 +133,10 @@ def _flat_cache(cache: DynamicCache) -> list[torch.Tensor]:
     return [tensor for layer in cache.layers for tensor in (layer.keys, layer.values)]
 
 
+# Public for the other graph modules (export/armt_graphs.py).
+flat_cache = _flat_cache
+
+
 class PrefillModule(nn.Module):
     """(input_ids, attention_mask, memory) -> (last_logits, present.0.key, present.0.value, ...)."""
 

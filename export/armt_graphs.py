@@ -41,6 +41,9 @@ from .errors import ExportError
 from .graphs import CACHE_DTYPES, DEFAULT_OPSET, flat_cache, trace_and_save
 
 NEW = "new_"  # a state input's output is its name with this prefix
+# The associative memory's projections (rmt_model.armt.AssociativeLayer): float32 in int8
+# bundles, whose dynamic quantization would feed its rounding into the recurrence.
+MEMORY_PROJECTIONS = ("W_mq", "W_mk", "W_mv", "W_mb")
 
 
 def state_names(model: ARMTDecoder) -> list[str]:
@@ -126,7 +129,7 @@ def export_armt_graph(model: ARMTDecoder, spec: GraphSpec, precision: str, path:
     dynamic_shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq},
                       "state": tuple({0: batch} for _ in example[2])}
     return trace_and_save(module, model, example, dynamic_shapes, spec, precision, opset, path,
-                          {**_geometry(model), **(metadata or {})})
+                          {**_geometry(model), **(metadata or {})}, float_modules=MEMORY_PROJECTIONS)
 
 
 # ---- generation: prefill and decode -----------------------------------------------------------
@@ -232,7 +235,8 @@ def export_armt_generation_graphs(model: ARMTDecoder, precision: str, opset: int
     path = trace_and_save(prefill, model, (ids, mask, state),
                           {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq},
                            "state": state_shapes},
-                          specs[PREFILL], precision, opset, directory / f"{PREFILL}.onnx", metadata)
+                          specs[PREFILL], precision, opset, directory / f"{PREFILL}.onnx", metadata,
+                          float_modules=MEMORY_PROJECTIONS)
     out[PREFILL] = (path, specs[PREFILL])
     with torch.no_grad():
         cache = tuple(prefill(ids, mask, state)[1:])
@@ -244,6 +248,7 @@ def export_armt_generation_graphs(model: ARMTDecoder, precision: str, opset: int
                           {"input_ids": {0: batch}, "attention_mask": {0: batch, 1: past + 1},
                            "position_ids": {0: batch}, "past": tuple({0: batch, 2: past} for _ in cache),
                            "state": state_shapes},
-                          specs[DECODE], precision, opset, directory / f"{DECODE}.onnx", metadata)
+                          specs[DECODE], precision, opset, directory / f"{DECODE}.onnx", metadata,
+                          float_modules=MEMORY_PROJECTIONS)
     out[DECODE] = (path, specs[DECODE])
     return out

@@ -22,11 +22,13 @@ from typing import Any, Callable
 import numpy as np
 
 from rmt_model import CheckpointError, ConfigError, RMTBase, import_reference_checkpoint, load_checkpoint
+from rmt_model.armt import ARMTDecoder
 from rmt_model.step import model_in_precision
 from rmt_runtime.bundle import (MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, MEMORY_INIT_NAME, PRECISIONS, not_a_bundle,
                                 write_manifest)
 from rmt_runtime.spec import SPEC_VERSION, step_specs
 
+from .armt_graphs import armt_specs, export_armt_graph
 from .errors import ExportError, ValidationError
 from .graphs import DEFAULT_OPSET, SUPPORTED_OPSETS, export_generation_graphs, export_graph
 from .memory import GiB, estimate_export_memory, memory_for_export
@@ -198,7 +200,7 @@ def _bundle_path(out: str | os.PathLike) -> Path:
 
 
 def load_model(ckpt: str | os.PathLike, reference: ReferenceLayout | None = None,
-               note: Callable[[str], None] | None = None) -> RMTBase:
+               note: Callable[[str], None] | None = None) -> RMTBase | ARMTDecoder:
     """The model to export: an rmt-edge checkpoint, or a reference state dict (a file or a
     directory of any published layout) + its layout. ``note`` hears what was read and converted."""
     try:
@@ -235,7 +237,8 @@ def export_bundle(ckpt: str | os.PathLike, out: str | os.PathLike, options: Expo
     model = load_model(ckpt, reference, (lambda detail: progress("read", detail)) if progress else None)
     seconds = {"load": time.perf_counter() - started}
     if progress:
-        progress("load", f"{model.config.family} {model.config.kind} RMT, M={model.config.num_mem_tokens}, "
+        what = "ARMT" if isinstance(model, ARMTDecoder) else f"{model.config.kind} RMT"
+        progress("load", f"{model.config.family} {what}, M={model.config.num_mem_tokens}, "
                          f"segment {model.config.segment_size} ({seconds['load']:.1f}s)")
         progress("tokenizer", tokenizer_line)
     result = export_model(model, out, options, progress)
@@ -243,10 +246,15 @@ def export_bundle(ckpt: str | os.PathLike, out: str | os.PathLike, options: Expo
     return result
 
 
-def _check_memory(model: RMTBase, options: ExportOptions, progress: Progress | None) -> None:
+def bundle_kind(model: RMTBase | ARMTDecoder) -> str:
+    """The manifest's kind: what the runtime does with the bundle (an ARMT runs as a decoder)."""
+    return "decoder" if isinstance(model, ARMTDecoder) else model.config.kind
+
+
+def _check_memory(model: RMTBase | ARMTDecoder, options: ExportOptions, progress: Progress | None) -> None:
     """Say what the export will need; refuse it before any work when the machine has less."""
     config = model.config
-    need = estimate_export_memory(sum(p.numel() for p in model.parameters()), options.precision, config.kind,
+    need = estimate_export_memory(sum(p.numel() for p in model.parameters()), options.precision, bundle_kind(model),
                                   options.plan.batch, config.segment_size, config.vocab_size, options.validate)
     have = memory_for_export()
     if progress:
@@ -260,7 +268,7 @@ def _check_memory(model: RMTBase, options: ExportOptions, progress: Progress | N
                           "or pass --no-memory-check to try anyway")
 
 
-def export_model(model: RMTBase, out: str | os.PathLike, options: ExportOptions = ExportOptions(),
+def export_model(model: RMTBase | ARMTDecoder, out: str | os.PathLike, options: ExportOptions = ExportOptions(),
                  progress: Progress | None = None) -> ExportResult:
     """Trace, validate and write the bundle for ``model``; atomic: all of it or nothing."""
     options.check()
@@ -279,23 +287,37 @@ def export_model(model: RMTBase, out: str | os.PathLike, options: ExportOptions 
     except OSError as exc:
         raise ExportError(f"--out {out}: cannot write into {parent} ({exc.strerror})") from None
     seconds: dict[str, float] = {}
+    armt = isinstance(model, ARMTDecoder)
+    kind = bundle_kind(model)
     try:
-        specs = step_specs(config.kind, config.num_mem_tokens, config.hidden_size, config.vocab_size,
-                           config.num_labels if config.kind == "encoder" else None)
+        if armt:
+            specs = armt_specs(model)
+        else:
+            specs = step_specs(config.kind, config.num_mem_tokens, config.hidden_size, config.vocab_size,
+                               config.num_labels if config.kind == "encoder" else None)
         metadata = {f"rmt.{k}": str(v) for k, v in dict(
-            kind=config.kind, family=config.family, num_mem_tokens=config.num_mem_tokens,
+            kind=kind, family=config.family, num_mem_tokens=config.num_mem_tokens,
             segment_size=config.segment_size, hidden_size=config.hidden_size,
             vocab_size=config.vocab_size, precision=options.precision).items()}
+        if armt:
+            metadata["rmt.architecture"] = "armt"
         started = time.perf_counter()
         traced = model_in_precision(model, options.precision)
         graphs = {}
         for name, spec in specs.items():
             path = staging / f"{name}.onnx"
-            export_graph(traced, spec, options.precision, options.opset, path, metadata)
+            if armt:
+                export_armt_graph(traced, spec, options.precision, path, options.opset, metadata)
+            else:
+                export_graph(traced, spec, options.precision, options.opset, path, metadata)
             graphs[name] = (path, spec)
         generation = {}
-        if options.generation and config.kind == "decoder":
-            generation = export_generation_graphs(traced, options.precision, options.opset, staging, metadata)
+        if options.generation and kind == "decoder":
+            if armt:
+                from .armt_graphs import export_armt_generation_graphs as export_generation
+            else:
+                export_generation = export_generation_graphs
+            generation = export_generation(traced, options.precision, options.opset, staging, metadata)
         del traced
         seconds["trace"] = time.perf_counter() - started
         if progress:
@@ -313,9 +335,10 @@ def export_model(model: RMTBase, out: str | os.PathLike, options: ExportOptions 
                                      f"passed ({seconds['validate']:.1f}s)")
 
         started = time.perf_counter()
-        memory_init = model.initial_memory(1)[0].detach().float().numpy()
-        np.save(staging / MEMORY_INIT_NAME, memory_init)
-        files = [MEMORY_INIT_NAME]
+        files = []
+        if not armt:  # an ARMT's state starts at zero: the runtime makes it from the spec
+            np.save(staging / MEMORY_INIT_NAME, model.initial_memory(1)[0].detach().float().numpy())
+            files.append(MEMORY_INIT_NAME)
         graphs.update(generation)
         for name, (path, _) in graphs.items():
             files.append(path.name)
@@ -329,14 +352,18 @@ def export_model(model: RMTBase, out: str | os.PathLike, options: ExportOptions 
             files += tokenizer
         manifest: dict[str, Any] = {
             "schema_version": MANIFEST_SCHEMA_VERSION, "spec_version": SPEC_VERSION,
-            "kind": config.kind, "family": config.family, "num_mem_tokens": config.num_mem_tokens,
+            "kind": kind, "family": config.family, "num_mem_tokens": config.num_mem_tokens,
             "segment_size": config.segment_size, "hidden_size": config.hidden_size,
             "vocab_size": config.vocab_size, "precision": options.precision, "opset": options.opset,
             "graphs": {name: {"file": path.name, "spec": spec.to_dict()} for name, (path, spec) in graphs.items()},
-            "memory_init": MEMORY_INIT_NAME, "files": {name: "" for name in files},
+            "files": {name: "" for name in files},
             "producer": _producer(), "validation": report, "tokenizer": tokenizer,
             "max_positions": config.max_positions, "rmt_config": config.to_dict(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+        if armt:
+            manifest["architecture"] = "armt"
+        else:
+            manifest["memory_init"] = MEMORY_INIT_NAME
         if config.kind == "encoder":
             manifest["num_labels"] = config.num_labels
             manifest["encoder_ids"] = {"cls": config.cls_token_id, "sep": config.sep_token_id,

@@ -58,8 +58,10 @@ def _example_segment(config, batch: int) -> tuple[torch.Tensor, torch.Tensor, to
 
 
 def _trace_and_save(module: nn.Module, model: RMTBase, example: tuple, dynamic_shapes: dict, spec: GraphSpec,
-                    precision: str, opset: int, path: str | os.PathLike, metadata: dict[str, str]) -> Path:
-    """Dynamo-export ``module`` under the spec's names, stamp the metadata, save, check."""
+                    precision: str, opset: int, path: str | os.PathLike, metadata: dict[str, str],
+                    float_modules: tuple[str, ...] = ()) -> Path:
+    """Dynamo-export ``module`` under the spec's names, stamp the metadata, save, check.
+    int8: ``float_modules`` (module names such as "W_mq") keep their MatMuls in float32."""
     _check_opset(opset)
     config = model.config
     try:
@@ -79,7 +81,7 @@ def _trace_and_save(module: nn.Module, model: RMTBase, example: tuple, dynamic_s
     path = Path(path)
     program.save(path, external_data=size * (0.5 if precision == "fp16" else 1) > EXTERNAL_DATA_BYTES)
     if precision == "int8":
-        quantize_graph(path)
+        quantize_graph(path, float_modules)
     check_graph_against_spec(path, spec)
     return path
 
@@ -88,18 +90,40 @@ def _trace_and_save(module: nn.Module, model: RMTBase, example: tuple, dynamic_s
 trace_and_save = _trace_and_save
 
 
-def quantize_graph(path: Path) -> None:
+def nodes_of_modules(path: Path, modules: tuple[str, ...]) -> list[str]:
+    """The MatMul/Gemm nodes traced from modules named ``modules`` (the last part of the module
+    path, e.g. "W_mq"), read from the name scopes the dynamo exporter records on each node."""
+    import onnx
+
+    if not modules:
+        return []
+    graph = onnx.load(str(path), load_external_data=False).graph
+    found = []
+    for node in graph.node:
+        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
+        if node.op_type in QUANTIZED_OPS and any(f".{name}'" in scopes for name in modules):
+            found.append(node.name)
+    return found
+
+
+def quantize_graph(path: Path, float_modules: tuple[str, ...] = ()) -> None:
     """Int8 weights for every MatMul/Gemm with a constant weight, in place (ONNX Runtime's
     dynamic quantization: activations are quantized per call, MatMulInteger on the CPU's
-    VNNI). Embeddings, LayerNorm, softmax and the carried memory stay float32."""
+    VNNI). Embeddings, LayerNorm, softmax and the carried memory stay float32, and so do the
+    MatMuls of ``float_modules`` (an ARMT's memory projections: its recurrence amplifies their
+    rounding, docs/ARMT.md)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantized = path.with_name(f".{path.name}.int8")
+    excluded = nodes_of_modules(path, float_modules)
+    if float_modules and not excluded:
+        raise ExportError(f"int8: no MatMul of {list(float_modules)} found in {path.name} to keep in float32")
     try:
         with warnings.catch_warnings(), _quiet_exporter_logs("root", "onnxruntime"):
             warnings.simplefilter("ignore")
-            quantize_dynamic(path, quantized, weight_type=QuantType.QInt8, op_types_to_quantize=list(QUANTIZED_OPS))
+            quantize_dynamic(path, quantized, weight_type=QuantType.QInt8, op_types_to_quantize=list(QUANTIZED_OPS),
+                             nodes_to_exclude=excluded)
         model = onnx.load(str(quantized))
         if not any(node.op_type == "MatMulInteger" for node in model.graph.node):
             raise ExportError(f"int8 quantization of {path.name} quantized no MatMul (nothing to gain from int8)")

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from rmt_model import RMTBase
+from rmt_model.armt import ARMTDecoder
 from rmt_runtime.spec import GraphSpec
 
 from .errors import ValidationError
@@ -101,16 +102,38 @@ def _ort_session(path: str, large_outputs: bool = False):
     return session
 
 
-def _pytorch_step(model: RMTBase, ids: np.ndarray, mask: np.ndarray, memory: torch.Tensor
-                  ) -> tuple[dict[str, np.ndarray], torch.Tensor]:
-    """One PyTorch fp32 segment: its outputs by graph output name, and the memory it passes on."""
+def initial_state(model: RMTBase | ARMTDecoder, batch: int) -> dict[str, torch.Tensor]:
+    """The model's state for new sequences by state input name: the RMT's ``memory``, an
+    ARMT's ``W_mem.{l}``/``z.{l}`` (zeros); float32 copies."""
+    if isinstance(model, ARMTDecoder):
+        return model.initial_state(batch)
+    return {"memory": model.initial_memory(batch).detach().float().clone()}
+
+
+def pytorch_step(model: RMTBase | ARMTDecoder, ids: np.ndarray, mask: np.ndarray, state: dict[str, torch.Tensor],
+                 pairs: dict[str, str]) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
+    """One PyTorch fp32 segment: its outputs by graph output name (``pairs``: state input ->
+    the output replacing it), and the state it passes on."""
     with torch.no_grad():
-        logits, new_memory = model.step(torch.from_numpy(ids), torch.from_numpy(mask), memory)
-    record = {"new_memory": new_memory.numpy(), "logits": logits.numpy()}
-    if model.config.kind == "decoder":
+        if isinstance(model, ARMTDecoder):
+            logits, new_state = model.step(torch.from_numpy(ids), torch.from_numpy(mask), state)
+        else:
+            logits, memory = model.step(torch.from_numpy(ids), torch.from_numpy(mask), state["memory"])
+            new_state = {"memory": memory}
+    record = {pairs[name]: value.numpy() for name, value in new_state.items()}
+    record["logits"] = logits.numpy()
+    if model.config.kind != "encoder":
         last = np.maximum(mask.sum(axis=1) - 1, 0)
         record["last_logits"] = record["logits"][np.arange(len(last)), last]
-    return record, new_memory
+    return record, new_state
+
+
+def _perturbed(state: dict[str, torch.Tensor], perturbation: float, seed: int) -> dict[str, torch.Tensor]:
+    """``state`` times (1 + perturbation * N(0, 1)), elementwise, seeded: the rounding-level
+    disturbance whose effect measures the model's own sensitivity."""
+    generator = torch.Generator().manual_seed(seed)
+    return {name: value * (1 + perturbation * torch.randn(value.shape, generator=generator))
+            for name, value in state.items()}
 
 
 CHUNK_ELEMENTS = 1 << 22  # 16 MB of float32: the comparison's temporaries stay this small
@@ -217,9 +240,8 @@ def validate_graphs(model: RMTBase, graphs: dict[str, tuple[str, GraphSpec]], pr
     tolerance = TOLERANCES[precision]
     low = 4 if config.kind == "encoder" else 0
     segments = plan.inputs(config.vocab_size, config.segment_size, low)
-    memory0 = model.initial_memory(plan.batch).detach().float().clone()
-    generator = torch.Generator().manual_seed(plan.seed + 1)
-    noise = torch.randn(memory0.shape, generator=generator)
+    state0 = initial_state(model, plan.batch)
+    pairs = next(iter(graphs.values()))[1].state  # state input -> output; every segment graph has the same
 
     sensitivity: dict[str, list[float]] = {}
     kept: list[dict[str, np.ndarray]] = []  # per segment: the reference's small outputs
@@ -229,7 +251,7 @@ def validate_graphs(model: RMTBase, graphs: dict[str, tuple[str, GraphSpec]], pr
         "tolerance": asdict(tolerance), "sensitivity": {}, "graphs": {}, "misses": [],
     }
     misses: list[str] = report["misses"]
-    large_outputs = config.kind == "decoder" and plan.batch * config.segment_size * config.vocab_size * 4 > MMAP_BYTES
+    large_outputs = config.kind != "encoder" and plan.batch * config.segment_size * config.vocab_size * 4 > MMAP_BYTES
     for name, (path, spec) in graphs.items():
         session = _ort_session(str(path), large_outputs)
         outputs = spec.output_names
@@ -239,28 +261,38 @@ def validate_graphs(model: RMTBase, graphs: dict[str, tuple[str, GraphSpec]], pr
         agreements = {mode: _Agreement() for mode in MODES}
         measure_sensitivity = not sensitivity
         reuse = bool(kept) and all(o in kept[0] for o in outputs)
-        reference_memory, perturbed_memory = memory0, memory0 * (1 + tolerance.perturbation * noise)
-        chained_memory = memory0.numpy()
+        # The perturbed twin starts at the first state that is not all zero (an ARMT's is zero
+        # until its first segment writes, and a perturbed zero is zero).
+        reference_state, perturbed_state = state0, None
+        chained_state = {k: v.numpy() for k, v in state0.items()}
         for index, (ids, mask) in enumerate(segments):
             if reuse:
-                memory_in = memory0.numpy() if index == 0 else kept[index - 1]["new_memory"]
+                state_in = ({k: v.numpy() for k, v in state0.items()} if index == 0
+                            else {k: kept[index - 1][pairs[k]] for k in pairs})
                 reference = kept[index]
             else:
-                memory_in = reference_memory.numpy()
-                reference, reference_memory = _pytorch_step(model, ids, mask, reference_memory)
+                state_in = {k: v.numpy() for k, v in reference_state.items()}
+                if measure_sensitivity and perturbed_state is None and any(v.any() for v in state_in.values()):
+                    perturbed_state = _perturbed(reference_state, tolerance.perturbation, plan.seed + 1)
+                reference, reference_state = pytorch_step(model, ids, mask, reference_state, pairs)
                 if len(kept) <= index:
                     kept.append({k: v.copy() for k, v in reference.items() if k != "logits" or v.ndim == 2})
             if measure_sensitivity:
-                perturbed, perturbed_memory = _pytorch_step(model, ids, mask, perturbed_memory)
-                for key in reference:
-                    sensitivity.setdefault(key, []).append(_max_abs_diff(perturbed[key], reference[key]))
-                del perturbed
+                if perturbed_state is None:
+                    for key in reference:
+                        sensitivity.setdefault(key, []).append(0.0)
+                else:
+                    perturbed, perturbed_state = pytorch_step(model, ids, mask, perturbed_state, pairs)
+                    for key in reference:
+                        sensitivity.setdefault(key, []).append(_max_abs_diff(perturbed[key], reference[key]))
+                    del perturbed
             for mode in MODES:
-                feed_memory = memory_in if mode == "teacher_forced" else chained_memory
-                got = dict(zip(outputs, session.run(outputs, {"input_ids": ids, "attention_mask": mask,
-                                                              "memory": feed_memory.astype(np.float32)})))
+                feed_state = state_in if mode == "teacher_forced" else chained_state
+                got = dict(zip(outputs, session.run(outputs, {
+                    "input_ids": ids, "attention_mask": mask,
+                    **{k: np.asarray(v, np.float32) for k, v in feed_state.items()}})))
                 if mode == "chained":
-                    chained_memory = got["new_memory"]
+                    chained_state = {k: got[pairs[k]] for k in pairs}
                 for output in outputs:
                     expected = reference[output]
                     scale = _abs_max(expected)
@@ -318,7 +350,10 @@ def validate_generation(model: RMTBase, graphs: dict[str, tuple[str, GraphSpec]]
     """
     config = model.config
     tolerance = TOLERANCES[precision]
-    size, m = config.segment_size, config.num_mem_tokens
+    size = config.segment_size
+    armt = isinstance(model, ARMTDecoder)
+    # Positions ahead of the prompt in the cache: the RMT's memory tokens, an ARMT's sink.
+    prefix = int(model.settings.use_sink) if armt else config.num_mem_tokens
     steps = decode_steps if decode_steps is not None else min(size, 8)
     segments = plan.inputs(config.vocab_size, size)
     rng = np.random.default_rng(plan.seed + 2)
@@ -328,22 +363,28 @@ def validate_generation(model: RMTBase, graphs: dict[str, tuple[str, GraphSpec]]
     mask[1:, max(1, length // 2):] = 0
     forced = rng.integers(0, config.vocab_size, size=(steps, plan.batch, 1), dtype=np.int64)
     with torch.no_grad():
-        memory = model.initial_memory(plan.batch).detach().float().clone()
+        state = initial_state(model, plan.batch)
+        pairs = {name: name for name in state}
         for seg_ids, seg_mask in segments[:min(3, len(segments) - 1)]:
-            _, memory = model.step(torch.from_numpy(seg_ids), torch.from_numpy(seg_mask), memory, logits="last")
-        ref_logits, cache = model.prefill(torch.from_numpy(ids), torch.from_numpy(mask), memory)
+            _, state = pytorch_step(model, seg_ids, seg_mask, state, pairs)
+        if armt:
+            ref_logits, cache = model.prefill(torch.from_numpy(ids), torch.from_numpy(mask), state)
+        else:
+            ref_logits, cache = model.prefill(torch.from_numpy(ids), torch.from_numpy(mask), state["memory"])
         reference = [ref_logits.numpy().copy()]
-        full_mask = np.concatenate([np.ones((plan.batch, m), np.int64), mask], axis=1)
-        positions = m + mask.sum(axis=1, keepdims=True)
+        full_mask = np.concatenate([np.ones((plan.batch, prefix), np.int64), mask], axis=1)
+        positions = prefix + mask.sum(axis=1, keepdims=True)
         masks, position_ids = [], []
         for step in range(steps):
             full_mask = np.concatenate([full_mask, np.ones((plan.batch, 1), np.int64)], axis=1)
             masks.append(full_mask)
             position_ids.append(positions + step)
-            logits, cache = model.decode(torch.from_numpy(forced[step]), torch.from_numpy(full_mask),
-                                         torch.from_numpy(position_ids[-1]), cache)
+            decode_inputs = (torch.from_numpy(forced[step]), torch.from_numpy(full_mask),
+                             torch.from_numpy(position_ids[-1]), cache)
+            logits, cache = model.decode(*decode_inputs, state) if armt else model.decode(*decode_inputs)
             reference.append(logits.numpy().copy())
         ref_cache = [t.float().numpy() for layer in cache.layers for t in (layer.keys, layer.values)]
+    state_feed = {name: value.float().numpy() for name, value in state.items()}
 
     misses: list[str] = []
     results: dict[str, Any] = {}
@@ -357,7 +398,8 @@ def validate_generation(model: RMTBase, graphs: dict[str, tuple[str, GraphSpec]]
             misses.append(f"{graph}.{what}: max abs {err:.3g} > bound {bound:.3g} (max |ref| {scale:.3g})")
 
     prefill = _ort_session(str(graphs["prefill"][0]))
-    outputs = prefill.run(None, {"input_ids": ids, "attention_mask": mask, "memory": memory.numpy()})
+    outputs = prefill.run(None, {"input_ids": ids, "attention_mask": mask,
+                                 **{k: state_feed[k] for k in graphs["prefill"][1].input_names if k in state_feed}})
     logits_errors: list[float] = []
     first_logits = outputs[0]
     judge("prefill", "last_logits", first_logits, reference[0], logits_errors)
@@ -370,7 +412,8 @@ def validate_generation(model: RMTBase, graphs: dict[str, tuple[str, GraphSpec]]
     decode_errors: list[float] = []
     for step in range(steps):
         feed = {"input_ids": forced[step], "attention_mask": masks[step], "position_ids": position_ids[step],
-                **dict(zip(past_names, caches))}
+                **dict(zip(past_names, caches)),
+                **{k: state_feed[k] for k in graphs["decode"][1].input_names if k in state_feed}}
         out = decode.run(None, feed)
         caches = out[1:]
         got_logits.append(out[0])
@@ -398,7 +441,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     """Human-readable lines: the worst error per graph/output/mode, and argmax agreement."""
     lines = []
     sens = report["sensitivity"]
-    lines.append(f"model's own sensitivity (memory, last segment): {sens['new_memory'][-1]:.3g} "
+    state = [name for name in sens if "logits" not in name]
+    what = "memory" if state == ["new_memory"] else f"largest over {len(state)} state tensors"
+    lines.append(f"model's own sensitivity ({what}, last segment): {max(sens[n][-1] for n in state):.3g} "
                  f"for a {report['tolerance']['perturbation']:g} relative perturbation")
     for name, result in report["graphs"].items():
         worst = ", ".join(f"{k} {v:.3g}" for k, v in result["worst"].items())

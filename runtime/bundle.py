@@ -29,10 +29,14 @@ PRECISIONS = ("fp32", "fp16", "int8")
 REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
     "schema_version": int, "spec_version": int, "kind": str, "family": str,
     "num_mem_tokens": int, "segment_size": int, "hidden_size": int, "vocab_size": int,
-    "precision": str, "opset": int, "graphs": dict, "memory_init": str, "files": dict,
+    "precision": str, "opset": int, "graphs": dict, "files": dict,
     "producer": dict, "validation": (dict, type(None)),
 }
-OPTIONAL_FIELDS = {"num_labels", "encoder_ids", "tokenizer", "rmt_config", "created", "max_positions", "state_init"}
+# memory_init: the RMT's initial memory (required when a graph has the state "memory").
+# architecture: "rmt" (absent) or "armt", whose state is per-layer W_mem/z pairs (docs/ARMT.md).
+OPTIONAL_FIELDS = {"num_labels", "encoder_ids", "tokenizer", "rmt_config", "created", "max_positions", "state_init",
+                   "memory_init", "architecture"}
+ARCHITECTURES = ("rmt", "armt")
 
 
 class BundleError(Exception):
@@ -109,9 +113,21 @@ def check_manifest(manifest: Any, source: str) -> None:
         raise BundleError(f"{source}: unknown precision {manifest['precision']!r} (expected one of {PRECISIONS})")
     if manifest["kind"] not in ("decoder", "encoder"):
         raise BundleError(f"{source}: unknown kind {manifest['kind']!r} (expected decoder or encoder)")
+    architecture = manifest.get("architecture", "rmt")
+    if architecture not in ARCHITECTURES or (architecture == "armt" and manifest["kind"] != "decoder"):
+        raise BundleError(f"{source}: unknown architecture {architecture!r} for kind {manifest['kind']!r} (expected "
+                          "'rmt', or 'armt' for a decoder)")
     for name, graph in manifest["graphs"].items():
         if not isinstance(graph, dict) or "file" not in graph or "spec" not in graph:
             raise BundleError(f"{source}: graph {name!r} needs 'file' and 'spec'")
+    memory_init = manifest.get("memory_init")
+    if memory_init is not None and not isinstance(memory_init, str):
+        raise BundleError(f"{source}: manifest field 'memory_init' has the wrong type ({type(memory_init).__name__})")
+    has_memory = any(isinstance(graph.get("spec"), dict) and "memory" in dict(graph["spec"].get("state") or {})
+                     for graph in manifest["graphs"].values())
+    if has_memory and memory_init is None:
+        raise BundleError(f"{source}: manifest has no 'memory_init' field, which a bundle whose graphs carry the "
+                          "state 'memory' needs")
     if not isinstance(manifest.get("state_init", {}), dict) or not isinstance(manifest.get("tokenizer") or [], list):
         raise BundleError(f"{source}: manifest fields 'state_init' (an object) or 'tokenizer' (a list) have the "
                           "wrong type")
@@ -198,9 +214,7 @@ class Bundle:
             raise BundleError(f"{self.path}: manifest sizes out of range: {', '.join(bad)}")
         problems = []
         limit = self.manifest.get("max_positions")
-        # One segment's positions: decoders read and write memory (2M); encoders read it once
-        # and frame the segment with 3 special tokens (rmt_model.config.positions_needed).
-        needed = self.segment_size + (2 * self.num_mem_tokens if self.kind == "decoder" else self.num_mem_tokens + 3)
+        needed = self.segment_size + self.extra_positions
         if limit is not None and (not isinstance(limit, int) or needed > limit):
             problems.append(f"segment_size {self.segment_size} with M={self.num_mem_tokens} needs {needed} positions, "
                             f"the backbone has {limit!r}")
@@ -251,6 +265,29 @@ class Bundle:
         return self.manifest["vocab_size"]
 
     @property
+    def architecture(self) -> str:
+        """"rmt" (memory tokens carried as the state ``memory``) or "armt" (per-layer associative
+        memory: the state pairs ``W_mem.{l}``, ``z.{l}``)."""
+        return self.manifest.get("architecture", "rmt")
+
+    @property
+    def sink(self) -> int:
+        """An ARMT's sink token ahead of each segment (0 or 1; rmt_config says, 1 if it does not)."""
+        if self.architecture != "armt":
+            return 0
+        settings = dict(self.manifest.get("rmt_config") or {}).get("armt")
+        return int(bool(settings.get("use_sink", True))) if isinstance(settings, dict) else 1
+
+    @property
+    def extra_positions(self) -> int:
+        """Positions one segment takes besides its tokens (rmt_model.config.positions_needed):
+        an RMT decoder reads and writes memory (2M), an encoder reads it once and frames the
+        segment with 3 special tokens, an ARMT has its M write tokens and a sink."""
+        if self.architecture == "armt":
+            return self.num_mem_tokens + self.sink
+        return 2 * self.num_mem_tokens if self.kind == "decoder" else self.num_mem_tokens + 3
+
+    @property
     def precision(self) -> str:
         return self.manifest["precision"]
 
@@ -279,6 +316,9 @@ class Bundle:
 
     @property
     def memory_init_path(self) -> Path:
+        if "memory_init" not in self.manifest:
+            raise BundleError(f"{self.path}: this {self.architecture} bundle has no memory_init (its state is "
+                              f"{sorted(self.state_pairs)})")
         return self.path / self.manifest["memory_init"]
 
     # ---- state: the named pairs of the segment graphs --------------------------------------
@@ -306,7 +346,7 @@ class Bundle:
         """Each state tensor's value for a new sequence (no batch axis): from the file the manifest
         names (``memory_init`` for the RMT's memory, ``state_init`` for others), zeros otherwise."""
         files = dict(self.manifest.get("state_init", {}))
-        if "memory" in self.state_pairs:
+        if "memory" in self.state_pairs and "memory_init" in self.manifest:
             files.setdefault("memory", self.manifest["memory_init"])
         initial = {}
         for name, shape in self.state_shapes().items():

@@ -152,11 +152,18 @@ class _Cache:
     def __init__(self, runtime: "RMTRuntime", state: SequenceState) -> None:
         self.runtime = runtime
         self.state = state
-        self.m = runtime.bundle.num_mem_tokens
+        self.m = cache_prefix(runtime.bundle)
         self.handles: dict[str, object] = {}
         self.mask = np.zeros((state.batch, 0), np.int64)
         # present.i.* outputs become the next call's past.i.* inputs: the decode spec's state pairs.
         self._past_of = {present: past for past, present in runtime.bundle.graph_spec(DECODE).state.items()}
+        # The state tensors each graph reads where they are (the RMT's prefill reads its memory;
+        # an ARMT's prefill and decode read every layer's W_mem and z); never written here.
+        self._reads = {graph: [name for name in runtime.runner.spec(graph).input_names if name in state.handles]
+                       for graph in (PREFILL, DECODE)}
+
+    def _state_inputs(self, graph: str) -> dict[str, object]:
+        return {name: self.state.handles[name] for name in self._reads[graph]}
 
     def _keep(self, handles: dict[str, object]) -> None:
         self.handles = {self._past_of[name]: value for name, value in handles.items() if name in self._past_of}
@@ -167,10 +174,8 @@ class _Cache:
         # Rows still generating hold at most a segment here; a stopped row may hold one token
         # more (its stop token filled the segment) and only needs some valid input.
         ids, mask = pad_rows([p[-self.runtime.segment_size:] for p in state.pending])
-        runner = self.runtime.runner
-        # The prefill graph reads the state tensors it declares (the RMT's memory) where they are.
-        state_inputs = {name: state.handles[name] for name in runner.spec(PREFILL).input_names if name in state.handles}
-        result = runner.run(PREFILL, {"input_ids": ids, "attention_mask": mask, **state_inputs}, ("last_logits",))
+        result = self.runtime.runner.run(PREFILL, {"input_ids": ids, "attention_mask": mask,
+                                                   **self._state_inputs(PREFILL)}, ("last_logits",))
         self._keep(result.device)
         self.mask = np.concatenate([np.ones((batch, self.m), np.int64), mask], axis=1)
         return result.host["last_logits"]
@@ -182,9 +187,18 @@ class _Cache:
         positions = np.array([[self.m + len(p) - 1] for p in state.pending], np.int64)
         result = self.runtime.runner.run(
             DECODE, {"input_ids": np.where(active, tokens, 0)[:, None].astype(np.int64),
-                     "attention_mask": self.mask, "position_ids": positions, **self.handles}, ("logits",))
+                     "attention_mask": self.mask, "position_ids": positions, **self.handles,
+                     **self._state_inputs(DECODE)}, ("logits",))
         self._keep(result.device)
         return result.host["logits"]
+
+
+def cache_prefix(bundle) -> int:
+    """Positions the prefill graph puts ahead of the prompt in the cache: k in its present
+    caches' "seq + k" (the RMT's M memory tokens; an ARMT's sink, 0 or 1)."""
+    dims = next(t.dims for t in bundle.graph_spec(PREFILL).outputs if t.name.startswith("present."))
+    _, _, offset = str(dims[2]).partition(" + ")
+    return int(offset) if offset else 0
 
 
 def _check_can_generate(runtime: "RMTRuntime") -> None:
@@ -214,9 +228,11 @@ def generate_tokens(runtime: "RMTRuntime", state: SequenceState, prompts,
     commits = [((len(c) - 1) // size) * size for c in contexts]
     longest = max(len(c) - k for c, k in zip(contexts, commits))
     limit = bundle.manifest.get("max_positions")
-    if not config.rollover and limit and bundle.num_mem_tokens + longest + config.max_new_tokens > limit:
+    prefix = cache_prefix(bundle)
+    if not config.rollover and limit and prefix + longest + config.max_new_tokens > limit:
         raise RuntimeInputError(
-            f"without rollover the context grows to {bundle.num_mem_tokens} memory + {longest} context + "
+            f"without rollover the context grows to {prefix} {'sink' if bundle.architecture == 'armt' else 'memory'} + "
+            f"{longest} context + "
             f"{config.max_new_tokens} new tokens, past the backbone's {limit} positions: lower max_new_tokens "
             "or keep rollover on")
     if not config.use_cache and not config.rollover:

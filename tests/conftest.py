@@ -112,6 +112,28 @@ def bundle_factory(shared_once):
     return make
 
 
+@pytest.fixture(scope="session")
+def armt_bundle_factory(shared_once):
+    """armt_bundle_factory(precision="fp32", generation=True) -> (model, bundle path): the tiny
+    GPT-2 ARMT of the newer reference (2 heads, sink; tests/rmt_model/test_armt.py) with
+    W_mv ~ N(0, 0.05^2), exported and validated once per run (32 segments)."""
+    from rmt_export.exporter import ExportOptions, export_model
+    from rmt_export.validate import ValidationPlan
+    from tests.rmt_model.test_armt import NEWER, make_armt
+
+    cache = {}
+
+    def make(precision: str = "fp32", generation: bool = True):
+        key = (precision, generation)
+        if key not in cache:
+            model = make_armt("gpt2", w_mv_std=0.05, **NEWER)
+            options = ExportOptions(precision=precision, plan=ValidationPlan(segments=32), generation=generation)
+            name = f"bundles/armt-gpt2-{precision}" + ("" if generation else "-nogen")
+            cache[key] = (model, shared_once(name, lambda path: export_model(model, path, options)))
+        return cache[key]
+    return make
+
+
 # The documented code blocks' count (tests/docs): here, not in tests/docs/conftest.py, because
 # under pytest-xdist only the conftests of the command line's paths load in the controller,
 # which is where the terminal summary is written.

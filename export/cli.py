@@ -81,13 +81,20 @@ def _run_guarded(verbose: bool, as_json: bool, work, interrupted=lambda: "interr
 @click.option("--num-mem-tokens", type=click.IntRange(min=1), default=None, help="Reference checkpoints: M.")
 @click.option("--segment-size", type=click.IntRange(min=1), default=None,
               help="Reference checkpoints: tokens per segment.")
+@click.option("--armt-version", type=click.Choice(["normalized", "unnormalized"]), default=None,
+              help="Reference ARMT checkpoints (with --backbone-config: the base model's or the ARMT's config.json): "
+                   "the authors' code revision that trained it, normalized (experimental branch from 2024-08-28, "
+                   "the Hugging Face packaging) or unnormalized (default branch); see docs/ARMT.md.")
+@click.option("--lora-alpha", type=float, default=None,
+              help="Reference ARMT checkpoints with LoRA adapters: lora_alpha from the adapter's config (merged as "
+                   "alpha / r).")
 @click.option("--no-memory-check", is_flag=True,
               help="Export even when the memory estimate is above what the machine has available.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable result on stdout.")
 @click.option("--verbose", is_flag=True, help="Show tracebacks.")
 def main(ckpt, out, fp16, int8, opset, force, no_validate, segments, no_generation, engine, engine_builder, max_batch,
-         workspace_mb, tokenizer_dir, no_tokenizer, backbone_config, num_mem_tokens, segment_size, no_memory_check,
-         as_json, verbose):
+         workspace_mb, tokenizer_dir, no_tokenizer, backbone_config, num_mem_tokens, segment_size, armt_version,
+         lora_alpha, no_memory_check, as_json, verbose):
     """Export an RMT checkpoint to a validated bundle holding single-segment ONNX graphs.
 
     \b
@@ -100,6 +107,9 @@ def main(ckpt, out, fp16, int8, opset, force, no_validate, segments, no_generati
                  --num-mem-tokens 16 --segment-size 512
       rmt-export --ckpt rmt-gpt2-hub/ --backbone-config gpt2/config.json \\
                  --num-mem-tokens 16 --segment-size 512   # model.safetensors or shards
+      rmt-export --ckpt armt.pt                         # an ARMT checkpoint of rmt-edge
+      rmt-export --ckpt armt-babilong/ --backbone-config gpt2/config.json \\
+                 --armt-version normalized --segment-size 1024   # the ARMT authors' weights
 
     The bundle holds step.onnx (ids + memory -> logits + new memory), ingest.onnx (the
     same without per-token logits), for decoders prefill.onnx and decode.onnx (KV-cached
@@ -123,11 +133,18 @@ def main(ckpt, out, fp16, int8, opset, force, no_validate, segments, no_generati
         fail("--engine builds TensorRT engines, which int8 (ONNX Runtime quantized) bundles cannot have: "
              "export --fp16 or fp32 for TensorRT", as_json)
     precision = "fp16" if fp16 else "int8" if int8 else "fp32"
-    layout_given = [backbone_config is not None, num_mem_tokens is not None, segment_size is not None]
-    if any(layout_given) and not all(layout_given):
-        fail("--backbone-config, --num-mem-tokens and --segment-size go together (reference checkpoints)",
-              as_json)
-    reference = ReferenceLayout(backbone_config, num_mem_tokens, segment_size) if all(layout_given) else None
+    if armt_version is not None or lora_alpha is not None:
+        if armt_version is None or backbone_config is None or num_mem_tokens is not None:
+            fail("reference ARMT checkpoints take --armt-version with --backbone-config (and --segment-size unless "
+                 "an ARMT config.json gives it, --lora-alpha for LoRA adapters); not --num-mem-tokens, which is "
+                 "read off the checkpoint's memory", as_json)
+        reference = ReferenceLayout(backbone_config, None, segment_size, armt_version, lora_alpha)
+    else:
+        layout_given = [backbone_config is not None, num_mem_tokens is not None, segment_size is not None]
+        if any(layout_given) and not all(layout_given):
+            fail("--backbone-config, --num-mem-tokens and --segment-size go together (reference checkpoints; "
+                 "reference ARMT checkpoints: --backbone-config with --armt-version)", as_json)
+        reference = ReferenceLayout(backbone_config, num_mem_tokens, segment_size) if all(layout_given) else None
     if out is None:
         out = ckpt.with_name(f"{ckpt.stem}-{precision}")
     options = ExportOptions(precision=precision, opset=opset, validate=not no_validate, force=force,

@@ -21,7 +21,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from rmt_model import CheckpointError, ConfigError, RMTBase, import_reference_checkpoint, load_checkpoint
+from rmt_model import (CheckpointError, ConfigError, RMTBase, import_armt_checkpoint, import_reference_checkpoint,
+                       load_checkpoint)
 from rmt_model.armt import ARMTDecoder
 from rmt_model.step import model_in_precision
 from rmt_runtime.bundle import (MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, MEMORY_INIT_NAME, PRECISIONS, not_a_bundle,
@@ -139,11 +140,16 @@ def _choose_tokenizer(ckpt: str | os.PathLike, options: ExportOptions, reference
 
 @dataclass(frozen=True)
 class ReferenceLayout:
-    """What a state dict of the reference RMT code needs besides its weights."""
+    """What a state dict of the reference RMT code needs besides its weights. With
+    ``armt_version`` it is the reference ARMT code's (docs/ARMT.md): M is read off its tensors
+    (``num_mem_tokens`` None), ``segment_size`` may come from an ARMT config.json, and
+    ``lora_alpha`` merges LoRA adapters."""
 
     backbone_config: Path
-    num_mem_tokens: int
-    segment_size: int
+    num_mem_tokens: int | None
+    segment_size: int | None
+    armt_version: str | None = None
+    lora_alpha: float | None = None
 
 
 @dataclass
@@ -209,6 +215,9 @@ def load_model(ckpt: str | os.PathLike, reference: ReferenceLayout | None = None
                 raise CheckpointError(f"{ckpt}: a directory holds a checkpoint of the reference RMT code "
                                       "(safetensors, shards or pytorch_model.bin), which needs its layout")
             return load_checkpoint(ckpt)
+        if reference.armt_version is not None:
+            return import_armt_checkpoint(ckpt, reference.backbone_config, segment_size=reference.segment_size,
+                                          version=reference.armt_version, lora_alpha=reference.lora_alpha, note=note)
         return import_reference_checkpoint(ckpt, reference.backbone_config,
                                            num_mem_tokens=reference.num_mem_tokens,
                                            segment_size=reference.segment_size, note=note)
@@ -216,6 +225,9 @@ def load_model(ckpt: str | os.PathLike, reference: ReferenceLayout | None = None
         message = str(exc)
         if "reference RMT code" in message:
             message += " (rmt-export: pass --backbone-config, --num-mem-tokens and --segment-size)"
+        elif "reference ARMT code" in message:
+            message += (" (rmt-export: pass --backbone-config and --armt-version, with --segment-size unless an ARMT "
+                        "config.json gives it; see docs/ARMT.md)")
         raise ExportError(message) from None
     except ConfigError as exc:
         raise ExportError(f"{ckpt}: {exc}") from None

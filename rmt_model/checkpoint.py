@@ -109,6 +109,10 @@ def load_checkpoint(path: str | os.PathLike) -> RMTBase:
     """Rebuild the model saved by ``save_checkpoint`` from the file alone (eval mode)."""
     payload = read_torch_file(path)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        if isinstance(payload, dict) and any(".W_mq." in str(k) for k in payload):
+            raise CheckpointError(
+                f"{path}: this is a state dict of the reference ARMT code, not an rmt-edge checkpoint; "
+                "import it with its config.json and the code version that trained it (import_armt_checkpoint)")
         if isinstance(payload, dict) and any(str(k).startswith(("memory_cell.", "model.")) for k in payload):
             raise CheckpointError(
                 f"{path}: this is a state dict of the reference RMT code, not an rmt-edge checkpoint; "

@@ -180,3 +180,27 @@ def test_a_bundle_whose_architecture_does_not_fit_its_kind_or_state_is_refused(a
         **manifest["graphs"]["step"]["spec"], "state": {"memory": "new_memory"}}}}
     with pytest.raises(BundleError, match="no 'memory_init' field, which a bundle whose graphs carry the state"):
         check_manifest(rmt_like, "x")
+
+
+def test_rmt_export_imports_the_reference_armt_layout_and_names_the_flags_it_needs(armt, tmp_path):
+    from tests.rmt_model.test_armt_checkpoint import reference_layout, write_backbone
+
+    model = armt[0]
+    torch.save(reference_layout(model, duplicates=True), tmp_path / "armt_reference.bin")
+    backbone = write_backbone(model, tmp_path)
+    refused = CliRunner().invoke(export_main, ["--ckpt", str(tmp_path / "armt_reference.bin"), "--no-validate"])
+    assert refused.exit_code == 1
+    assert "state dict of the reference ARMT code" in refused.stderr and "--armt-version" in refused.stderr
+    wrong = CliRunner().invoke(export_main, ["--ckpt", str(tmp_path / "armt_reference.bin"), "--armt-version",
+                                             "normalized", "--backbone-config", str(backbone), "--num-mem-tokens", "4"])
+    assert wrong.exit_code == 1 and "not --num-mem-tokens, which is read off" in wrong.stderr
+    out = tmp_path / "imported"
+    result = CliRunner().invoke(export_main, [
+        "--ckpt", str(tmp_path / "armt_reference.bin"), "--backbone-config", str(backbone), "--armt-version",
+        "normalized", "--segment-size", str(SEGMENT), "--out", str(out), "--no-generation", "--segments", "4"])
+    assert result.exit_code == 0, result.output
+    assert "dropped" in result.stderr  # the older classes' memory_cell.layers.* duplicates
+    ids = ids_of(3 * SEGMENT + 2)
+    imported = RMTRuntime.load(out, backend="onnxruntime").run(ids)
+    original = RMTRuntime.load(armt[2], backend="onnxruntime").run(ids)
+    assert np.array_equal(imported.last_logits, original.last_logits)

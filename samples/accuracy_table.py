@@ -1,7 +1,9 @@
-"""Accuracy of the sample model over 2..64 segments: PyTorch, the fp32, fp16 and int8 bundles
+"""Accuracy of a sample model over 2..64 segments: PyTorch, the fp32, fp16 and int8 bundles
 through the runtime, and PyTorch with memory reset at every segment (must fall to chance).
 
     .venv/bin/python samples/accuracy_table.py [--examples 200] [--out out/sample]
+    .venv/bin/python samples/accuracy_table.py --checkpoint samples/keyrecall_armt/model.pt \
+        --segments 2 4 8 16 32 64 128 --out out/sample-armt        # the ARMT sample
 
 Exports the shipped checkpoint to fp32, fp16 and int8 bundles under --out (reused when present),
 prints a markdown table, writes accuracy.json and accuracy.png there.
@@ -18,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from rmt_export.exporter import ExportOptions, export_bundle  # noqa: E402
-from rmt_model import load_checkpoint  # noqa: E402
+from rmt_model import ARMTDecoder, load_checkpoint  # noqa: E402
 from rmt_runtime import RMTRuntime  # noqa: E402
 from samples.task import CHANCE, make_batch  # noqa: E402
 
@@ -29,7 +31,7 @@ PRECISIONS = ("fp32", "fp16", "int8")
 
 
 def bundle_for(precision: str, out: Path, checkpoint: Path) -> Path:
-    path = out / f"keyrecall-{precision}"
+    path = out / f"{checkpoint.parent.name}-{precision}"
     if not (path / "manifest.json").is_file():
         export_bundle(checkpoint, path, ExportOptions(precision=precision, force=True,
                                                       tokenizer_dir=checkpoint.parent))
@@ -37,14 +39,16 @@ def bundle_for(precision: str, out: Path, checkpoint: Path) -> Path:
 
 
 def answers_with_reset(model, ids: np.ndarray) -> np.ndarray:
-    """PyTorch with the initial memory fed to every segment: nothing is carried."""
+    """PyTorch with the initial memory (an ARMT: its zero state) fed to every segment: nothing
+    is carried."""
     size = model.config.segment_size
     tokens = torch.from_numpy(ids)
     with torch.no_grad():
-        memory = model.initial_memory(ids.shape[0])
+        fresh = model.initial_state(ids.shape[0]) if isinstance(model, ARMTDecoder) else model.initial_memory(
+            ids.shape[0])
         for start in range(0, ids.shape[1], size):
             chunk = tokens[:, start:start + size]
-            logits, _ = model.step(chunk, torch.ones_like(chunk), memory)
+            logits, _ = model.step(chunk, torch.ones_like(chunk), fresh)
     return logits[:, -1].argmax(-1).numpy()
 
 
@@ -110,9 +114,10 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT)
     parser.add_argument("--out", type=Path, default=Path("out/sample"))
     parser.add_argument("--plot", type=Path, default=None, help="PNG path [default: <out>/accuracy.png]")
+    parser.add_argument("--segments", type=int, nargs="+", default=list(SEGMENTS), help="input lengths, in segments")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    result = measure(args.checkpoint, args.out, args.examples)
+    result = measure(args.checkpoint, args.out, args.examples, tuple(args.segments))
     print(table(result))
     (args.out / "accuracy.json").write_text(json.dumps(result, indent=2))
     print("plot:", plot(result, args.plot or args.out / "accuracy.png"))

@@ -7,6 +7,7 @@
 3. prints the question, the answer, the parity figures and tokens/s against PyTorch.
 
 Run: make demo   (or: .venv/bin/python samples/demo.py --segments 128)
+     make demo-armt (the ARMT sample: --checkpoint samples/keyrecall_armt/model.pt)
 """
 from __future__ import annotations
 
@@ -31,15 +32,17 @@ CHECKPOINT = Path(__file__).resolve().parent / "keyrecall" / "model.pt"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("out/demo"))
+    parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT, help="the sample checkpoint (RMT or ARMT)")
     parser.add_argument("--segments", type=int, default=32, help="segments of the long example")
     parser.add_argument("--examples", type=int, default=100, help="examples for the accuracy line")
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
-    print(f"1. export {CHECKPOINT.relative_to(Path.cwd()) if CHECKPOINT.is_relative_to(Path.cwd()) else CHECKPOINT}")
-    result = export_bundle(CHECKPOINT, args.out / "keyrecall-fp32",
-                           ExportOptions(force=True, tokenizer_dir=CHECKPOINT.parent),
+    checkpoint = args.checkpoint.resolve()
+    print(f"1. export {checkpoint.relative_to(Path.cwd()) if checkpoint.is_relative_to(Path.cwd()) else checkpoint}")
+    result = export_bundle(checkpoint, args.out / f"{checkpoint.parent.name}-fp32",
+                           ExportOptions(force=True, tokenizer_dir=checkpoint.parent),
                            progress=lambda stage, detail: print(f"   [{stage}] {detail}"))
     for line in summary_lines(result.manifest["validation"]):
         print(f"   {line}")
@@ -66,7 +69,7 @@ def main() -> None:
     print(f"   question: what is the key?  answer: {predicted!r}  (expected {chr(answer)!r}: "
           f"{'right' if predicted == chr(answer) else 'WRONG'})")
 
-    model = load_checkpoint(CHECKPOINT)
+    model = load_checkpoint(checkpoint)
     ids = np.frombuffer(text, dtype=np.uint8).astype(np.int64)[None]
     with torch.no_grad():
         reference = model(torch.from_numpy(ids))  # also warms PyTorch up before timing
@@ -77,9 +80,12 @@ def main() -> None:
     started = time.perf_counter()
     rt.run(ids)
     runtime_seconds = time.perf_counter() - started
-    drift = float(np.abs(output.memory - reference.memory.numpy()).max())
+    # The state: the RMT's memory, or an ARMT's per-layer W_mem and z (the largest difference).
+    expected = {"memory": reference.memory} if hasattr(reference, "memory") else reference.state
+    drift = max(float(np.abs(output.state[name] - value.numpy()).max()) for name, value in expected.items())
+    what = "memory" if "memory" in expected else f"state ({len(expected)} tensors)"
     tokens = ids.shape[1]
-    print(f"\n3. parity with PyTorch after {args.segments} chained segments: memory max abs diff {drift:.2e}, "
+    print(f"\n3. parity with PyTorch after {args.segments} chained segments: {what} max abs diff {drift:.2e}, "
           f"same answer: {int(reference.logits[0, -1].argmax()) == int(output.last_logits[0].argmax())}")
     print(f"   speed, one sequence (2 CPU threads): runtime {tokens / runtime_seconds:,.0f} tokens/s, "
           f"PyTorch eager {tokens / torch_seconds:,.0f} tokens/s ({torch_seconds / runtime_seconds:.1f}x)")

@@ -152,14 +152,17 @@ def config_text(bundle: Bundle, options: TritonOptions) -> str:
 # ("zero data will be used as long as the field is set") and ``data_file`` (row-major, in the
 # model's ``initial_state/`` folder). (model_config.proto, triton-inference-server/common, and
 # docs/user_guide/implicit_state_management.md, "State Initialization", triton-inference-server/server.)
-def _initial_state_file(bundle: Bundle, name: str) -> str | None:
-    """The initial-state data file of state ``name`` in the repository (None: zeros, zero_data).
-    The RMT's memory keeps its memory_init.bin; any other state starting from non-zero values
+def _initial_state_files(bundle: Bundle) -> dict[str, str | None]:
+    """Each state's initial-state data file in the repository (None: zeros, zero_data). The
+    RMT's memory keeps its memory_init.bin; any other state starting from non-zero values
     gets ``<name>_init.bin``."""
-    if name == "memory" and "memory_init" in bundle.manifest:
-        return INITIAL_STATE_FILE
-    initial = bundle.initial_state()[name]
-    return None if not initial.any() else f"{name}_init.bin"
+    files: dict[str, str | None] = {}
+    for name, initial in bundle.initial_state().items():
+        if name == "memory" and "memory_init" in bundle.manifest:
+            files[name] = INITIAL_STATE_FILE
+        else:
+            files[name] = f"{name}_init.bin" if initial.any() else None
+    return files
 
 
 def _state_entry(state_input: str, state_output: str, spec: GraphSpec, data_file: str | None) -> str:
@@ -182,7 +185,8 @@ def onnxruntime_config_text(bundle: Bundle, options: TritonOptions) -> str:
     for section, tensors, hidden in (("input", spec.inputs, state_inputs), ("output", spec.outputs, state_outputs)):
         entries = [_tensor(t.name, TRITON_TYPES[t.dtype], _dims(t.dims)) for t in tensors if t.name not in hidden]
         lines.append(f"{section} [\n" + ",\n".join(entries) + "\n]")
-    states = [_state_entry(state_input, state_output, spec, _initial_state_file(bundle, state_input))
+    files = _initial_state_files(bundle)
+    states = [_state_entry(state_input, state_output, spec, files[state_input])
               for state_input, state_output in spec.state.items()]
     lines.append(
         "sequence_batching {\n"
@@ -233,14 +237,15 @@ def _check_python_kind(bundle: Bundle) -> None:
 def _fill_onnxruntime(staging: Path, bundle: Bundle, options: TritonOptions) -> None:
     (staging / "1").mkdir()
     shutil.copyfile(bundle.graph_path(options.graph), staging / "1" / "model.onnx")
-    files = {name: _initial_state_file(bundle, name) for name in bundle.state_pairs}
+    files = _initial_state_files(bundle)
     if any(files.values()):
         (staging / "initial_state").mkdir()
+    initial = bundle.initial_state() if any(files.values()) else {}
     for name, data_file in files.items():
         if data_file == INITIAL_STATE_FILE:  # the RMT's memory: memory_init.npy as it is
             value = np.load(bundle.memory_init_path, allow_pickle=False)
         elif data_file is not None:
-            value = bundle.initial_state()[name]
+            value = initial[name]
         else:
             continue
         (staging / "initial_state" / data_file).write_bytes(value.astype("<f4").tobytes(order="C"))

@@ -304,3 +304,21 @@ def test_armt_python_kind_config_has_no_memory_tensors(armt_served):
                                                                 ("tokens_seen", [1])]
     assert not config.sequence_batching.state
     assert Bundle.load(model_dir / "1" / "bundle").identity == bundle.identity
+
+
+def test_a_state_with_a_non_zero_initial_value_gets_its_own_data_file(armt_served, tmp_path, monkeypatch):
+    """Not an ARMT's (zeros), but a bundle's state_init may hold any values: such a state starts
+    from initial_state/<name>_init.bin (row-major float32), the others stay zero_data."""
+    bundle, _, _ = armt_served
+    initial = bundle.initial_state()
+    initial["z.0"] = np.arange(initial["z.0"].size, dtype=np.float32).reshape(initial["z.0"].shape) + 1
+    monkeypatch.setattr(Bundle, "initial_state", lambda self: {k: v.copy() for k, v in initial.items()})
+    model_dir = write_triton_repository(bundle.path, tmp_path, TritonOptions(name="seeded"))
+    config = text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    sources = {s.input_name: s.initial_state[0].WhichOneof("state_data") for s in config.sequence_batching.state}
+    assert sources == {name: "data_file" if name == "z.0" else "zero_data" for name in bundle.state_pairs}
+    (seeded,) = [s for s in config.sequence_batching.state if s.input_name == "z.0"]
+    assert seeded.initial_state[0].data_file == "z.0_init.bin"
+    assert sorted(p.name for p in (model_dir / "initial_state").iterdir()) == ["z.0_init.bin"]
+    raw = np.fromfile(model_dir / "initial_state" / "z.0_init.bin", dtype="<f4").reshape(initial["z.0"].shape)
+    np.testing.assert_array_equal(raw, initial["z.0"])

@@ -276,9 +276,10 @@ def triton_main(bundle_dir, repository, repository_kind, name, graph, max_batch,
       rmt-triton --bundle model-fp32 --repo models --kind python --instances 2   # CPU: Python backend
 
     onnxruntime kind: the sequence batcher keeps each sequence's memory in the server
-    (implicit state: memory -> new_memory, starting from memory_init.npy); clients stream
-    fixed-size segments. python kind: the model keeps each sequence's memory and partial
-    segment by correlation id; clients stream chunks of any length. Either kind:
+    (implicit state: memory -> new_memory, starting from memory_init.npy; an ARMT's
+    W_mem.{l}/z.{l} per layer, starting from zeros); clients stream fixed-size segments.
+    python kind: the model keeps each sequence's state and partial segment by correlation
+    id; clients stream chunks of any length. Either kind:
     rmt_runtime.triton_client.TritonRMTClient. docs/SCALING.md says which to use where.
     """
     from .triton import TritonOptions, write_triton_repository

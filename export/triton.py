@@ -1,14 +1,16 @@
 """Triton Inference Server model repositories for a bundle: two kinds.
 
 ``onnxruntime`` (the GPU deployment; also ``tensorrt`` later): the bundle's ingest or step
-graph served by Triton's ONNX Runtime backend, with implicit sequence state: the
-``new_memory`` output of one request becomes the ``memory`` input of the next request of
-the same sequence id, starting from ``memory_init.npy`` (``initial_state.data_file``).
-Requests are whole segments. Layout written:
+graph served by Triton's ONNX Runtime backend, with implicit sequence state, one ``state``
+entry per named state pair: the ``new_memory`` output of one request becomes the ``memory``
+input of the next request of the same sequence id, starting from ``memory_init.npy``
+(``initial_state.data_file``); an ARMT's ``new_W_mem.{l}``/``new_z.{l}`` become
+``W_mem.{l}``/``z.{l}``, starting from zeros (``initial_state.zero_data``). Requests are whole
+segments. Layout written:
 
     REPO/<name>/config.pbtxt
     REPO/<name>/1/model.onnx                    (the bundle's ingest or step graph)
-    REPO/<name>/initial_state/memory_init.bin   (float32 [M, D], row-major)
+    REPO/<name>/initial_state/memory_init.bin   (an RMT: float32 [M, D], row-major)
 
 ``python`` (CPU nodes): Triton's Python backend runs ``rmt_runtime`` (ONNX Runtime inside the
 server process) and keeps each sequence's memory and partial segment itself, keyed by
@@ -142,6 +144,38 @@ def config_text(bundle: Bundle, options: TritonOptions) -> str:
     return onnxruntime_config_text(bundle, options)
 
 
+# Implicit state, one ``state`` entry per named pair of the graph (an RMT: ``memory``; an ARMT:
+# ``W_mem.{l}`` and ``z.{l}`` per layer). What this relies on, from Triton's own documentation:
+# ModelSequenceBatching.state is a repeated field, "each sequence holds an implicit state local
+# to itself" per entry; State/InitialState ``dims`` are "the shape of the state tensor, not
+# including the batch dimension"; InitialState's ``state_data`` is a oneof of ``zero_data``
+# ("zero data will be used as long as the field is set") and ``data_file`` (row-major, in the
+# model's ``initial_state/`` folder). (model_config.proto, triton-inference-server/common, and
+# docs/user_guide/implicit_state_management.md, "State Initialization", triton-inference-server/server.)
+def _initial_state_files(bundle: Bundle) -> dict[str, str | None]:
+    """Each state's initial-state data file in the repository (None: zeros, zero_data). The
+    RMT's memory keeps its memory_init.bin; any other state starting from non-zero values
+    gets ``<name>_init.bin``."""
+    files: dict[str, str | None] = {}
+    for name, initial in bundle.initial_state().items():
+        if name == "memory" and "memory_init" in bundle.manifest:
+            files[name] = INITIAL_STATE_FILE
+        else:
+            files[name] = f"{name}_init.bin" if initial.any() else None
+    return files
+
+
+def _state_entry(state_input: str, state_output: str, spec: GraphSpec, data_file: str | None) -> str:
+    tensor = spec.input(state_input)
+    data_type, dims = TRITON_TYPES[tensor.dtype], _dims(tensor.dims)
+    source = "zero_data: true" if data_file is None else f'data_file: "{data_file}"'
+    return (f'    {{\n      input_name: "{state_input}"\n      output_name: "{state_output}"\n'
+            f"      data_type: {data_type}\n      dims: {dims}\n"
+            f'      initial_state: {{\n        name: "{state_input}_init"\n'
+            f"        data_type: {data_type}\n        dims: {dims}\n"
+            f"        {source}\n      }}\n    }}")
+
+
 def onnxruntime_config_text(bundle: Bundle, options: TritonOptions) -> str:
     """config.pbtxt for the bundle's graph: I/O from the step spec, memory as implicit state."""
     spec: GraphSpec = bundle.graph_spec(options.graph)
@@ -151,15 +185,9 @@ def onnxruntime_config_text(bundle: Bundle, options: TritonOptions) -> str:
     for section, tensors, hidden in (("input", spec.inputs, state_inputs), ("output", spec.outputs, state_outputs)):
         entries = [_tensor(t.name, TRITON_TYPES[t.dtype], _dims(t.dims)) for t in tensors if t.name not in hidden]
         lines.append(f"{section} [\n" + ",\n".join(entries) + "\n]")
-    memory = spec.input("memory")
-    states = []
-    for state_input, state_output in spec.state.items():
-        states.append(
-            f'    {{\n      input_name: "{state_input}"\n      output_name: "{state_output}"\n'
-            f"      data_type: {TRITON_TYPES[memory.dtype]}\n      dims: {_dims(memory.dims)}\n"
-            f'      initial_state: {{\n        name: "{state_input}_init"\n'
-            f"        data_type: {TRITON_TYPES[memory.dtype]}\n        dims: {_dims(memory.dims)}\n"
-            f'        data_file: "{INITIAL_STATE_FILE}"\n      }}\n    }}')
+    files = _initial_state_files(bundle)
+    states = [_state_entry(state_input, state_output, spec, files[state_input])
+              for state_input, state_output in spec.state.items()]
     lines.append(
         "sequence_batching {\n"
         f"  max_sequence_idle_microseconds: {options.max_sequence_idle_us}\n"
@@ -176,14 +204,16 @@ def _control(name: str, kind: str) -> str:
 
 def python_config_text(bundle: Bundle, options: TritonOptions) -> str:
     """config.pbtxt of the python kind: chunks of ids in, last-token logits (and, when asked, the
-    memory) out; control inputs START/END/READY/CORRID; the model keeps the memory."""
-    memory_dims = f"[ {bundle.num_mem_tokens}, {bundle.hidden_size} ]"
-    inputs = [_tensor(INPUT_IDS, "TYPE_INT64", "[ -1 ]", "\n    allow_ragged_batch: true"),
-              _tensor(START_MEMORY, "TYPE_FP32", memory_dims, "\n    optional: true")]
-    outputs = [_tensor(LAST_LOGITS, "TYPE_FP32", f"[ {bundle.vocab_size} ]"),
-               _tensor(MEMORY_OUT, "TYPE_FP32", memory_dims),
-               _tensor(RESUME_MEMORY, "TYPE_FP32", memory_dims),
-               _tensor(TOKENS_SEEN, "TYPE_INT64", "[ 1 ]")]
+    memory) out; control inputs START/END/READY/CORRID; the model keeps the state. The memory
+    tensors (start_memory, memory, resume_memory) are the RMT's: a bundle without a ``memory``
+    state (an ARMT) has none of them, its state never leaves the server."""
+    inputs = [_tensor(INPUT_IDS, "TYPE_INT64", "[ -1 ]", "\n    allow_ragged_batch: true")]
+    outputs = [_tensor(LAST_LOGITS, "TYPE_FP32", f"[ {bundle.vocab_size} ]")]
+    if "memory" in bundle.state_pairs:
+        memory_dims = f"[ {bundle.num_mem_tokens}, {bundle.hidden_size} ]"
+        inputs.append(_tensor(START_MEMORY, "TYPE_FP32", memory_dims, "\n    optional: true"))
+        outputs += [_tensor(MEMORY_OUT, "TYPE_FP32", memory_dims), _tensor(RESUME_MEMORY, "TYPE_FP32", memory_dims)]
+    outputs.append(_tensor(TOKENS_SEEN, "TYPE_INT64", "[ 1 ]"))
     controls = [_control("START", "CONTROL_SEQUENCE_START"), _control("END", "CONTROL_SEQUENCE_END"),
                 _control("READY", "CONTROL_SEQUENCE_READY"), _control("CORRID", "CONTROL_SEQUENCE_CORRID")]
     lines = [f'name: "{options.name}"', 'backend: "python"', f"max_batch_size: {options.max_batch_size}", "",
@@ -199,17 +229,26 @@ def python_config_text(bundle: Bundle, options: TritonOptions) -> str:
 
 
 def _check_python_kind(bundle: Bundle) -> None:
-    if bundle.kind != "decoder" or set(bundle.state_pairs) != {"memory"}:
-        raise ExportError(f"the python kind serves decoder bundles whose only state is the RMT memory; {bundle.path} "
-                          f"is a {bundle.kind} with state {sorted(bundle.state_pairs)}")
+    if bundle.kind != "decoder":
+        raise ExportError(f"the python kind serves decoder bundles (last-token logits); {bundle.path} is a "
+                          f"{bundle.kind} with state {sorted(bundle.state_pairs)}")
 
 
 def _fill_onnxruntime(staging: Path, bundle: Bundle, options: TritonOptions) -> None:
     (staging / "1").mkdir()
     shutil.copyfile(bundle.graph_path(options.graph), staging / "1" / "model.onnx")
-    (staging / "initial_state").mkdir()
-    memory_init = np.load(bundle.memory_init_path, allow_pickle=False).astype("<f4")
-    (staging / "initial_state" / INITIAL_STATE_FILE).write_bytes(memory_init.tobytes(order="C"))
+    files = _initial_state_files(bundle)
+    if any(files.values()):
+        (staging / "initial_state").mkdir()
+    initial = bundle.initial_state() if any(files.values()) else {}
+    for name, data_file in files.items():
+        if data_file == INITIAL_STATE_FILE:  # the RMT's memory: memory_init.npy as it is
+            value = np.load(bundle.memory_init_path, allow_pickle=False)
+        elif data_file is not None:
+            value = initial[name]
+        else:
+            continue
+        (staging / "initial_state" / data_file).write_bytes(value.astype("<f4").tobytes(order="C"))
 
 
 def _fill_python(staging: Path, bundle: Bundle) -> None:

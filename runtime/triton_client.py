@@ -115,7 +115,9 @@ class TritonRMTClient:
         outputs = {o["name"]: [int(d) for d in o.get("dims", [])] for o in config["output"]}
         self.output = config["output"][0]["name"]
         self.vocab_size = outputs[LAST_LOGITS][0] if self.kind == "python" else None
-        self.memory_shape = tuple(outputs[MEMORY_OUT]) if self.kind == "python" else None
+        # The RMT's memory (python kind); None for a model without one (an ARMT keeps its 2 x L
+        # state tensors in the server and its config declares no memory tensors).
+        self.memory_shape = tuple(outputs[MEMORY_OUT]) if self.kind == "python" and MEMORY_OUT in outputs else None
 
     def describe(self) -> str:
         """Which kind of repository this client talks to, in words."""
@@ -152,10 +154,21 @@ class TritonRMTClient:
             raise BackendError(f"{what} needs the python repository kind; model {self.model!r} at {self.url} is the "
                                f"{self.kind} kind (whole segments, implicit state): use read()")
 
+    def _require_memory(self, what: str) -> None:
+        if self.memory_shape is None:
+            raise BackendError(
+                f"{what} needs the RMT's memory tensors, and model {self.model!r} at {self.url} has none: its state "
+                "(an ARMT's associative memory: W_mem and z of every layer, e.g. 14 MB per sequence at GPT-2 size) "
+                "stays in the server and is neither returned, saved nor resumed; stream the sequence without "
+                "keep_state/want_memory, or run it in process (RMTRuntime.save_state) to keep its state")
+
     # ---- streaming ----------------------------------------------------------------------------------
     def sequence(self, sequence_id: int, keep_state: bool = False) -> "TritonSequence":
-        """A new sequence (python kind): ``send`` chunks, the first starts it, ``end=True`` ends it."""
+        """A new sequence (python kind): ``send`` chunks, the first starts it, ``end=True`` ends it.
+        ``keep_state`` needs a model with the RMT's memory (not an ARMT)."""
         self._require_python("sequence()")
+        if keep_state:
+            self._require_memory("keep_state=True")
         return TritonSequence(self, sequence_id, keep_state)
 
     def resume(self, path: str | os.PathLike, sequence_id: int, keep_state: bool = False) -> "TritonSequence":
@@ -163,6 +176,7 @@ class TritonRMTClient:
         (batch 1) as the new sequence ``sequence_id``: its first request starts it from the saved
         memory and re-sends the saved partial segment's tokens first."""
         self._require_python("resume()")
+        self._require_memory("resume()")
         layout = StateLayout({"memory": self.memory_shape}, self.vocab_size, self.vocab_size)
         loaded = load_state_file(path, self.bundle_identity, f"{self.model} at {self.url}", layout)
         if len(loaded.pending) != 1:
@@ -184,6 +198,8 @@ class TritonRMTClient:
         if ids.ndim != 1 or ids.size == 0:
             raise RuntimeInputError(f"ids must be one non-empty sequence of token ids (1-D), got shape "
                                     f"{list(ids.shape)}")
+        if want_memory:
+            self._require_memory("want_memory=True")
         size = self.segment_size if chunk_size is None else chunk_size
         if not isinstance(size, int) or size < 1:
             raise RuntimeInputError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
@@ -229,6 +245,8 @@ class TritonSequence:
         if self.ended:
             raise RuntimeInputError(f"sequence {self.sequence_id} has ended; start a new one")
         client = self.client
+        if want_memory:
+            client._require_memory("want_memory=True")
         (chunk,) = rows_of(ids, 1, client.vocab_size, "chunk", offsets=[self.tokens_seen])
         if chunk.size == 0:
             raise RuntimeInputError("a chunk needs at least one token id")

@@ -23,6 +23,12 @@ segment and the token count: with the partial segment's tokens, which the client
 that resumes the sequence exactly; ``rmt_runtime.triton_client`` writes it as a state file).
 A START request may carry ``start_memory`` to continue a saved sequence.
 
+The state itself may be any named state pairs of the bundle (``Bundle.state_pairs``): the RMT's
+``memory``, or an ARMT's ``W_mem.{l}``/``z.{l}`` per layer. Sequences, batching and END work the
+same for every one; the tensors ``start_memory``, ``memory`` and ``resume_memory`` are the RMT's
+memory and exist only for a bundle that has one (an ARMT's state, 2 x L tensors, stays in the
+server: ``rmt-triton`` leaves them out of its config and the client refuses to save or resume it).
+
 Requests of different sequences in one ``execute`` run as rows of one batch (their states
 stacked); a row's result is bit-identical to running that sequence alone (tests/triton).
 """
@@ -88,18 +94,20 @@ class SequenceTable:
     """
 
     def __init__(self, runtime: RMTRuntime, idle_seconds: float, clock: Callable[[], float] = time.monotonic):
-        if runtime.kind != "decoder" or set(runtime.state_pairs) != {MEMORY}:
-            raise RuntimeInputError(f"the Triton Python model serves decoder bundles with the RMT memory as their "
-                                    f"only state; this bundle is a {runtime.kind} with state "
-                                    f"{sorted(runtime.state_pairs)}")
+        if runtime.kind != "decoder":
+            raise RuntimeInputError(f"the Triton Python model serves decoder bundles; this bundle is a {runtime.kind} "
+                                    f"with state {sorted(runtime.state_pairs)}")
         self.runtime = runtime
         self.idle_seconds = float(idle_seconds)
         self.clock = clock
         self._states: dict[int, SequenceState] = {}
         self._last_used: dict[int, float] = {}
         self._lock = threading.Lock()
-        bundle = runtime.bundle
-        self.memory_shape = (bundle.num_mem_tokens, bundle.hidden_size)
+        # The RMT's memory travels in START_MEMORY/MEMORY_OUT/RESUME_MEMORY; a model without one (an
+        # ARMT: 2 x L per-layer state tensors) keeps its state server-side only (None here).
+        self.memory_shape = runtime.state_shapes.get(MEMORY)
+        self.outputs = frozenset({LAST_LOGITS, TOKENS_SEEN} | (
+            {MEMORY_OUT, RESUME_MEMORY} if self.memory_shape is not None else set()))
 
     def __len__(self) -> int:
         return len(self._states)
@@ -126,6 +134,9 @@ class SequenceTable:
             (ids,) = rows_of(ids, 1, self.runtime.bundle.vocab_size, "chunk")
         except RuntimeInputError as exc:
             raise SequenceRequestError(f"{where}: {exc}") from None
+        if start_memory is not None and self.memory_shape is None:
+            raise SequenceRequestError(f"{where}: {START_MEMORY} is the RMT's memory; this model's state is "
+                                       f"{self._state_names()}, which it keeps server-side only")
         if start_memory is not None:
             if not start:
                 raise SequenceRequestError(f"{where}: {START_MEMORY} seeds a new sequence; send it only with START")
@@ -137,10 +148,14 @@ class SequenceTable:
                                            f"{start_memory.dtype} {list(start_memory.shape)}")
             if not np.isfinite(start_memory).all():
                 raise SequenceRequestError(f"{where}: {START_MEMORY} holds NaN or Inf")
-        unknown = sorted(set(outputs) - {LAST_LOGITS, MEMORY_OUT, RESUME_MEMORY, TOKENS_SEEN})
+        unknown = sorted(set(outputs) - self.outputs)
         if unknown:
-            raise SequenceRequestError(f"{where}: unknown outputs {unknown}")
+            raise SequenceRequestError(f"{where}: unknown outputs {unknown} (this model has {sorted(self.outputs)})")
         return ChunkRequest(int(sequence_id), bool(start), bool(end), ids, frozenset(outputs), start_memory)
+
+    def _state_names(self) -> str:
+        names = sorted(self.runtime.state_pairs)
+        return f"{names}" if len(names) <= 4 else f"{len(names)} tensors ({names[0]}, {names[1]}, ...)"
 
     # ---- running -----------------------------------------------------------------------------
     def execute(self, requests: list[ChunkRequest]) -> list[ChunkResult | Exception]:
@@ -209,7 +224,8 @@ class SequenceTable:
             group = parts[rows[0]] if len(rows) == 1 else rt.stack([parts[r] for r in rows])
             output = rt.peek(group)  # as if each row's input ended at its chunk; the state is unchanged
             for position, row in enumerate(rows):
-                ended[row] = (output.last_logits[position], output.memory[position])
+                ended[row] = (output.last_logits[position],
+                              None if output.memory is None else output.memory[position])
         out = []
         for row, request in enumerate(requests):
             part = parts[row]

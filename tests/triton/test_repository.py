@@ -5,6 +5,7 @@ protocol reproduces the runtime; the python kind holds a model.py and a verified
 import ast
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
@@ -54,22 +55,38 @@ def test_repository_holds_the_graph_and_the_initial_memory(served):
 
 
 def _serve_like_triton(model_dir, sequences, segment_size):
-    """Run the served graph as Triton's sequence batcher does: the requests of several sequences
-    batched into one step, each sequence's new_memory carried to its next request."""
+    """Run the served graph as Triton's sequence batcher does, from the repository alone: the
+    requests of several sequences batched into one step, each ``state`` entry of config.pbtxt
+    carried from its output to its input at the sequence's next request, starting from its
+    initial_state (``data_file`` under initial_state/, or zeros for ``zero_data``).
+    Returns the last logits [S, V] and the final state {input name: [S, ...]}."""
+    config = text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     session = ort.InferenceSession(str(model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
-    initial = np.fromfile(model_dir / "initial_state" / INITIAL_STATE_FILE, dtype="<f4")
+    state = {}
+    for entry in config.sequence_batching.state:
+        (initial,) = entry.initial_state
+        assert entry.data_type == initial.data_type == model_config_pb2.TYPE_FP32 and initial.dims == entry.dims
+        if initial.WhichOneof("state_data") == "zero_data":
+            value = np.zeros(list(initial.dims), np.float32)
+        else:
+            value = np.fromfile(model_dir / "initial_state" / initial.data_file, dtype="<f4").reshape(initial.dims)
+        state[entry.input_name] = np.stack([value] * len(sequences))
+    outputs = {entry.output_name: entry.input_name for entry in config.sequence_batching.state}
+    (logits_name,) = [o.name for o in config.output]
     requests = [segment_requests(ids, segment_size) for ids in sequences]
-    memory = np.stack([initial.reshape(session.get_inputs()[2].shape[1:])] * len(sequences))
     last = [None] * len(sequences)
     for step in range(max(len(r) for r in requests)):
         active = [i for i, r in enumerate(requests) if step < len(r)]
-        ids = np.concatenate([requests[i][step].input_ids for i in active])
-        mask = np.concatenate([requests[i][step].attention_mask for i in active])
-        logits, new_memory = session.run(None, {"input_ids": ids, "attention_mask": mask, "memory": memory[active]})
-        memory[active] = new_memory
+        feeds = {"input_ids": np.concatenate([requests[i][step].input_ids for i in active]),
+                 "attention_mask": np.concatenate([requests[i][step].attention_mask for i in active]),
+                 **{name: value[active] for name, value in state.items()}}
+        names = [logits_name, *outputs]
+        result = dict(zip(names, session.run(names, feeds)))
+        for output, state_input in outputs.items():
+            state[state_input][active] = result[output]
         for row, i in enumerate(active):
-            last[i] = logits[row]
-    return np.stack(last), memory
+            last[i] = result[logits_name][row]
+    return np.stack(last), state
 
 
 def test_client_protocol_reproduces_the_runtime(served):
@@ -77,11 +94,11 @@ def test_client_protocol_reproduces_the_runtime(served):
     bundle, model_dir = served
     rng = np.random.default_rng(0)
     sequences = [rng.integers(0, bundle.vocab_size, n) for n in (100, 37, 16)]
-    logits, memory = _serve_like_triton(model_dir, sequences, bundle.segment_size)
+    logits, state = _serve_like_triton(model_dir, sequences, bundle.segment_size)
     runtime = RMTRuntime.load(bundle)
     for row, ids in enumerate(sequences):
         alone = runtime.run(ids)
-        np.testing.assert_allclose(memory[row], alone.memory[0], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(state["memory"][row], alone.memory[0], rtol=0, atol=1e-5)
         np.testing.assert_allclose(logits[row], alone.last_logits[0], rtol=0, atol=1e-5)
 
 
@@ -212,3 +229,96 @@ def test_bad_python_kind_options_are_refused(served, tmp_path, options, message)
     bundle, _ = served
     with pytest.raises(ExportError, match=message):
         write_triton_repository(bundle.path, tmp_path, options)
+
+
+# ---- an ARMT bundle: 2 x L named state pairs starting from zeros, no memory ------------------------
+@pytest.fixture(scope="module")
+def armt_served(armt_bundle_factory, tmp_path_factory):
+    _, path = armt_bundle_factory("fp32")
+    repo = tmp_path_factory.mktemp("triton-armt")
+    onnx_kind = write_triton_repository(path, repo, TritonOptions(name="armt", max_batch_size=4))
+    python_kind = write_triton_repository(path, repo, TritonOptions(name="armt_py", repository_kind="python"))
+    return Bundle.load(path), onnx_kind, python_kind
+
+
+def test_armt_config_has_one_zero_initialised_state_per_named_pair_matching_the_graph(armt_served):
+    """config.pbtxt lists 2 x L states W_mem.{l} -> new_W_mem.{l}, z.{l} -> new_z.{l}, FP32, dims
+    the state shapes after the batch axis, zero_data initial states (no initial_state folder);
+    the graph in the repository has exactly the config's inputs and outputs plus those states."""
+    bundle, model_dir, _ = armt_served
+    config = text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    layers = len(bundle.state_pairs) // 2
+    assert layers >= 2 and "memory" not in bundle.state_pairs
+    states = {s.input_name: s for s in config.sequence_batching.state}
+    expected = {f"{kind}.{layer}": f"new_{kind}.{layer}" for kind in ("W_mem", "z") for layer in range(layers)}
+    assert len(config.sequence_batching.state) == 2 * layers
+    assert {name: s.output_name for name, s in states.items()} == expected == bundle.state_pairs
+    shapes = bundle.state_shapes()
+    for name, state in states.items():
+        assert state.data_type == model_config_pb2.TYPE_FP32 and tuple(state.dims) == shapes[name], name
+        (initial,) = state.initial_state
+        assert initial.WhichOneof("state_data") == "zero_data" and initial.zero_data, name
+        assert initial.data_type == model_config_pb2.TYPE_FP32 and list(initial.dims) == list(state.dims), name
+        assert initial.name == f"{name}_init"
+    assert all(not bundle.initial_state()[name].any() for name in states)
+    assert sorted(p.name for p in model_dir.iterdir()) == ["1", "config.pbtxt"]  # no initial_state/ files
+
+    graph = onnx.load(str(model_dir / "1" / "model.onnx")).graph
+    initializers = {i.name for i in graph.initializer}
+    inputs = {i.name: i for i in graph.input if i.name not in initializers}
+    outputs = {o.name: o for o in graph.output}
+    assert set(inputs) == {i.name for i in config.input} | set(states) == {"input_ids", "attention_mask",
+                                                                           *expected}
+    assert set(outputs) == {o.name for o in config.output} | set(expected.values()) == {"last_logits",
+                                                                                          *expected.values()}
+    for name, state in states.items():
+        for tensor in (inputs[name], outputs[state.output_name]):
+            dims = [d.dim_value or d.dim_param for d in tensor.type.tensor_type.shape.dim]
+            assert dims == ["batch", *state.dims], tensor.name
+            assert tensor.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+
+def test_armt_onnxruntime_kind_protocol_reproduces_the_runtime(armt_served):
+    """Whole-segment requests (the last right-padded), three sequences batched per step, every
+    state carried as Triton carries implicit state from the config alone: equal to RMTRuntime.run
+    on each whole sequence (measured on the tiny ARMT: logits equal, state within 1.2e-7; the bound is the
+    RMT test's)."""
+    bundle, model_dir, _ = armt_served
+    rng = np.random.default_rng(2)
+    sequences = [rng.integers(0, bundle.vocab_size, n) for n in (100, 37, 16)]
+    logits, state = _serve_like_triton(model_dir, sequences, bundle.segment_size)
+    runtime = RMTRuntime.load(bundle, backend="onnxruntime", provider="cpu")
+    for row, ids in enumerate(sequences):
+        alone = runtime.run(ids)
+        np.testing.assert_allclose(logits[row], alone.last_logits[0], rtol=0, atol=1e-5)
+        for name, value in alone.state.items():
+            np.testing.assert_allclose(state[name][row], value[0], rtol=0, atol=1e-5, err_msg=name)
+
+
+def test_armt_python_kind_config_has_no_memory_tensors(armt_served):
+    bundle, _, model_dir = armt_served
+    config = text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert config.backend == "python"
+    assert [i.name for i in config.input] == ["input_ids"]
+    assert [(o.name, list(o.dims)) for o in config.output] == [("last_logits", [bundle.vocab_size]),
+                                                                ("tokens_seen", [1])]
+    assert not config.sequence_batching.state
+    assert Bundle.load(model_dir / "1" / "bundle").identity == bundle.identity
+
+
+def test_a_state_with_a_non_zero_initial_value_gets_its_own_data_file(armt_served, tmp_path, monkeypatch):
+    """Not an ARMT's (zeros), but a bundle's state_init may hold any values: such a state starts
+    from initial_state/<name>_init.bin (row-major float32), the others stay zero_data."""
+    bundle, _, _ = armt_served
+    initial = bundle.initial_state()
+    initial["z.0"] = np.arange(initial["z.0"].size, dtype=np.float32).reshape(initial["z.0"].shape) + 1
+    monkeypatch.setattr(Bundle, "initial_state", lambda self: {k: v.copy() for k, v in initial.items()})
+    model_dir = write_triton_repository(bundle.path, tmp_path, TritonOptions(name="seeded"))
+    config = text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    sources = {s.input_name: s.initial_state[0].WhichOneof("state_data") for s in config.sequence_batching.state}
+    assert sources == {name: "data_file" if name == "z.0" else "zero_data" for name in bundle.state_pairs}
+    (seeded,) = [s for s in config.sequence_batching.state if s.input_name == "z.0"]
+    assert seeded.initial_state[0].data_file == "z.0_init.bin"
+    assert sorted(p.name for p in (model_dir / "initial_state").iterdir()) == ["z.0_init.bin"]
+    raw = np.fromfile(model_dir / "initial_state" / "z.0_init.bin", dtype="<f4").reshape(initial["z.0"].shape)
+    np.testing.assert_array_equal(raw, initial["z.0"])

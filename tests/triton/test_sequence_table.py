@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from rmt_runtime import RMTRuntime, RuntimeInputError
-from rmt_runtime.triton_model import (LAST_LOGITS, MEMORY_OUT, RESUME_MEMORY, SequenceRequestError, SequenceTable,
-                                      check_numpy_for_python_backend)
+from rmt_runtime.triton_model import (LAST_LOGITS, MEMORY_OUT, RESUME_MEMORY, TOKENS_SEEN, SequenceRequestError,
+                                      SequenceTable, check_numpy_for_python_backend)
 
 ALL = {LAST_LOGITS, MEMORY_OUT, RESUME_MEMORY}
 
@@ -152,10 +152,68 @@ def test_a_failing_batch_gives_every_row_the_error_and_leaves_every_state_as_it_
     np.testing.assert_array_equal(retried.memory, runtime.run(ids).memory[0])
 
 
-def test_only_decoder_bundles_with_the_rmt_memory_are_served():
+def test_only_decoder_bundles_are_served():
     encoder = SimpleNamespace(kind="encoder", state_pairs={"memory": "new_memory"})
-    with pytest.raises(RuntimeInputError, match="serves decoder bundles with the RMT memory as their only state"):
+    with pytest.raises(RuntimeInputError, match="serves decoder bundles; this bundle is a encoder"):
         SequenceTable(encoder, idle_seconds=1)
+
+
+# ---- an ARMT bundle: 2 x L named state pairs, no memory -------------------------------------------
+@pytest.fixture(scope="module")
+def armt_runtime(armt_bundle_factory):
+    _, path = armt_bundle_factory("fp32")
+    return RMTRuntime.load(path, backend="onnxruntime", provider="cpu", threads=1)
+
+
+def test_armt_chunks_of_many_sequences_run_together_equal_each_sequence_alone(armt_runtime):
+    """The ARMT's per-layer state (W_mem.{l}, z.{l}) kept per sequence: 8 sequences in chunks of
+    random sizes, batched per call; every response's logits and every stored state tensor equal
+    RMTRuntime on that sequence's input so far, bit for bit (measured: identical)."""
+    runtime = armt_runtime
+    assert "memory" not in runtime.state_pairs and len(runtime.state_pairs) >= 4
+    table = SequenceTable(runtime, idle_seconds=60)
+    assert table.memory_shape is None and table.outputs == {LAST_LOGITS, TOKENS_SEEN}
+    rng = np.random.default_rng(1)
+    documents = {i + 1: rng.integers(0, runtime.bundle.vocab_size, n)
+                 for i, n in enumerate((5, 16, 20, 47, 64, 81, 1, 33))}
+    position = dict.fromkeys(documents, 0)
+    calls = 0
+    while position:
+        requests = []
+        for sid in list(position)[calls % 3:]:
+            ids = documents[sid]
+            end = min(len(ids), position[sid] + int(rng.integers(1, 24)))
+            requests.append(table.check(sid, position[sid] == 0, end == len(ids), ids[position[sid]:end],
+                                        {LAST_LOGITS, TOKENS_SEEN}))
+            position[sid] = end
+        for request, result in zip(requests, table.execute(requests)):
+            ids = documents[request.sequence_id][:position[request.sequence_id]]
+            np.testing.assert_array_equal(result.last_logits, runtime.run(ids).last_logits[0])
+            assert result.memory is None and result.resume_memory is None and result.tokens_seen == len(ids)
+            if request.end:
+                del position[request.sequence_id]
+                continue
+            alone = runtime.new_state()
+            runtime.feed(alone, ids)
+            stored = runtime.state_tensors(table._states[request.sequence_id])
+            for name, value in runtime.state_tensors(alone).items():
+                np.testing.assert_array_equal(stored[name], value, err_msg=name)
+        calls += 1
+    assert len(table) == 0 and calls > 3
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"start_memory": np.zeros((4, 32), np.float32)},
+     r"start_memory is the RMT's memory; this model's state is \['W_mem.0', .*keeps server-side only"),
+    ({"outputs": {LAST_LOGITS, MEMORY_OUT}}, r"unknown outputs \['memory'\] \(this model has \['last_logits', "
+                                             r"'tokens_seen'\]\)"),
+    ({"outputs": {RESUME_MEMORY}}, r"unknown outputs \['resume_memory'\]"),
+])
+def test_armt_memory_tensors_are_refused(armt_runtime, kwargs, message):
+    table = SequenceTable(armt_runtime, idle_seconds=60)
+    arguments = {"outputs": {LAST_LOGITS}, "start_memory": None} | kwargs
+    with pytest.raises(SequenceRequestError, match=message):
+        table.check(3, True, False, np.array([1, 2]), arguments["outputs"], arguments["start_memory"])
 
 
 def test_numpy_2_is_refused_in_the_server_unless_allowed():

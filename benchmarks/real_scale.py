@@ -5,6 +5,9 @@ of bf16 tensors, imported with --backbone-config/--num-mem-tokens/--segment-size
   gpt2-small  12 layers, d=768, 12 heads, vocab 50257, M=16, segment 512 (124M parameters)
   llama-1b    16 layers, d=2048, 32 heads / 8 KV heads, vocab 128256, tied embeddings,
               M=16, segment 1024 (1.24B parameters; Llama-3.2-1B's shape)
+  armt-gpt2-small  an ARMT over gpt2-small: d_mem 64, 1 head, a sink, M=16, segment 512
+              (the ARMT authors' layout, imported with --backbone-config/--armt-version;
+              W_mv ~ N(0, 0.02^2) instead of the reference's zeros, so the memory is in play)
 
 Each step runs the real command in its own process (`rmt-export`, then `rmt-run` over
 --run-segments segments); this script reads the child's peak RSS (VmHWM) from /proc at each
@@ -29,6 +32,9 @@ BIN = Path(sys.executable).parent
 SHAPES = {
     "gpt2-small": dict(family="gpt2", segment_size=512, num_mem_tokens=16,
                        backbone=dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)),
+    "armt-gpt2-small": dict(family="gpt2", segment_size=512, num_mem_tokens=16,
+                            armt=dict(d_mem=64, heads=1, use_sink=True),
+                            backbone=dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)),
     "llama-1b": dict(family="llama", segment_size=1024, num_mem_tokens=16,
                      backbone=dict(num_hidden_layers=16, hidden_size=2048, num_attention_heads=32,
                                    num_key_value_heads=8, intermediate_size=8192, vocab_size=128256,
@@ -38,12 +44,20 @@ SHAPES = {
 # Written by a child process: the parent never holds the model.
 MAKE_CHECKPOINT = textwrap.dedent("""
     import json, sys, collections, torch
-    from rmt_model import RMTConfig, build_model, family_config_dict
+    from rmt_model import ARMTSettings, RMTConfig, build_armt_model, build_model, family_config_dict
     shape = json.loads(sys.argv[1]); out = sys.argv[2]
     backbone = family_config_dict(shape["family"], **shape["backbone"])
     torch.manual_seed(0)
-    model = build_model(RMTConfig(kind="decoder", backbone=backbone, num_mem_tokens=shape["num_mem_tokens"],
-                                  segment_size=shape["segment_size"]))
+    if "armt" in shape:
+        model = build_armt_model(RMTConfig(kind="armt", backbone=backbone, num_mem_tokens=shape["num_mem_tokens"],
+                                           segment_size=shape["segment_size"], armt=ARMTSettings(**shape["armt"])))
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if name.endswith("W_mv.weight"):
+                    parameter.normal_(0.0, 0.02)
+    else:
+        model = build_model(RMTConfig(kind="decoder", backbone=backbone, num_mem_tokens=shape["num_mem_tokens"],
+                                      segment_size=shape["segment_size"]))
     parameters = sum(p.numel() for p in model.parameters())  # the tied LM head counted once
     state = collections.OrderedDict()
     for key, value in model.state_dict().items():   # the reference trainer's key layout, in bf16
@@ -149,8 +163,10 @@ def main() -> None:
     for precision in args.precisions.split(","):
         out = work / f"bundle-{precision}"
         command = [str(BIN / "rmt-export"), "--ckpt", str(work / "rmt.bin"), "--out", str(out), "--force",
-                   "--backbone-config", str(work / "backbone.json"), "--num-mem-tokens", str(shape["num_mem_tokens"]),
-                   "--segment-size", str(shape["segment_size"]), "--segments", str(args.segments)]
+                   "--backbone-config", str(work / "backbone.json"), "--segment-size", str(shape["segment_size"]),
+                   "--segments", str(args.segments)]
+        command += (["--armt-version", "normalized"] if "armt" in shape
+                    else ["--num-mem-tokens", str(shape["num_mem_tokens"])])
         command += [] if precision == "fp32" else [f"--{precision}"]
         started = time.perf_counter()
         stages, code = run_staged(command, work / f"export-{precision}.log")

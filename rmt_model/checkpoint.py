@@ -89,6 +89,21 @@ def save_checkpoint(model: RMTBase, path: str | os.PathLike) -> Path:
     return path
 
 
+def _mode_for(path: Path) -> int:
+    """The existing file's mode, else 0666 less the umask (read from /proc where it can be)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        pass
+    try:
+        umask = int(next(line for line in Path("/proc/self/status").read_text().splitlines()
+                         if line.startswith("Umask:")).split()[1], 8)
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _save_atomically(payload: dict, path: Path) -> None:
     """torch.save into a temporary file beside ``path``, fsynced, then renamed over it: a reader
     (or a crash) sees the old checkpoint or the new one, never half of one."""
@@ -98,6 +113,9 @@ def _save_atomically(payload: dict, path: Path) -> None:
         with handle:
             torch.save(payload, handle)
             handle.flush()
+            # The temporary file is 0600: give the checkpoint the mode open() would (or the
+            # mode of the file it replaces), so that others the directory allows can read it.
+            os.fchmod(handle.fileno(), _mode_for(path))
             os.fsync(handle.fileno())
         os.replace(handle.name, path)
     except BaseException:

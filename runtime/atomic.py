@@ -26,8 +26,33 @@ def unwritable_reason(path: Path) -> str | None:
     return None
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux says it (/proc/self/status),
+    else set and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode_for(path: Path) -> int:
+    """The mode a rewritten ``path`` gets: the existing file's, else what ``open`` would give a
+    new file (0666 less the umask). A temporary file is created 0600; renamed as it is, a
+    checkpoint or state file would be unreadable to the other users its directory allows."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~current_umask()
+
+
 def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
-    """Call ``write(handle)`` on a temporary file beside ``path``, then move it into place."""
+    """Call ``write(handle)`` on a temporary file beside ``path``, then move it into place
+    (with the mode ``file_mode_for`` gives)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -38,6 +63,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None])
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
+            os.fchmod(handle.fileno(), file_mode_for(path))
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:

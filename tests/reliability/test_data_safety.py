@@ -323,3 +323,25 @@ def test_an_encoder_bundle_without_num_labels_restores_its_own_state(bundle_fact
     restored = rt.restore_state(tmp_path / "s.npz")
     np.testing.assert_array_equal(restored.last_logits, state.last_logits)
     assert restored.last_logits.shape == (1, 3)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_checkpoints_and_state_files_get_the_mode_open_would_give_and_keep_a_replaced_files(model, a_bundle, tmp_path,
+                                                                                            umask):
+    """Written through a 0600 temporary file, they used to stay 0600 whatever the umask: a
+    checkpoint trained by one user could not be read by the service account next to it."""
+    from rmt_model import save_checkpoint
+
+    rt = RMTRuntime.load(a_bundle, backend="onnxruntime")
+    previous = os.umask(umask)
+    try:
+        checkpoint = save_checkpoint(model, tmp_path / f"model-{umask:o}.pt")
+        state_file = rt.save_state(rt.new_state(), tmp_path / f"state-{umask:o}.rmtstate")
+    finally:
+        os.umask(previous)
+    for path in (checkpoint, Path(state_file)):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+        path.chmod(0o640)  # a mode the user chose survives the next write
+    save_checkpoint(model, checkpoint)
+    rt.save_state(rt.new_state(), state_file)
+    assert checkpoint.stat().st_mode & 0o777 == 0o640 and Path(state_file).stat().st_mode & 0o777 == 0o640

@@ -6,7 +6,8 @@ last token's logits; ``step``: every position's logits), the same random input i
 segment by segment through ``RMTRuntime.feed``. Reported: tokens/s (median over repeats),
 per-segment latency (median and p90 over every timed segment) and the ratio to the
 PyTorch segment loop (``--ckpt``: the reference's ``model(ids)``, full logits, eager,
-same threads; the like-for-like ``step(logits='last')`` loop is shown too). Variants run
+same threads; the like-for-like ``step(logits='last')`` loop is shown too; an ARMT
+checkpoint's loop is its own step over its named state, W_mem.{l} and z.{l}). Variants run
 interleaved, rotating the order each repeat, so machine drift hits them alike.
 
 Torch is imported only with --ckpt; everything else needs numpy and onnxruntime, so it runs

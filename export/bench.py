@@ -6,7 +6,8 @@ last token's logits; ``step``: every position's logits), the same random input i
 segment by segment through ``RMTRuntime.feed``. Reported: tokens/s (median over repeats),
 per-segment latency (median and p90 over every timed segment) and the ratio to the
 PyTorch segment loop (``--ckpt``: the reference's ``model(ids)``, full logits, eager,
-same threads; the like-for-like ``step(logits='last')`` loop is shown too). Variants run
+same threads; the like-for-like ``step(logits='last')`` loop is shown too; an ARMT
+checkpoint's loop is its own step over its named state, W_mem.{l} and z.{l}). Variants run
 interleaved, rotating the order each repeat, so machine drift hits them alike.
 
 Torch is imported only with --ckpt; everything else needs numpy and onnxruntime, so it runs
@@ -95,22 +96,46 @@ def matmul_ceiling(threads: int, repeats: int = 3) -> dict:
     return {**best, "threads": threads, "onnx": onnx.__version__}
 
 
+# The ARMT's associative-memory projections (rmt_model.armt.AssociativeLayer; the exporter's
+# name scopes end in these): left out of segment_gflop, with the rest of the memory's work.
+MEMORY_SCOPES = tuple(f".{name}" for name in ("W_mq", "W_mk", "W_mv", "W_mb"))
+
+
+def _memory_projection(node) -> bool:
+    """Whether a node belongs to an ARMT memory projection, by the torch exporter's name scopes
+    (node metadata ``pkg.torch.onnx.name_scopes``); a graph without them counts every node."""
+    scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
+    return any(f"{scope}'" in scopes for scope in MEMORY_SCOPES)
+
+
 def segment_gflop(bundle: Bundle, graph: str, batch: int) -> float | None:
     """FLOPs of one full segment of ``graph`` (GFLOP): 2 x positions x weights for every
     MatMul/Gemm with a constant 2-D weight; the decoder's LM head, 2 x rows x vocab x
     hidden, with rows the segment's tokens (step) or one per row (ingest); the attention
-    matmuls, 4 x layers x positions^2 x hidden. None without the onnx package."""
+    matmuls, 4 x layers x positions^2 x hidden. Positions are the segment's tokens and what
+    the architecture adds to them (Bundle.extra_positions: the RMT decoder's 2M memory
+    positions, the encoder's M + 3, the ARMT's M write tokens and its sink).
+
+    An ARMT's associative memory is left out: its projections (W_mq, W_mk, W_mv, W_mb, found
+    by the exporter's name scopes), the DPFP features, the reads and the writes. For the
+    shapes rmt-edge runs they are a few percent of the backbone's (per layer ~2 x positions x
+    hidden x (d_mem + 6 d_mem) for the reads, less for the M-token writes), so the figure is
+    the backbone's work: a slight underestimate of what the graph computes.
+    None without the onnx package."""
     try:
         import onnx
     except ImportError:
         return None
     model = onnx.load(str(bundle.graph_path(graph)), load_external_data=False)
     initializers = {i.name: i for i in model.graph.initializer}
-    positions = bundle.segment_size + 2 * bundle.num_mem_tokens
+    positions = bundle.segment_size + bundle.extra_positions
     lm_rows = bundle.segment_size if graph == STEP else 1
+    armt = bundle.architecture == "armt"
     flops = 0
     for node in model.graph.node:
         if node.op_type in ("MatMul", "Gemm", "MatMulInteger") and len(node.input) > 1 and node.input[1] in initializers:
+            if armt and _memory_projection(node):
+                continue
             dims = [int(d) for d in initializers[node.input[1]].dims]
             if len(dims) == 2 and bundle.vocab_size not in dims:
                 flops += 2 * positions * dims[0] * dims[1]
@@ -144,7 +169,7 @@ def _runtime_variant(rt: RMTRuntime, graph: str, ids: np.ndarray, segment_times:
 def _pytorch_variants(checkpoint: Path, threads: int, ids: np.ndarray, times: dict[str, list[float]]):
     import torch
 
-    from rmt_model import load_checkpoint
+    from rmt_model import ARMTDecoder, load_checkpoint
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -152,14 +177,18 @@ def _pytorch_variants(checkpoint: Path, threads: int, ids: np.ndarray, times: di
     tokens = torch.from_numpy(ids)
     size = model.segment_size
 
+    # An RMT carries one memory tensor, an ARMT its named state (W_mem.{l}, z.{l}): each model's
+    # own step over the same full segments, as the runtime's loop.
+    initial = model.initial_state if isinstance(model, ARMTDecoder) else model.initial_memory
+
     def loop(logits: str, segment_times: list[float]) -> Callable[[], None]:
         def run() -> None:
             with torch.no_grad():
-                memory = model.initial_memory(tokens.shape[0])
+                state = initial(tokens.shape[0])
                 for start in range(0, tokens.shape[1], size):
                     chunk = tokens[:, start:start + size]
                     started = time.perf_counter()
-                    _, memory = model.step(chunk, torch.ones_like(chunk), memory, logits=logits)
+                    _, state = model.step(chunk, torch.ones_like(chunk), state, logits=logits)
                     segment_times.append(time.perf_counter() - started)
         return run
 
@@ -176,8 +205,10 @@ def run_bench(bundles: list[Path], checkpoint: Path | None, batches: list[int], 
     loaded = [Bundle.load(path) for path in bundles]
     first = loaded[0]
     for bundle in loaded[1:]:
-        same = (bundle.kind, bundle.segment_size, bundle.num_mem_tokens, bundle.vocab_size, bundle.hidden_size)
-        if same != (first.kind, first.segment_size, first.num_mem_tokens, first.vocab_size, first.hidden_size):
+        same = (bundle.kind, bundle.architecture, bundle.segment_size, bundle.num_mem_tokens, bundle.vocab_size,
+                bundle.hidden_size)
+        if same != (first.kind, first.architecture, first.segment_size, first.num_mem_tokens, first.vocab_size,
+                    first.hidden_size):
             raise RuntimeInputError(f"bundle {bundle.path} has another geometry than {first.path}: compare the "
                                     "precisions of one model")
     runtimes, skipped = {}, []

@@ -3,8 +3,11 @@
 It lives in rmt_export, the one package that sees both rmt_model and rmt_runtime, so that
 the runtime never imports torch. It needs the checkpoint the bundle was exported from (a
 bundle holds ONNX graphs, not PyTorch weights), refuses a checkpoint whose config differs
-from the bundle's, and runs in the bundle's precision. Use it to compare a backend with
-PyTorch on the same bundle:
+from the bundle's, and runs in the bundle's precision. RMT bundles run rmt_model.step's
+StepModule (one ``memory`` state); ARMT bundles (``architecture: armt``) run
+export/armt_graphs.py's ARMTStepModule, the module their graphs were traced from, with every
+named state pair (``W_mem.{l}``, ``z.{l}``) passed by its spec name. Use it to compare a
+backend with PyTorch on the same bundle:
 
     from rmt_export.reference_backend import reference_runtime
     rt = reference_runtime("model-fp32", "model.pt")        # an RMTRuntime running PyTorch
@@ -17,12 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from rmt_model import load_checkpoint
+from rmt_model import ARMTDecoder, load_checkpoint
 from rmt_model.step import PRECISION_DTYPES, StepModule, model_in_precision
 from rmt_runtime import Bundle, RMTRuntime
 from rmt_runtime.backends.base import Runner, RunResult
 from rmt_runtime.errors import BackendError
 from rmt_runtime.spec import INGEST
+
+from .armt_graphs import NEW, ARMTStepModule
 
 DEVICES = ("cpu", "cuda")
 
@@ -41,7 +46,7 @@ class PyTorchRunner(Runner):
                                "fp32 bundle")
         self.checkpoint, self.device, self.threads = checkpoint, device, threads
         self.state_on_host = device == "cpu"
-        self._modules: dict[str, StepModule] = {}
+        self._modules: dict[str, StepModule | ARMTStepModule] = {}
 
     @property
     def name(self) -> str:
@@ -54,9 +59,13 @@ class PyTorchRunner(Runner):
         if model.config.to_dict() != self.bundle.manifest.get("rmt_config"):
             raise BackendError(f"checkpoint {self.checkpoint} does not hold the model of bundle "
                                f"{self.bundle.path} (their RMT configs differ)")
+        armt = isinstance(model, ARMTDecoder)  # its config's kind "armt" matched the bundle's rmt_config
         model = model_in_precision(model, self.bundle.precision).to(self.device)
         dtype = PRECISION_DTYPES[self.bundle.precision]
         for graph in self.specs:
+            if armt:  # the module the graph was traced from: step "all", ingest "last"
+                self._modules[graph] = ARMTStepModule(model, "last" if graph == INGEST else "all").eval()
+                continue
             logits = "all" if graph != INGEST else "none" if model.config.kind == "encoder" else "last"
             self._modules[graph] = StepModule(model, logits, dtype).eval()
 
@@ -75,11 +84,20 @@ class PyTorchRunner(Runner):
     def shape_of(self, handle: Any) -> tuple[int, ...]:
         return tuple(handle.shape)
 
+    def _tensor(self, value: Any) -> torch.Tensor:
+        return torch.from_numpy(value).to(self.device) if isinstance(value, np.ndarray) else value
+
     def _run(self, graph, spec, inputs, want, into):
-        args = [torch.from_numpy(value).to(self.device) if isinstance(value, np.ndarray) else value
-                for value in (inputs[name] for name in spec.input_names)]
+        module = self._modules[graph]
         with torch.no_grad():
-            outputs = dict(zip(spec.output_names, self._modules[graph](*args)))
+            if isinstance(module, ARMTStepModule):  # (ids, mask, state in the model's order) by spec name
+                state = tuple(self._tensor(inputs[name]) for name in module.names)
+                values = module(self._tensor(inputs["input_ids"]), self._tensor(inputs["attention_mask"]), state)
+                names = [spec.outputs[0].name, *(NEW + name for name in module.names)]
+            else:
+                values = module(*(self._tensor(inputs[name]) for name in spec.input_names))
+                names = spec.output_names
+            outputs = dict(zip(names, values))
         for name, buffer in into.items():
             buffer.copy_(outputs[name])
             outputs[name] = buffer

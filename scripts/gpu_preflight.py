@@ -261,21 +261,24 @@ def read_bundles(directory: Path) -> tuple[dict | None, list[str]]:
     except (OSError, json.JSONDecodeError) as exc:
         return None, [f"{index_file} is unreadable: {exc}"]
     problems = []
-    entries = index.get("bundles", {})
-    for precision in PRECISIONS:
-        if precision not in entries:
-            problems.append(f"no {precision} bundle")
+    # The RMT's bundles, and the tiny ARMT's (index "armt", which an older script did not write).
+    kinds = {"": index.get("bundles", {}), "ARMT ": dict(index.get("armt") or {}).get("bundles", {})}
+    for what, entries in kinds.items():
+        for precision in PRECISIONS:
+            if precision not in entries:
+                problems.append(f"no {what}{precision} bundle")
     try:
         from rmt_runtime import Bundle, BundleError
     except ImportError as exc:
         return index, problems + [f"rmt_runtime is not importable ({exc}): install the project here"]
-    for precision, entry in sorted(entries.items()):
-        if not (directory / entry.get("reference", "?")).is_file():
-            problems.append(f"{precision}: reference {entry.get('reference')} is missing")
-        try:
-            Bundle.load(directory / entry.get("bundle", "?"))
-        except (BundleError, OSError) as exc:
-            problems.append(f"{precision}: {_first_line(exc)}")
+    for what, entries in kinds.items():
+        for precision, entry in sorted(entries.items()):
+            if not (directory / entry.get("reference", "?")).is_file():
+                problems.append(f"{what}{precision}: reference {entry.get('reference')} is missing")
+            try:
+                Bundle.load(directory / entry.get("bundle", "?"))
+            except (BundleError, OSError) as exc:
+                problems.append(f"{what}{precision}: {_first_line(exc)}")
     return index, problems
 
 
@@ -294,8 +297,11 @@ def check_bundles(directory: Path | None, torch_present: bool) -> Part:
     if problems:
         return Part("bundles", "MISSING", f"{directory}: " + "; ".join(problems),
                     ["remake it with python scripts/make_gpu_bundles.py --out DIR where torch is"])
+    armt = index["armt"]
     return Part("bundles", "ok", f"{directory}: {index.get('model')}, {' + '.join(sorted(index['bundles']))}, "
-                                 f"{index.get('segments')} chained segments, batch {index.get('batch')}")
+                                 f"{index.get('segments')} chained segments, batch {index.get('batch')}; "
+                                 f"{armt.get('model')}, {' + '.join(sorted(armt['bundles']))}, "
+                                 f"{armt.get('segments')} chained segments")
 
 
 def run(bundles: Path | None) -> list[Part]:

@@ -134,6 +134,15 @@ def armt_bundle_factory(shared_once):
     return make
 
 
+@pytest.fixture(scope="session")
+def armt_checkpoint(shared_once, armt_bundle_factory):
+    """The checkpoint of armt_bundle_factory's model (rmt_model.save_checkpoint), saved once per run."""
+    from rmt_model import save_checkpoint
+
+    model = armt_bundle_factory("fp32")[0]
+    return shared_once("ckpt/armt.pt", lambda path: save_checkpoint(model, path))
+
+
 # The documented code blocks' count (tests/docs): here, not in tests/docs/conftest.py, because
 # under pytest-xdist only the conftests of the command line's paths load in the controller,
 # which is where the terminal summary is written.

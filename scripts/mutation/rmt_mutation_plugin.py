@@ -12,6 +12,7 @@ It also imports, once, what the tests otherwise import lazily in every mutant's 
 pytest from a server that has loaded this plugin, so the imports are paid once, not ~5 s
 per mutant.
 """
+import importlib
 import os
 from pathlib import Path
 
@@ -30,10 +31,8 @@ def pytest_configure(config):
     if _warmed or not os.environ.get("RMT_MUTATION_CACHE"):
         return
     _warmed = True  # forked children inherit the flag and the imports
-    import onnxruntime  # noqa: F401
-    import transformers.generation  # noqa: F401
-
-    import rmt_export.exporter  # noqa: F401
+    for module in ("onnxruntime", "transformers.generation", "rmt_export.exporter"):
+        importlib.import_module(module)
     from rmt_model import build_model
     from rmt_model.tiny import DECODER_FAMILIES, ENCODER_FAMILIES, tiny_config
 

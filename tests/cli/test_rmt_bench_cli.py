@@ -73,3 +73,40 @@ def test_bundles_of_different_models_are_refused(bundle_factory):
     one_line_error(run("--bundle", bundle_factory("gpt2")[1].path, "--bundle", bundle_factory("bert")[1].path),
                    "has another geometry")
     assert run("--bundle", bundle_factory("gpt2")[1].path, "--batches", "0,x").exit_code == 2
+
+
+def test_an_armt_bundle_is_measured_against_its_pytorch_model(armt_bundle_factory, armt_checkpoint, cpu_only):
+    """An ARMT bundle (named state pairs, no memory tensor) and its checkpoint: the runtime's rows
+    and the ARMT's own PyTorch segment loop over the same segments, as for an RMT."""
+    _, bundle = armt_bundle_factory("fp32")
+    result = run("--bundle", bundle, "--ckpt", armt_checkpoint, "--batches", 1, "--segments", 2, "--repeats", 1,
+                 "--threads", 1, "--no-ceiling", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert sorted(row["variant"] for row in data["rows"]) == sorted(
+        ["fp32 onnxruntime/cpu ingest", "fp32 onnxruntime/cpu step", "pytorch model(ids) loop (full logits)",
+         "pytorch step(logits='last') loop"])
+    for row in data["rows"]:
+        assert row["tokens_per_second"] > 0 and row["vs_pytorch"] > 0
+        assert (row["gflops"] is None) == row["variant"].startswith("pytorch")
+    table = run("--bundle", bundle, "--ckpt", armt_checkpoint, "--batches", 1, "--segments", 1, "--repeats", 1,
+                "--threads", 1, "--no-ceiling", "--graphs", "ingest")
+    assert table.exit_code == 0, table.output
+    rows = [line for line in table.stdout.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert [line.split("|")[2].strip() for line in rows] == [
+        "fp32 onnxruntime/cpu ingest", "pytorch model(ids) loop (full logits)", "pytorch step(logits='last') loop"]
+
+
+def test_segment_flops_of_an_armt_count_its_sink_and_write_tokens_but_not_its_memory(armt_bundle_factory):
+    from rmt_export.bench import segment_gflop
+    from rmt_runtime import Bundle
+
+    bundle = Bundle.load(armt_bundle_factory("fp32")[1])
+    positions = 16 + 4 + 1  # segment, M write tokens, sink
+    assert bundle.extra_positions == positions - 16
+    # The tiny GPT-2 backbone: 2 layers of D 32 (c_attn 32x96, c_proj 32x32, MLP 32x128 and 128x32),
+    # the LM head (vocab 97) on one row, attention 4 x layers x positions^2 x D; no memory projection.
+    weights = 2 * (32 * 96 + 32 * 32 + 2 * 32 * 128)
+    expected = 2 * positions * weights + 2 * 97 * 32 + 4 * 2 * positions ** 2 * 32
+    assert segment_gflop(bundle, "ingest", 1) == pytest.approx(expected / 1e9)
+    assert segment_gflop(bundle, "ingest", 3) == pytest.approx(3 * expected / 1e9)

@@ -170,3 +170,52 @@ def test_cli_fails_on_a_bundle_whose_graph_was_altered(trt, bundle_factory, tmp_
     result = CliRunner().invoke(check_trt_main, ["--bundle", str(copy_dir)])
     assert result.exit_code == 1
     assert "step.onnx differs from the manifest's sha256" in result.output and "Traceback" not in result.output
+
+
+# ---- ARMT bundles: 2 x L named state pairs, DPFP features, L2 norms, the read's division ----
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_every_graph_of_an_armt_bundle_builds(trt, armt_bundle_factory, precision, record_property):
+    """The gate on the tiny ARMT (2 layers, M 4, a sink, segment 16): step, ingest, prefill and
+    decode parse and build, in fp32 and fp16 (measured: 1485/1479/889/832 layers in fp32, a few
+    more casts in fp16; the DPFP roll/concat, the ReduceL2, the division and the einsums all
+    import as plain layers, no loop)."""
+    _, path = armt_bundle_factory(precision)
+    bundle = Bundle.load(path)
+    results = trt_gate.check_bundle(path, max_batch=4)
+    assert [r.graph for r in results] == ["decode", "ingest", "prefill", "step"]
+    for result in results:
+        assert result.ok, result.summary()
+        assert result.precision == precision and result.engine_bytes > 0
+        record_property(f"{result.graph}_engine_bytes", result.engine_bytes)
+    profiles = {r.graph: r.profile for r in results}
+    for graph in ("step", "ingest", "prefill"):
+        assert profiles[graph]["input_ids"] == ((1, 1), (1, SEGMENT), (4, SEGMENT))
+        assert profiles[graph]["W_mem.1"] == tuple((b, *bundle.state_shapes()["W_mem.1"]) for b in (1, 1, 4))
+    # prefill writes "seq + 1" cache positions (the sink), decode reads "past" and writes
+    # "past + 1"; with rollover (generation's default) decode's cache never holds more than
+    # sink + segment - 1 positions, which the profile (sized for M + segment - 1) covers.
+    assert bundle.sink == 1
+    assert bundle.graph_spec("prefill").output("present.0.key").dims[2] == "seq + 1"
+    decode = bundle.graph_spec("decode")
+    assert decode.input("past.0.key").dims[2] == "past" and decode.output("present.0.key").dims[2] == "past + 1"
+    assert decode.input("attention_mask").dims[1] == "past + 1"
+    past_min, _, past_max = (shape[2] for shape in profiles["decode"]["past.0.key"])
+    assert past_min == 1 and past_max >= bundle.sink + SEGMENT - 1
+    assert profiles["decode"]["attention_mask"][2][1] == past_max + 1
+
+
+def test_armt_graphs_parse_without_cumulative_or_loop_layers(trt, armt_bundle_factory, record_property):
+    """What TensorRT makes of the ARMT's graphs, layer by layer: every op parses (the memory's
+    einsums as EINSUM layers, its L2 norms as REDUCE, the DPFP roll as SLICE + CONCATENATION)
+    and nothing is a loop."""
+    _, path = armt_bundle_factory("fp32")
+    logger = trt.Logger(trt.Logger.ERROR)
+    for name in ("step", "ingest", "prefill", "decode"):
+        builder = trt.Builder(logger)
+        network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+        parser = trt.OnnxParser(network, logger)
+        assert parser.parse_from_file(str(path / f"{name}.onnx")), name
+        layers = [network.get_layer(i).type.name for i in range(network.num_layers)]
+        record_property(f"{name}_layers", len(layers))
+        assert {"MATRIX_MULTIPLY", "EINSUM", "REDUCE"} <= set(layers), (name, sorted(set(layers)))
+        assert not set(layers) & _LOOPING_LAYERS, (name, sorted(set(layers) & _LOOPING_LAYERS))

@@ -35,7 +35,11 @@ MAKE_BUNDLES = ROOT / "scripts" / "make_gpu_bundles.py"
 # (tests/scripts/test_gpu_checks.py pins that); the GPU bounds leave room for other kernels
 # (TF32 matmuls where ONNX Runtime enables them). Each GPU run records its figures in the JUnit
 # XML (scripts/gpu_checks.sh: gpu-report/gpu-junit.xml), from which they can be tightened.
+# The tiny ARMT's 128 chained segments on the CPU provider differ by 4.2e-7 (fp32) and 1.4e-3
+# (fp16) in its state (z, whose entries stay below 1.7; W_mem's below 0.05), 1.3e-7 and 1.6e-4
+# in the last logits: the same bounds hold for it, with the same room.
 TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2}
+ARCHITECTURES = ("rmt", "armt")
 
 
 def require_or_skip(reason: str):
@@ -105,27 +109,47 @@ class ReferenceBundle:
 
     path: Path
     precision: str
-    arrays: dict[str, np.ndarray]   # chained_ids, chained_memory, chained_last_logits, short_*
-    index: dict
+    arrays: dict[str, np.ndarray]   # chained_ids, chained_memory (ARMT: chained_state.<name>), chained_last_logits, short_*
+    index: dict                     # the directory's index (ARMT: its "armt" part: segments, segment_size, state, ...)
+    architecture: str = "rmt"
+
+    @property
+    def state_names(self) -> list[str]:
+        """The runtime's state tensors: ["memory"] for an RMT, W_mem.0, z.0, ... for an ARMT."""
+        return list(self.index["state"]) if self.architecture == "armt" else ["memory"]
 
     def errors(self, output, name: str) -> dict[str, float]:
-        """Max |difference| of a runtime Output from the reference ``name`` (chained or short)."""
-        return {"memory": float(np.abs(output.memory - self.arrays[f"{name}_memory"]).max()),
-                "last_logits": float(np.abs(output.last_logits - self.arrays[f"{name}_last_logits"]).max())}
+        """Max |difference| of a runtime Output from the reference ``name`` (chained or short): the
+        RMT's "memory", the ARMT's "state" (the largest over its named tensors), "last_logits"."""
+        logits = float(np.abs(output.last_logits - self.arrays[f"{name}_last_logits"]).max())
+        if self.architecture == "rmt":
+            return {"memory": float(np.abs(output.memory - self.arrays[f"{name}_memory"]).max()), "last_logits": logits}
+        state = max(float(np.abs(output.state[key] - self.arrays[f"{name}_state.{key}"]).max())
+                    for key in self.state_names)
+        return {"state": state, "last_logits": logits}
 
 
-def load_reference_bundle(directory: Path, precision: str) -> ReferenceBundle:
-    """The ``precision`` bundle of a make_gpu_bundles.py directory; LookupError says what is wrong."""
+def load_reference_bundle(directory: Path, precision: str, architecture: str = "rmt") -> ReferenceBundle:
+    """The ``precision`` bundle (the ARMT's with architecture="armt") of a make_gpu_bundles.py
+    directory; LookupError says what is wrong."""
     index_file = Path(directory) / "index.json"
     if not index_file.is_file():
         raise LookupError(f"{directory} has no index.json: make it with scripts/make_gpu_bundles.py --out DIR")
     index = json.loads(index_file.read_text())
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
+    if architecture == "armt":
+        if not isinstance(index.get("armt"), dict):
+            raise LookupError(f"{directory} has no ARMT bundles (made by an older scripts/make_gpu_bundles.py: "
+                              "remake it)")
+        index = index["armt"]
     entry = index.get("bundles", {}).get(precision)
+    what = "ARMT " if architecture == "armt" else ""
     if entry is None:
-        raise LookupError(f"{directory} has no {precision} bundle (it has {sorted(index.get('bundles', {}))})")
+        raise LookupError(f"{directory} has no {what}{precision} bundle (it has {sorted(index.get('bundles', {}))})")
     with np.load(Path(directory) / entry["reference"]) as stored:
         arrays = {name: stored[name] for name in stored.files}
-    return ReferenceBundle(Path(directory) / entry["bundle"], precision, arrays, index)
+    return ReferenceBundle(Path(directory) / entry["bundle"], precision, arrays, index, architecture)
 
 
 _MADE: dict[str, object] = {}   # "dir": the bundles made this session, or "failed": why making them failed
@@ -161,9 +185,9 @@ def bundle_directory(make_into: Path | None = None) -> tuple[Path | None, str | 
 
 @pytest.fixture
 def reference_bundle(tmp_path_factory):
-    """reference_bundle(precision) -> ReferenceBundle. Call it in the test body, after the needs_*
-    fixtures: a machine without a GPU skips before any bundle is made."""
-    def get(precision: str) -> ReferenceBundle:
+    """reference_bundle(precision, architecture="rmt") -> ReferenceBundle. Call it in the test body,
+    after the needs_* fixtures: a machine without a GPU skips before any bundle is made."""
+    def get(precision: str, architecture: str = "rmt") -> ReferenceBundle:
         try:
             directory, reason = bundle_directory(tmp_path_factory.getbasetemp() / "gpu-bundles")
         except RuntimeError as exc:
@@ -171,7 +195,7 @@ def reference_bundle(tmp_path_factory):
         if directory is None:
             require_or_skip(reason)
         try:
-            return load_reference_bundle(directory, precision)
+            return load_reference_bundle(directory, precision, architecture)
         except (LookupError, OSError, KeyError, ValueError) as exc:
             pytest.fail(f"{BUNDLES}={directory}: {exc}", pytrace=False)  # a broken directory is never a skip
     return get

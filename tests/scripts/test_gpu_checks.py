@@ -154,7 +154,8 @@ def test_the_preflight_passes_where_every_part_is_here(tmp_path, gpu_bundles):
     assert "cuda-python 12.9.0 (cuda.bindings.runtime), driver supports CUDA 12.8 (12080)" in output
     assert "NVIDIA H200, sm 9.0, driver 570.86.15" in lines_of(output, "driver")[0]
     assert "TensorRT 10.3.0.30 (before 10.8 CumSum imports as a loop" in lines_of(output, "tensorrt")[0]
-    assert f"{gpu_bundles}: tiny, fp16 + fp32, 128 chained segments, batch 2" in lines_of(output, "bundles")[0]
+    assert (f"{gpu_bundles}: tiny, fp16 + fp32, 128 chained segments, batch 2; tiny-armt, fp16 + fp32, 128 chained "
+            "segments") in lines_of(output, "bundles")[0]
     assert lines_of(output, "torch")[0].split()[0] == "skipped"
 
 
@@ -185,6 +186,33 @@ def test_make_gpu_bundles_writes_what_the_gpu_tests_read(gpu_bundles):
             assert stored["chained_memory"].shape == (2, 4, 32)
             assert stored["chained_last_logits"].shape == (2, 97)
             assert stored["short_ids"].shape == (1, 4 * 16)
+    armt = index["armt"]
+    assert (armt["model"], armt["segments"], armt["batch"], armt["segment_size"]) == ("tiny-armt", 128, 2, 16)
+    assert armt["state"] == ["W_mem.0", "z.0", "W_mem.1", "z.1"] and sorted(armt["bundles"]) == ["fp16", "fp32"]
+    for precision, entry in armt["bundles"].items():
+        manifest = json.loads((gpu_bundles / entry["bundle"] / "manifest.json").read_text())
+        assert (manifest["precision"], manifest["architecture"]) == (precision, "armt")
+        assert sorted(manifest["graphs"]) == ["ingest", "step"]  # segment graphs only, as the RMT's
+        with np.load(gpu_bundles / entry["reference"]) as stored:
+            assert stored["chained_ids"].shape == (2, 128 * 16) and stored["chained_last_logits"].shape == (2, 97)
+            assert stored["chained_state.W_mem.1"].shape == (2, 2, 24, 16)
+            assert stored["chained_state.z.0"].shape == (2, 2, 24)
+            assert "chained_memory" not in stored.files and stored["short_state.z.1"].shape == (1, 2, 24)
+
+
+def test_the_preflight_says_what_an_older_directory_without_armt_bundles_lacks(tmp_path, gpu_bundles):
+    older = tmp_path / "older"
+    shutil.copytree(gpu_bundles, older)
+    index = json.loads((older / "index.json").read_text())
+    del index["armt"]
+    (older / "index.json").write_text(json.dumps(index))
+    env = fake_gpu_stack(tmp_path / "stack", bindings="12.9.0", driver_cuda=12080, runtime_cuda=12090,
+                         device_error=0)
+    done = run_without(("torch",), RUN_SCRIPT, [SCRIPTS / "gpu_preflight.py", "--bundles", older], env=env,
+                       cwd=ROOT)
+    bundles = "\n".join(lines_of(done.stdout, "bundles"))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert bundles.split()[0] == "MISSING" and "no ARMT fp32 bundle; no ARMT fp16 bundle" in bundles
 
 
 def test_the_references_are_the_pytorch_models_outputs(gpu_bundles):
@@ -205,6 +233,17 @@ def test_the_references_are_the_pytorch_models_outputs(gpu_bundles):
     rng_ids = np.random.default_rng(0).integers(0, 97, (2, 128 * 16), dtype=np.int64)
     with np.load(gpu_bundles / "tiny-fp16.npz") as stored:
         np.testing.assert_array_equal(stored["chained_ids"], rng_ids)
+    # The ARMT's: the suite's own tiny ARMT (tests/conftest.py armt_bundle_factory's), its forward.
+    from tests.rmt_model.test_armt import NEWER, make_armt
+
+    armt = make_armt("gpt2", w_mv_std=0.05, **NEWER).eval()
+    with np.load(gpu_bundles / "tiny-armt-fp32.npz") as stored:
+        np.testing.assert_array_equal(stored["chained_ids"], rng_ids)
+        with torch.no_grad():
+            out = armt(torch.from_numpy(stored["chained_ids"]))
+        for name, value in out.state.items():
+            np.testing.assert_allclose(stored[f"chained_state.{name}"], value.numpy(), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(stored["chained_last_logits"], out.logits[:, -1].numpy(), rtol=0, atol=1e-5)
 
 
 ORT_CPU_CHECK = """\
@@ -212,11 +251,12 @@ import json, sys
 from rmt_runtime import RMTRuntime
 from tests.gpu.conftest import load_reference_bundle
 errors = {}
-for precision in ("fp32", "fp16"):
-    reference = load_reference_bundle(sys.argv[1], precision)
-    runtime = RMTRuntime.load(reference.path, provider="cpu")
-    errors[precision] = {name: reference.errors(runtime.run(reference.arrays[name + "_ids"]), name)
-                         for name in ("chained", "short")}
+for architecture in ("rmt", "armt"):
+    for precision in ("fp32", "fp16"):
+        reference = load_reference_bundle(sys.argv[1], precision, architecture)
+        runtime = RMTRuntime.load(reference.path, provider="cpu")
+        errors[f"{architecture} {precision}"] = {name: reference.errors(runtime.run(reference.arrays[name + "_ids"]), name)
+                                                 for name in ("chained", "short")}
 print(json.dumps({"errors": errors, "torch_loaded": "torch" in sys.modules}))
 """
 
@@ -224,17 +264,21 @@ print(json.dumps({"errors": errors, "torch_loaded": "torch" in sys.modules}))
 def test_onnxruntime_cpu_without_torch_reproduces_the_stored_references(gpu_bundles, record_property):
     """The GPU tests' own loading and comparison (tests/gpu/conftest.py), on ONNX Runtime's CPU
     provider, torch unimportable: the stored references hold within the GPU tests' tolerances
-    over all 128 chained segments."""
+    over all 128 chained segments, for the RMT's bundles and the ARMT's (its named state)."""
     done = run_without(("torch",), ORT_CPU_CHECK, [gpu_bundles], env=clean_env(), cwd=ROOT)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.splitlines()[-1])
     assert result["torch_loaded"] is False
-    for precision, by_input in result["errors"].items():
+    assert sorted(result["errors"]) == ["armt fp16", "armt fp32", "rmt fp16", "rmt fp32"]
+    for variant, by_input in result["errors"].items():
+        precision = variant.split()[1]
         for name, errors in by_input.items():
             for output, error in errors.items():
-                record_property(f"{precision}_{name}_{output}_max_abs", error)
-            assert max(errors.values()) < TOLERANCE[precision], (precision, name, errors)
-    assert result["errors"]["fp16"]["chained"]["memory"] > 0  # fp16 really ran in fp16: a comparison, not a copy
+                record_property(f"{variant.replace(' ', '_')}_{name}_{output}_max_abs", error)
+            assert max(errors.values()) < TOLERANCE[precision], (variant, name, errors)
+    assert result["errors"]["rmt fp16"]["chained"]["memory"] > 0  # fp16 really ran in fp16: a comparison, not a copy
+    assert sorted(result["errors"]["armt fp32"]["chained"]) == ["last_logits", "state"]
+    assert result["errors"]["armt fp16"]["chained"]["state"] > 0
 
 
 def test_gpu_tests_import_no_torch_and_skip_or_fail_with_the_reason():

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # through RMT_TRITON_VENV.
 TRITON_VENV ?= .venv-triton
 
-.PHONY: test demo check-aarch64 clean
+.PHONY: test demo demo-armt check-aarch64 clean
 
 $(VENV)/.installed: setup.py requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ check-aarch64: $(VENV)/.installed
 ## demo: the main job on the sample model
 demo: $(VENV)/.installed
 	$(PY) samples/demo.py
+
+## demo-armt: the same job on the ARMT sample, over 64 segments
+demo-armt: $(VENV)/.installed
+	$(PY) samples/demo.py --checkpoint samples/keyrecall_armt/model.pt --segments 64 --out out/demo-armt
 
 clean:
 	rm -rf $(VENV) $(TRITON_VENV) build *.egg-info .pytest_cache

@@ -62,6 +62,10 @@ def _run_guarded(verbose: bool, as_json: bool, work, interrupted=lambda: "interr
 @click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime vs PyTorch validation (not recommended).")
 @click.option("--segments", type=click.IntRange(min=2), default=32, show_default=True,
               help="Chained segments the validation runs.")
+@click.option("--validation-text", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Validate on this UTF-8 text (read by the bundle's tokenizer) instead of random token ids: a "
+                   "trained model's own kind of data, where random ids can drive it out of the range its fp16 graph "
+                   "holds (docs/VALIDATION.md).")
 @click.option("--no-generation", is_flag=True,
               help="Decoders: leave out the prefill/decode graphs that rmt-generate needs (smaller bundle).")
 @click.option("--engine", is_flag=True,
@@ -92,9 +96,9 @@ def _run_guarded(verbose: bool, as_json: bool, work, interrupted=lambda: "interr
               help="Export even when the memory estimate is above what the machine has available.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable result on stdout.")
 @click.option("--verbose", is_flag=True, help="Show tracebacks.")
-def main(ckpt, out, fp16, int8, opset, force, no_validate, segments, no_generation, engine, engine_builder, max_batch,
-         workspace_mb, tokenizer_dir, no_tokenizer, backbone_config, num_mem_tokens, segment_size, armt_version,
-         lora_alpha, no_memory_check, as_json, verbose):
+def main(ckpt, out, fp16, int8, opset, force, no_validate, segments, validation_text, no_generation, engine,
+         engine_builder, max_batch, workspace_mb, tokenizer_dir, no_tokenizer, backbone_config, num_mem_tokens,
+         segment_size, armt_version, lora_alpha, no_memory_check, as_json, verbose):
     """Export an RMT checkpoint to a validated bundle holding single-segment ONNX graphs.
 
     \b
@@ -150,7 +154,7 @@ def main(ckpt, out, fp16, int8, opset, force, no_validate, segments, no_generati
     options = ExportOptions(precision=precision, opset=opset, validate=not no_validate, force=force,
                             plan=ValidationPlan(segments=segments), tokenizer_dir=tokenizer_dir,
                             ship_tokenizer=not no_tokenizer, generation=not no_generation,
-                            check_memory=not no_memory_check)
+                            check_memory=not no_memory_check, validation_text=validation_text)
 
     def progress(stage: str, detail: str) -> None:
         click.echo(f"[{stage}] {detail}", err=True)

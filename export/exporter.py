@@ -63,6 +63,9 @@ class ExportOptions:
     generation: bool = True
     # Refuse up front, with the estimate, an export that needs more memory than is available.
     check_memory: bool = True
+    # Validate on this UTF-8 text, tokenized by the tokenizer the bundle ships, instead of
+    # random ids (export_bundle; export_model takes ``plan.token_ids``).
+    validation_text: Path | None = None
 
     def check(self) -> None:
         if self.precision not in PRECISIONS:
@@ -79,6 +82,12 @@ class ExportOptions:
                 raise ExportError(f"tokenizer directory {self.tokenizer_dir} does not exist")
             if not tokenizer_files(self.tokenizer_dir):
                 raise ExportError(f"{self.tokenizer_dir} holds no tokenizer files (expected one of {TOKENIZER_FILES})")
+        if self.validation_text is not None:
+            if not self.validate:
+                raise ExportError("validation text was given and validation was turned off (--validation-text with "
+                                  "--no-validate): give one or the other")
+            if not Path(self.validation_text).is_file():
+                raise ExportError(f"validation text {self.validation_text} is not a file")
 
 
 def tokenizer_files(directory: str | os.PathLike) -> list[str]:
@@ -240,6 +249,8 @@ def export_bundle(ckpt: str | os.PathLike, out: str | os.PathLike, options: Expo
     out = _bundle_path(out)
     tokenizer_dir, tokenizer_line = _choose_tokenizer(ckpt, options, reference)
     options = replace(options, tokenizer_dir=tokenizer_dir)
+    if options.validation_text is not None:
+        options = replace(options, plan=_plan_on_text(options.plan, options.validation_text, tokenizer_dir))
     inputs = tuple(Path(p) for p in (ckpt, tokenizer_dir,
                                      reference.backbone_config if reference else None) if p is not None)
     check_destination(out, options.force, inputs)
@@ -261,6 +272,21 @@ def export_bundle(ckpt: str | os.PathLike, out: str | os.PathLike, options: Expo
 def bundle_kind(model: RMTBase | ARMTDecoder) -> str:
     """The manifest's kind: what the runtime does with the bundle (an ARMT runs as a decoder)."""
     return "decoder" if isinstance(model, ARMTDecoder) else model.config.kind
+
+
+def _plan_on_text(plan: ValidationPlan, text_path: Path, tokenizer_dir: Path | None) -> ValidationPlan:
+    """``plan`` validating on ``text_path``'s tokens, read with the tokenizer the bundle ships."""
+    if tokenizer_dir is None or not (Path(tokenizer_dir) / RUNTIME_TOKENIZER).is_file():
+        raise ExportError(f"--validation-text {text_path} needs the bundle's {RUNTIME_TOKENIZER} to read it (none "
+                          "ships: give --tokenizer DIR)")
+    try:
+        text = Path(text_path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ExportError(f"--validation-text {text_path}: not readable UTF-8 text ({exc})") from None
+    from tokenizers import Tokenizer
+
+    ids = np.asarray(Tokenizer.from_file(str(Path(tokenizer_dir) / RUNTIME_TOKENIZER)).encode(text).ids, np.int64)
+    return replace(plan, token_ids=ids, source=f"text {Path(text_path).name} ({len(ids)} tokens)")
 
 
 def _check_memory(model: RMTBase | ARMTDecoder, options: ExportOptions, progress: Progress | None) -> None:
@@ -287,6 +313,10 @@ def export_model(model: RMTBase | ARMTDecoder, out: str | os.PathLike, options: 
     out = _bundle_path(out)
     check_destination(out, options.force, (options.tokenizer_dir,) if options.tokenizer_dir else ())
     config = model.config
+    try:  # the user's validation tokens fit this model, before any work
+        options.plan.check_tokens(config.vocab_size, config.segment_size)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
     _check_memory(model, options, progress)
     model = model.eval()
     parent = out.parent if str(out.parent) else Path(".")

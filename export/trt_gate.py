@@ -161,7 +161,7 @@ def _captured_stderr(lines: list[str]):
 
 def check_graph(onnx_path: str | os.PathLike, graph_spec: GraphSpec, segment_size: int,
                 max_batch: int = 8, workspace_mb: int = 1024, *, opt_batch: int = 1,
-                compute_capabilities: Sequence[str] | None = None, num_mem_tokens: int = 0) -> TrtGateResult:
+                compute_capabilities: Sequence[str] | None = None, cache_prefix: int = 0) -> TrtGateResult:
     """Parse ``onnx_path`` with TensorRT-RTX and build a serialized engine on the CPU.
 
     One optimisation profile covers the spec: ``batch`` 1..max_batch (tuned for
@@ -185,7 +185,7 @@ def check_graph(onnx_path: str | os.PathLike, graph_spec: GraphSpec, segment_siz
     logger = _logger()
     phases: dict[str, list[tuple[Any, str]]] = {"parse": [], "build": []}
     stderr: list[str] = []
-    result.profile = profile_shapes(graph_spec, segment_size, max_batch, opt_batch, num_mem_tokens)
+    result.profile = profile_shapes(graph_spec, segment_size, max_batch, opt_batch, cache_prefix)
     settings = BuildSettings(workspace_mb=workspace_mb, compute_capabilities=compute_capabilities)
     with _LOCK:
         logger.sink = phases["parse"]
@@ -231,5 +231,5 @@ def check_bundle(bundle_dir: str | os.PathLike, max_batch: int = 8, workspace_mb
         raise EngineError(f"{bundle.path}: {INT8_FOR_TENSORRT}")
     return [check_graph(bundle.graph_path(name), bundle.graph_spec(name), bundle.segment_size,
                         max_batch=max_batch, workspace_mb=workspace_mb,
-                        compute_capabilities=compute_capabilities, num_mem_tokens=bundle.num_mem_tokens)
+                        compute_capabilities=compute_capabilities, cache_prefix=bundle.cache_prefix)
             for name in bundle.graph_names]

@@ -12,7 +12,7 @@ See docs/VALIDATION.md for why the tolerances are what they are.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -58,22 +58,57 @@ TOLERANCES = {
 
 @dataclass(frozen=True)
 class ValidationPlan:
-    """Seeded random inputs: ``segments`` segments of batch ``batch``; the last is short
-    and its second row padded (so the padding path is checked)."""
+    """``segments`` segments of batch ``batch``; the last is short and its second row padded
+    (so the padding path is checked). Inputs: seeded random ids, or, with ``token_ids``, the
+    user's own tokens (one row after the other, ``tokens_needed`` of them): a trained model
+    can be out of its range on random ids where it is not on its own data (an ARMT's fp16
+    read, docs/VALIDATION.md)."""
 
     segments: int = 32
     batch: int = 2
     seed: int = 0
+    token_ids: np.ndarray | None = field(default=None, compare=False, repr=False)
+    source: str = "random ids"  # what the report says the inputs were
+
+    def tokens_needed(self, segment_size: int) -> int:
+        """Tokens ``token_ids`` must hold: ``batch`` rows of (segments - 1) full segments and a short one."""
+        return self.batch * ((self.segments - 1) * segment_size + max(1, segment_size // 2 + 1))
+
+    def check_tokens(self, vocab_size: int, segment_size: int) -> None:
+        """``token_ids`` fit: 1-D integers in the vocabulary, enough of them (ValueError naming which)."""
+        ids = self.token_ids
+        if ids is None:
+            return
+        needed = self.tokens_needed(segment_size)
+        if ids.ndim != 1 or ids.dtype.kind not in "iu":
+            raise ValueError(f"validation tokens must be a 1-D array of integer ids, got {ids.dtype}{list(ids.shape)}")
+        if len(ids) < needed:
+            raise ValueError(f"validation over {self.segments} segments of {segment_size} tokens, batch {self.batch}, "
+                             f"needs {needed} tokens; {self.source} gives {len(ids)} (give more text, or fewer "
+                             "--segments)")
+        if len(ids) and (ids.min() < 0 or ids.max() >= vocab_size):
+            raise ValueError(f"validation tokens must be ids in 0..{vocab_size - 1}; {self.source} holds "
+                             f"{int(ids.min())}..{int(ids.max())}")
 
     def inputs(self, vocab_size: int, segment_size: int, low: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
         if self.segments < 2 or self.batch < 2:
             raise ValueError("validation needs at least 2 segments and batch 2")
         rng = np.random.default_rng(self.seed)
+        rows = None
+        if self.token_ids is not None:
+            self.check_tokens(vocab_size, segment_size)
+            per_row = self.tokens_needed(segment_size) // self.batch
+            rows = np.asarray(self.token_ids[:per_row * self.batch], np.int64).reshape(self.batch, per_row)
         out = []
+        start = 0
         for index in range(self.segments):
             last = index == self.segments - 1
             length = max(1, segment_size // 2 + 1) if last else segment_size
-            ids = rng.integers(low, vocab_size, size=(self.batch, length), dtype=np.int64)
+            if rows is None:
+                ids = rng.integers(low, vocab_size, size=(self.batch, length), dtype=np.int64)
+            else:
+                ids = np.ascontiguousarray(rows[:, start:start + length])
+            start += length
             mask = np.ones_like(ids)
             if last:
                 mask[1:, max(1, length // 2):] = 0
@@ -247,6 +282,7 @@ def validate_graphs(model: RMTBase, graphs: dict[str, tuple[str, GraphSpec]], pr
     kept: list[dict[str, np.ndarray]] = []  # per segment: the reference's small outputs
     report: dict[str, Any] = {
         "precision": precision, "segments": plan.segments, "batch": plan.batch, "seed": plan.seed,
+        "inputs": plan.source,
         "segment_lengths": [int(ids.shape[1]) for ids, _ in segments],
         "tolerance": asdict(tolerance), "sensitivity": {}, "graphs": {}, "misses": [],
     }
@@ -358,10 +394,14 @@ def validate_generation(model: RMTBase, graphs: dict[str, tuple[str, GraphSpec]]
     segments = plan.inputs(config.vocab_size, size)
     rng = np.random.default_rng(plan.seed + 2)
     length = max(1, size // 2 + 1)
-    ids = rng.integers(0, config.vocab_size, size=(plan.batch, length), dtype=np.int64)
-    mask = np.ones_like(ids)
-    mask[1:, max(1, length // 2):] = 0
-    forced = rng.integers(0, config.vocab_size, size=(steps, plan.batch, 1), dtype=np.int64)
+    if plan.token_ids is None:
+        ids = rng.integers(0, config.vocab_size, size=(plan.batch, length), dtype=np.int64)
+        mask = np.ones_like(ids)
+        mask[1:, max(1, length // 2):] = 0
+    else:  # the user's tokens: the plan's last (short, padded) segment is the prompt
+        ids, mask = segments[-1]
+    forced = (rng.integers(0, config.vocab_size, size=(steps, plan.batch, 1), dtype=np.int64) if plan.token_ids is None
+              else rng.choice(np.asarray(plan.token_ids, np.int64), size=(steps, plan.batch, 1)))
     with torch.no_grad():
         state = initial_state(model, plan.batch)
         pairs = {name: name for name in state}

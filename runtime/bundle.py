@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .atomic import as_path
-from .spec import GENERATION_GRAPHS, SEGMENT_GRAPHS, SPEC_VERSION, GraphSpec
+from .spec import GENERATION_GRAPHS, PREFILL, SEGMENT_GRAPHS, SPEC_VERSION, GraphSpec
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA_VERSION = 1
@@ -286,6 +286,18 @@ class Bundle:
         if self.architecture == "armt":
             return self.num_mem_tokens + self.sink
         return 2 * self.num_mem_tokens if self.kind == "decoder" else self.num_mem_tokens + 3
+
+    @property
+    def cache_prefix(self) -> int:
+        """Key/value cache positions ahead of the prompt when generating: k in the prefill
+        graph's present caches' "seq + k" (the RMT's M memory tokens, an ARMT's sink, 0 or 1);
+        without generation graphs what the architecture puts there."""
+        if PREFILL in self.manifest["graphs"]:
+            dims = next((t.dims for t in self.graph_spec(PREFILL).outputs if t.name.startswith("present.")), None)
+            if dims is not None and len(dims) == 4:
+                _, _, offset = str(dims[2]).partition(" + ")
+                return int(offset) if offset else 0
+        return self.sink if self.architecture == "armt" else self.num_mem_tokens
 
     @property
     def precision(self) -> str:

@@ -117,13 +117,14 @@ TRT_DTYPES = {"float32": "FLOAT", "float16": "HALF", "bfloat16": "BF16", "int64"
 Profile = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
 
 
-def profile_shapes(spec: GraphSpec, segment_size: int, max_batch: int, opt_batch: int, num_mem_tokens: int = 0
+def profile_shapes(spec: GraphSpec, segment_size: int, max_batch: int, opt_batch: int, cache_prefix: int = 0
                    ) -> Profile:
     """min/opt/max of every spec input: batch 1/opt_batch/max_batch, seq 1/segment/segment,
-    and for the decode graph's cache ``past`` 1/M + segment/2/M + segment - 1 (with rollover,
-    generation's default, the cache never holds more than M + segment positions)."""
-    top = num_mem_tokens + segment_size - 1
-    return {t.name: (t.shape(1, 1, 1), t.shape(opt_batch, segment_size, max(1, num_mem_tokens + segment_size // 2)),
+    and for the decode graph's cache ``past`` 1/P + segment/2/P + segment - 1, with P the
+    positions ahead of the prompt (``Bundle.cache_prefix``: the RMT's M, an ARMT's sink); with
+    rollover, generation's default, the cache never holds more than P + segment positions."""
+    top = cache_prefix + segment_size - 1
+    return {t.name: (t.shape(1, 1, 1), t.shape(opt_batch, segment_size, max(1, cache_prefix + segment_size // 2)),
                      t.shape(max_batch, segment_size, max(1, top))) for t in spec.inputs}
 
 
@@ -352,8 +353,7 @@ def engine_fields(bundle: Bundle, graph: str, trt_name: str, trt_version: str, d
                   options: BuildOptions) -> dict[str, Any]:
     """Everything an engine's validity depends on (its key is their hash)."""
     spec = bundle.graph_spec(graph)
-    profile = profile_shapes(spec, bundle.segment_size, options.max_batch, options.opt_batch,
-                             bundle.num_mem_tokens)
+    profile = profile_shapes(spec, bundle.segment_size, options.max_batch, options.opt_batch, bundle.cache_prefix)
     files = bundle.manifest["files"]
     graph_file = bundle.manifest["graphs"][graph]["file"]
     return {

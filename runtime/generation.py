@@ -152,7 +152,7 @@ class _Cache:
     def __init__(self, runtime: "RMTRuntime", state: SequenceState) -> None:
         self.runtime = runtime
         self.state = state
-        self.m = cache_prefix(runtime.bundle)
+        self.m = runtime.bundle.cache_prefix
         self.handles: dict[str, object] = {}
         self.mask = np.zeros((state.batch, 0), np.int64)
         # present.i.* outputs become the next call's past.i.* inputs: the decode spec's state pairs.
@@ -193,14 +193,6 @@ class _Cache:
         return result.host["logits"]
 
 
-def cache_prefix(bundle) -> int:
-    """Positions the prefill graph puts ahead of the prompt in the cache: k in its present
-    caches' "seq + k" (the RMT's M memory tokens; an ARMT's sink, 0 or 1)."""
-    dims = next(t.dims for t in bundle.graph_spec(PREFILL).outputs if t.name.startswith("present."))
-    _, _, offset = str(dims[2]).partition(" + ")
-    return int(offset) if offset else 0
-
-
 def _check_can_generate(runtime: "RMTRuntime") -> None:
     bundle = runtime.bundle
     if bundle.kind != "decoder":
@@ -228,7 +220,7 @@ def generate_tokens(runtime: "RMTRuntime", state: SequenceState, prompts,
     commits = [((len(c) - 1) // size) * size for c in contexts]
     longest = max(len(c) - k for c, k in zip(contexts, commits))
     limit = bundle.manifest.get("max_positions")
-    prefix = cache_prefix(bundle)
+    prefix = bundle.cache_prefix
     if not config.rollover and limit and prefix + longest + config.max_new_tokens > limit:
         raise RuntimeInputError(
             f"without rollover the context grows to {prefix} {'sink' if bundle.architecture == 'armt' else 'memory'} + "

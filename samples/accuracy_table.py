@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from rmt_export.errors import ValidationError  # noqa: E402
 from rmt_export.exporter import ExportOptions, export_bundle  # noqa: E402
 from rmt_model import ARMTDecoder, load_checkpoint  # noqa: E402
 from rmt_runtime import RMTRuntime  # noqa: E402
@@ -53,8 +54,15 @@ def answers_with_reset(model, ids: np.ndarray) -> np.ndarray:
 
 
 def measure(checkpoint: Path, out: Path, examples: int, segments=SEGMENTS, seed: int = 1234) -> dict:
+    """Accuracy per input length. A precision whose export the validation refuses has no
+    column of figures: ``refused`` says why (its first miss), and nothing unvalidated is run."""
     model = load_checkpoint(checkpoint)
-    runtimes = {p: RMTRuntime.load(bundle_for(p, out, checkpoint)) for p in PRECISIONS}
+    runtimes, refused = {}, {}
+    for precision in PRECISIONS:
+        try:
+            runtimes[precision] = RMTRuntime.load(bundle_for(precision, out, checkpoint))
+        except ValidationError as exc:
+            refused[precision] = f"{len(exc.misses)} validation misses, the first: {exc.misses[0]}"
     rows = []
     for n in segments:
         ids, answers = make_batch(np.random.default_rng(seed + n), examples, n, model.config.segment_size)
@@ -67,7 +75,7 @@ def measure(checkpoint: Path, out: Path, examples: int, segments=SEGMENTS, seed:
             row[f"{precision}_agrees_with_pytorch"] = float((predicted == reference).mean())
         row["memory_reset"] = float((answers_with_reset(model, ids) == answers).mean())
         rows.append(row)
-    return {"examples": examples, "chance": CHANCE, "rows": rows}
+    return {"examples": examples, "chance": CHANCE, "rows": rows, "refused": refused}
 
 
 def table(result: dict) -> str:
@@ -76,9 +84,10 @@ def table(result: dict) -> str:
              "|---" * (5 + len(PRECISIONS)) + "|"]
     for r in result["rows"]:
         lines.append(f"| {r['segments']} | {r['tokens']} | {r['pytorch']:.3f} | "
-                     + " | ".join(f"{r[p]:.3f}" for p in PRECISIONS) + " | "
-                     + " / ".join(f"{r[f'{p}_agrees_with_pytorch']:.3f}" for p in PRECISIONS)
+                     + " | ".join(f"{r[p]:.3f}" if p in r else "refused" for p in PRECISIONS) + " | "
+                     + " / ".join(f"{r[f'{p}_agrees_with_pytorch']:.3f}" if p in r else "-" for p in PRECISIONS)
                      + f" | {r['memory_reset']:.3f} |")
+    lines += [f"\n{p} refused by the export's validation: {why}" for p, why in result.get("refused", {}).items()]
     return "\n".join(lines)
 
 
@@ -93,6 +102,8 @@ def plot(result: dict, path: Path) -> Path:
     for key, label, style in (("pytorch", "PyTorch", "o-"), ("fp32", "fp32 bundle (runtime)", "s--"),
                               ("fp16", "fp16 bundle (runtime)", "^:"), ("int8", "int8 bundle (runtime)", "d-."),
                               ("memory_reset", "memory reset", "x-")):
+        if key not in result["rows"][0]:
+            continue
         axes.plot(segments, [r[key] for r in result["rows"]], style, label=label)
     axes.axhline(result["chance"], color="grey", linewidth=0.8, label="chance")
     axes.set_xscale("log", base=2)

@@ -97,13 +97,13 @@ class OnnxRuntimeRunner(Runner):
 
     def tensorrt_profile(self, graph: str) -> dict[str, tuple[tuple[int, ...], ...]]:
         """(min, opt, max) of every input of ``graph``: batch 1/1/max_batch, seq 1/segment/segment;
-        the decode cache ``past`` 1..M + segment - 1 (rollover), or up to the backbone's last
+        the decode cache ``past`` 1..P + segment - 1 (rollover; P = ``Bundle.cache_prefix``), or up to the backbone's last
         position when the bundle records it (generation without rollover grows the cache there)."""
         spec = self.bundle.graph_spec(graph)
-        segment, memory = self.bundle.segment_size, self.bundle.num_mem_tokens
-        profile = profile_shapes(spec, segment, self.max_batch, 1, memory)
+        segment, prefix = self.bundle.segment_size, self.bundle.cache_prefix
+        profile = profile_shapes(spec, segment, self.max_batch, 1, prefix)
         limit = self.bundle.manifest.get("max_positions")
-        if graph == DECODE and limit and limit - 1 > memory + segment - 1:
+        if graph == DECODE and limit and limit - 1 > prefix + segment - 1:
             profile = {t.name: (low, opt, t.shape(self.max_batch, segment, limit - 1))
                        for t, (low, opt, _) in zip(spec.inputs, profile.values())}
         return profile

@@ -200,3 +200,24 @@ def test_tokenizer_dir_without_tokenizer_files_is_refused(tiny_checkpoint, tmp_p
     empty = tmp_path / "empty"
     empty.mkdir()
     one_line_error(run("--ckpt", ckpt, "--out", tmp_path / "b", "--tokenizer", empty), "holds no tokenizer files")
+
+
+def test_validation_on_the_users_own_text_is_recorded_and_bad_text_is_refused_before_work(tmp_path):
+    """--validation-text: the sample's tokenizer reads the text; the report says what the inputs were."""
+    sample = Path(__file__).resolve().parents[2] / "samples" / "keyrecall" / "model.pt"
+    text = tmp_path / "task.txt"
+    text.write_text("key=K;" + "the quick brown fox jumps over a lazy dog " * 8)   # 342 bytes: 4 segments need 226
+    out = tmp_path / "bundle"
+    result = run("--ckpt", sample, "--out", out, "--validation-text", text, "--segments", 4, "--no-generation")
+    assert result.exit_code == 0, result.output
+    report = Bundle.load(out).manifest["validation"]
+    assert report["passed"] and report["inputs"] == "text task.txt (342 tokens)"
+    short = tmp_path / "short.txt"
+    short.write_text("key=K;" * 10)
+    one_line_error(run("--ckpt", sample, "--out", tmp_path / "b2", "--validation-text", short, "--segments", 4),
+                   "needs 226 tokens; text short.txt (60 tokens) gives 60")
+    assert not (tmp_path / "b2").exists()
+    one_line_error(run("--ckpt", sample, "--out", tmp_path / "b3", "--validation-text", text, "--no-validate"),
+                   "--validation-text with --no-validate")
+    one_line_error(run("--ckpt", sample, "--out", tmp_path / "b4", "--validation-text", text, "--no-tokenizer"),
+                   "needs the bundle's tokenizer.json")

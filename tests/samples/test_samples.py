@@ -94,20 +94,30 @@ def test_streaming_reader_answers_from_chunks(sample_bundle):
     assert predicted == chr(answer) and tokens == len(text)
 
 
-def test_demo_runs_end_to_end(tmp_path):
+# (checkpoint, what the parity line names, validation figures printed): the RMT's 4 step, 4
+# ingest and 3 prefill/decode figures; the ARMT's 2 (logits) + 8 (4 state tensors) per
+# segment graph, in 2 modes each, and the same 3.
+DEMOS = {"rmt": (CHECKPOINT, "memory", 11), "armt": (ROOT / "samples" / "keyrecall_armt" / "model.pt",
+                                                       r"state \(4 tensors\)", 23)}
+
+
+@pytest.mark.parametrize("sample", sorted(DEMOS))
+def test_demo_runs_end_to_end(tmp_path, sample):
+    checkpoint, state, figures = DEMOS[sample]
     result = subprocess.run([sys.executable, str(ROOT / "samples" / "demo.py"), "--out", str(tmp_path),
-                             "--segments", "8", "--examples", "16"], capture_output=True, text=True, cwd=ROOT)
+                             "--checkpoint", str(checkpoint), "--segments", "8", "--examples", "16"],
+                            capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     answer = re.search(r"answer: '(.)'  \(expected '(.)': (right|WRONG)\)", out)
     assert answer and answer[1] == answer[2] and answer[3] == "right", out
-    parity = re.search(r"memory max abs diff (\S+), same answer: (True|False)", out)
+    parity = re.search(state + r" max abs diff (\S+), same answer: (True|False)", out)
     # Measured: 9.5e-7 after 8 segments (fp32; the export suite bounds chained memory at 1e-5).
     assert parity and float(parity[1]) < 1e-5 and parity[2] == "True", out
     # The export's validation summary: worst errors measured 1.4e-6..5.7e-6 (logits up to ~12).
     errors = [float(x) for line in out.splitlines() if "max abs error" in line
               for x in re.findall(r" (\d\.\d+e[-+]\d+)", line.split("max abs error", 1)[1])]
-    assert len(errors) == 11 and max(errors) < 5e-5, out  # 4 step, 4 ingest, 3 prefill/decode figures
+    assert len(errors) == figures and max(errors) < 5e-5, out
     accuracy = re.search(r"16 examples of 8 segments, batched: accuracy (\d\.\d+) \(chance", out)
     assert accuracy and float(accuracy[1]) >= 0.9, out  # measured 1.000; chance is 0.062
     assert re.search(r"runtime [\d,]+ tokens/s, PyTorch eager [\d,]+ tokens/s", out), out

@@ -218,10 +218,15 @@ class RMTRuntime:
 
     # ---- running --------------------------------------------------------------------------
     def _check_finite(self, tensors: Mapping[str, np.ndarray], where) -> None:
-        """``where``: text, or a callable making it (only built when something is wrong)."""
+        """``where``: text, or a callable making it (only built when something is wrong). The
+        error names the tensors and the rows (sequences) that hold NaN or Inf."""
         bad = [name for name, value in tensors.items() if not np.isfinite(value).all()]
         if bad:
-            raise RuntimeInputError(f"state {bad} holds NaN or Inf after {where() if callable(where) else where}")
+            rows = sorted({int(row) for name in bad for row in np.nonzero(
+                ~np.isfinite(tensors[name].reshape(len(tensors[name]), -1)).all(axis=1))[0]})
+            raise RuntimeInputError(f"state {bad} holds NaN or Inf in row(s) {rows[:20]}"
+                                    + (f" and {len(rows) - 20} more" if len(rows) > 20 else "")
+                                    + f" after {where() if callable(where) else where}")
 
     def _graph_inputs(self, ids: np.ndarray, mask: np.ndarray, handles: Mapping[str, Any]) -> dict[str, Any]:
         return {"input_ids": ids, "attention_mask": mask, **handles}
@@ -236,8 +241,7 @@ class RMTRuntime:
         rows = mask.any(axis=1)
         state.segments_done += rows
         if self.runner.state_on_host:  # free on the host; device state is checked at read-out
-            self._check_finite(self.state_tensors(state),
-                               lambda: f"segment {int(state.segments_done.max())} (rows {np.nonzero(rows)[0].tolist()})")
+            self._check_finite(self.state_tensors(state), lambda: f"segment {int(state.segments_done.max())}")
         key = "last_logits" if "last_logits" in result.host else "logits" if self.kind == "encoder" else None
         if key and key in result.host:
             self._record_logits(state, result.host[key], rows)

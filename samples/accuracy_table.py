@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from rmt_export.errors import ValidationError  # noqa: E402
 from rmt_export.exporter import ExportOptions, export_bundle  # noqa: E402
 from rmt_model import ARMTDecoder, load_checkpoint  # noqa: E402
-from rmt_runtime import RMTRuntime  # noqa: E402
+from rmt_runtime import RMTRuntime, RuntimeInputError  # noqa: E402
 from samples.task import CHANCE, make_batch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -53,6 +54,23 @@ def answers_with_reset(model, ids: np.ndarray) -> np.ndarray:
     return logits[:, -1].argmax(-1).numpy()
 
 
+def predict(rt: RMTRuntime, ids: np.ndarray) -> np.ndarray:
+    """Each row's answer through the runtime, -1 for a row whose state went to NaN or Inf: the
+    runtime refuses such a batch naming the rows, and the others are run again without them."""
+    try:
+        return rt.run(ids).last_logits.argmax(-1)
+    except RuntimeInputError as exc:
+        bad = re.search(r"holds NaN or Inf in row\(s\) \[([\d, ]+)\]", str(exc))
+        if not bad:
+            raise
+        rows = [int(r) for r in bad[1].split(",")]
+        answers = np.full(len(ids), -1, np.int64)
+        keep = np.setdiff1d(np.arange(len(ids)), rows)
+        if len(keep):
+            answers[keep] = predict(rt, ids[keep])
+        return answers
+
+
 def measure(checkpoint: Path, out: Path, examples: int, segments=SEGMENTS, seed: int = 1234) -> dict:
     """Accuracy per input length. A precision whose export the validation refuses has no
     column of figures: ``refused`` says why (its first miss), and nothing unvalidated is run."""
@@ -70,7 +88,9 @@ def measure(checkpoint: Path, out: Path, examples: int, segments=SEGMENTS, seed:
             reference = model(torch.from_numpy(ids)).logits[:, -1].argmax(-1).numpy()
         row = {"segments": n, "tokens": int(ids.shape[1]) + 1, "pytorch": float((reference == answers).mean())}
         for precision, rt in runtimes.items():
-            predicted = rt.run(ids).last_logits.argmax(-1)
+            predicted = predict(rt, ids)
+            if (predicted < 0).any():
+                row[f"{precision}_nonfinite"] = int((predicted < 0).sum())
             row[precision] = float((predicted == answers).mean())
             row[f"{precision}_agrees_with_pytorch"] = float((predicted == reference).mean())
         row["memory_reset"] = float((answers_with_reset(model, ids) == answers).mean())
@@ -88,6 +108,8 @@ def table(result: dict) -> str:
                      + " / ".join(f"{r[f'{p}_agrees_with_pytorch']:.3f}" if p in r else "-" for p in PRECISIONS)
                      + f" | {r['memory_reset']:.3f} |")
     lines += [f"\n{p} refused by the export's validation: {why}" for p, why in result.get("refused", {}).items()]
+    lines += [f"\n{r['segments']} segments, {p}: {r[f'{p}_nonfinite']} row(s) whose state went to NaN/Inf (counted wrong)"
+              for r in result["rows"] for p in PRECISIONS if f"{p}_nonfinite" in r]
     return "\n".join(lines)
 
 

@@ -258,12 +258,14 @@ def test_bad_inputs_are_refused_before_any_work(bundle_factory):
                                "memory": rt.runner.empty((2, 4, 32), "float32")})
 
 
-def test_memory_that_overflows_fp16_is_an_error_naming_the_segment(bundle_factory):
+def test_memory_that_overflows_fp16_is_an_error_naming_the_segment_and_the_rows(bundle_factory):
     model, exported = bundle_factory("gpt2", "fp16")
     rt = RMTRuntime.load(exported.path)
-    state = rt.new_state(1, memory=np.full((1, 4, model.config.hidden_size), 1e6, np.float32))
-    with pytest.raises(RuntimeInputError, match=r"NaN or Inf after segment 1 \(rows \[0\]\)"):
-        rt.feed(state, random_ids(97, 16))
+    memory = np.repeat(model.initial_memory(1).detach().numpy(), 3, axis=0)
+    memory[1] = 1e6  # only the middle sequence overflows; the error names it, not every row that ran
+    state = rt.new_state(3, memory=memory)
+    with pytest.raises(RuntimeInputError, match=r"\['memory'\] holds NaN or Inf in row\(s\) \[1\] after segment 1$"):
+        rt.feed(state, [random_ids(97, 16)] * 3)
 
 
 def test_bundle_whose_file_changed_is_refused(bundle_factory, tmp_path):

@@ -34,8 +34,8 @@ from transformers import DynamicCache
 
 from rmt_model.armt import ARMTDecoder
 from rmt_model.step import PRECISION_DTYPES
-from rmt_runtime.spec import (BATCH, DECODE, INGEST, PAST, PREFILL, SEQ, STEP, CacheLayer, Dim, GraphSpec,
-                              TensorSpec, cache_names)
+from rmt_runtime.spec import (BATCH, DECODE, INGEST, PREFILL, SEQ, STEP, CacheLayer, GraphSpec, TensorSpec,
+                              cached_generation_specs)
 
 from .errors import ExportError
 from .graphs import CACHE_DTYPES, DEFAULT_OPSET, flat_cache, trace_and_save
@@ -176,38 +176,12 @@ def armt_cache_layout(model: ARMTDecoder) -> list[CacheLayer]:
     return [CacheLayer(heads=int(flat[i].shape[1]), head_dim=int(flat[i].shape[3])) for i in range(0, len(flat), 2)]
 
 
-def _positions(symbol: str, offset: int) -> Dim:
-    """runtime/spec.py's ``symbol + k`` (plain ``symbol`` for k = 0)."""
-    return f"{symbol} + {offset}" if offset else symbol
-
-
 def armt_generation_specs(model: ARMTDecoder, precision: str) -> dict[str, GraphSpec]:
     """The ARMT's prefill and decode specs (module docstring). Caches in the precision's cache
     dtype (export/graphs.py CACHE_DTYPES, as the RMT's generation graphs); state float32."""
-    config = model.config
-    cache_dtype = CACHE_DTYPES[precision]
-    layers = armt_cache_layout(model)
     state = tuple(TensorSpec(name, "float32", (BATCH, *shape[1:])) for name, shape in model.state_shapes(1).items())
-    past_names, present_names = cache_names(len(layers))
-
-    def caches(names: list[str], positions: Dim) -> tuple[TensorSpec, ...]:
-        return tuple(TensorSpec(name, cache_dtype, (BATCH, layer.heads, positions, layer.head_dim))
-                     for name, layer in zip(names, (layer for layer in layers for _ in range(2))))
-
-    prefill = GraphSpec(
-        PREFILL,
-        (TensorSpec("input_ids", "int64", (BATCH, SEQ)), TensorSpec("attention_mask", "int64", (BATCH, SEQ)),
-         *state),
-        (TensorSpec("last_logits", "float32", (BATCH, config.vocab_size)),
-         *caches(present_names, _positions(SEQ, int(model.settings.use_sink)))))
-    decode = GraphSpec(
-        DECODE,
-        (TensorSpec("input_ids", "int64", (BATCH, 1)),
-         TensorSpec("attention_mask", "int64", (BATCH, _positions(PAST, 1))),
-         TensorSpec("position_ids", "int64", (BATCH, 1)), *caches(past_names, PAST), *state),
-        (TensorSpec("logits", "float32", (BATCH, config.vocab_size)), *caches(present_names, _positions(PAST, 1))),
-        dict(zip(past_names, present_names)))
-    return {PREFILL: prefill, DECODE: decode}
+    return cached_generation_specs(state, state, int(model.settings.use_sink), model.config.vocab_size,
+                                   armt_cache_layout(model), CACHE_DTYPES[precision])
 
 
 def export_armt_generation_graphs(model: ARMTDecoder, precision: str, opset: int, directory: Path,

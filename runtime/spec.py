@@ -162,15 +162,31 @@ def cache_names(layers: int) -> tuple[list[str], list[str]]:
 
 def generation_specs(num_mem_tokens: int, hidden_size: int, vocab_size: int,
                      layers: list[CacheLayer], cache_dtype: str) -> dict[str, GraphSpec]:
-    """The decoder's generation graphs (the reference's generation: ``[mem, tokens]``, no write slots).
-
-    prefill: input_ids, attention_mask [batch, seq], memory -> last_logits [batch, vocab] at
-             each row's last real token, present.i.key/value over the M + seq positions.
-    decode:  input_ids [batch, 1], attention_mask [batch, past + 1], position_ids [batch, 1],
-             past.i.key/value [.., past, ..] -> logits [batch, vocab], present.i.key/value
-             [.., past + 1, ..]. Caches are in the bundle's precision (``cache_dtype``).
-    """
+    """The RMT decoder's generation graphs (the reference's generation: ``[mem, tokens]``, no
+    write slots): ``cached_generation_specs`` with the memory read by prefill, M positions
+    ahead of the prompt in the cache, and nothing read by decode."""
     memory = TensorSpec("memory", "float32", (BATCH, num_mem_tokens, hidden_size))
+    return cached_generation_specs((memory,), (), num_mem_tokens, vocab_size, layers, cache_dtype)
+
+
+def _plus(symbol: str, offset: int) -> Dim:
+    """``symbol + k``, plain ``symbol`` for k = 0."""
+    return f"{symbol} + {offset}" if offset else symbol
+
+
+def cached_generation_specs(prefill_reads: tuple[TensorSpec, ...], decode_reads: tuple[TensorSpec, ...],
+                            cache_prefix: int, vocab_size: int, layers: list[CacheLayer],
+                            cache_dtype: str) -> dict[str, GraphSpec]:
+    """A decoder's key/value-cached generation graphs.
+
+    prefill: input_ids, attention_mask [batch, seq], ``prefill_reads`` -> last_logits [batch,
+             vocab] at each row's last real token, present.i.key/value over the
+             ``cache_prefix`` + seq positions (the RMT's M memory tokens, an ARMT's sink).
+    decode:  input_ids [batch, 1], attention_mask [batch, past + 1], position_ids [batch, 1],
+             past.i.key/value [.., past, ..], ``decode_reads`` -> logits [batch, vocab],
+             present.i.key/value [.., past + 1, ..]; state pairs past.i.* -> present.i.*.
+    The reads are state the graphs take and never replace. Caches are ``cache_dtype``.
+    """
     past_names, present_names = cache_names(len(layers))
 
     def caches(names: list[str], positions: Dim) -> tuple[TensorSpec, ...]:
@@ -180,13 +196,12 @@ def generation_specs(num_mem_tokens: int, hidden_size: int, vocab_size: int,
     prefill = GraphSpec(
         PREFILL,
         (TensorSpec("input_ids", "int64", (BATCH, SEQ)), TensorSpec("attention_mask", "int64", (BATCH, SEQ)),
-         memory),
-        (TensorSpec("last_logits", "float32", (BATCH, vocab_size)),
-         *caches(present_names, f"{SEQ} + {num_mem_tokens}")))
+         *prefill_reads),
+        (TensorSpec("last_logits", "float32", (BATCH, vocab_size)), *caches(present_names, _plus(SEQ, cache_prefix))))
     decode = GraphSpec(
         DECODE,
         (TensorSpec("input_ids", "int64", (BATCH, 1)), TensorSpec("attention_mask", "int64", (BATCH, f"{PAST} + 1")),
-         TensorSpec("position_ids", "int64", (BATCH, 1)), *caches(past_names, PAST)),
+         TensorSpec("position_ids", "int64", (BATCH, 1)), *caches(past_names, PAST), *decode_reads),
         (TensorSpec("logits", "float32", (BATCH, vocab_size)), *caches(present_names, f"{PAST} + 1")),
         dict(zip(past_names, present_names)))
     return {PREFILL: prefill, DECODE: decode}

@@ -320,16 +320,16 @@ def run_bench(bundles: list[Path], checkpoint: Path | None, batches: list[int], 
     torch_peers = TorchPeers(checkpoint, threads, peers, cpu) if checkpoint is not None and first.kind == "decoder" \
         and peers else None
     say(f"running {', '.join(runtimes)}; skipped {len(skipped)} (see 'skipped')")
-    result: dict = {"cpu": cpu, "machine": machine(), "threads": threads, "segments": segments, "repeats": repeats,
-                    "segment_size": first.segment_size, "bundles": [str(b.path) for b in loaded],
-                    "ceiling": matmul_ceiling(threads) if ceiling else {"skipped": "--no-ceiling"}, "skipped": skipped,
-                    "peers": list(peers) if torch_peers else [], "best_pytorch": [], "rows": []}
-    if torch_peers:
-        result["pytorch"] = {"torch": torch_peers.torch.__version__, "inductor_freezing": torch_peers.freezing}
-    # Per graph, batch 1 (FLOPs scale with the batch): read once, not once per row.
-    gflop_per_row = {graph: segment_gflop(first, graph, 1) for graph in (INGEST, STEP)}
-    rng = np.random.default_rng(0)
     try:
+        result: dict = {"cpu": cpu, "machine": machine(), "threads": threads, "segments": segments,
+                        "repeats": repeats, "segment_size": first.segment_size, "bundles": [str(b.path) for b in loaded],
+                        "ceiling": matmul_ceiling(threads) if ceiling else {"skipped": "--no-ceiling"},
+                        "skipped": skipped, "peers": list(peers) if torch_peers else [], "best_pytorch": [], "rows": []}
+        if torch_peers:
+            result["pytorch"] = {"torch": torch_peers.torch.__version__, "inductor_freezing": torch_peers.freezing}
+        # Per graph, batch 1 (FLOPs scale with the batch): read once, not once per row.
+        gflop_per_row = {graph: segment_gflop(first, graph, 1) for graph in (INGEST, STEP)}
+        rng = np.random.default_rng(0)
         for batch in batches:
             ids = rng.integers(0, first.vocab_size, size=(batch, segments * first.segment_size), dtype=np.int64)
             if first.kind == "encoder":
@@ -386,7 +386,7 @@ def _measure_batch(runtimes: dict[str, RMTRuntime], torch_peers: TorchPeers | No
         times.clear()
     names = list(variants)
     totals: dict[str, list[float]] = {name: [] for name in names}
-    for rep in range(repeats):
+    for rep in range(repeats if names else 0):
         for name in names[rep % len(names):] + names[:rep % len(names)]:
             started = time.perf_counter()
             variants[name]()

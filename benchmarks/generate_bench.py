@@ -28,10 +28,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runtime_bench import build, bundle_for, cpu_facts  # noqa: E402
+from runtime_bench import build, bundle_for  # noqa: E402
 
 from rmt_model.generation import split_context  # noqa: E402
 from rmt_runtime import GenerationConfig, RMTRuntime  # noqa: E402
+from rmt_runtime.cpuinfo import cpu_info, describe, usable_cores  # noqa: E402
 
 
 @torch.no_grad()
@@ -77,7 +78,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
-    threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    threads = args.threads or usable_cores()
     torch.set_num_threads(threads)
     out = args.out or Path("/tmp/rmt-generate-bench") / args.model
     model = build(args.model).eval()
@@ -86,9 +87,8 @@ def main() -> None:
     size = rt.segment_size
     new_tokens = args.new_tokens or size // 2  # stays inside the segment: no rollover in the timing
     prompt = np.random.default_rng(0).integers(0, rt.bundle.vocab_size, size + size // 2).tolist()
-    cpu, flags = cpu_facts()
     print("# rmt-edge generation benchmark\n")
-    print(f"- CPU: {cpu} ({flags}); threads {threads}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"- CPU: {describe(cpu_info())}; threads {threads}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"- model: {args.model} (M={rt.bundle.num_mem_tokens}, segment {size}); bundle {note}")
     print(f"- prompt {len(prompt)} tokens, {new_tokens} new tokens per run, greedy; {args.repeats} repeats "
           "(median); decode rate excludes the first token\n")

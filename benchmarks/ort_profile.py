@@ -24,6 +24,7 @@ import numpy as np
 import onnxruntime as ort
 
 from rmt_runtime.bundle import Bundle
+from rmt_runtime.cpuinfo import usable_cores
 
 
 def session(path: Path, level, threads: int, spinning: bool = True, profile_dir: str | None = None):
@@ -70,7 +71,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     bundle = Bundle.load(args.bundle)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     print(f"# ORT CPU profile: {bundle.path} ({bundle.manifest['family']}, M={bundle.num_mem_tokens}, segment "
           f"{bundle.segment_size}, {bundle.precision}), {cores} cores, onnxruntime {ort.__version__}\n")
     ops = profile(bundle, cores)

@@ -71,15 +71,12 @@ MAKE_CHECKPOINT = textwrap.dedent("""
 
 
 def machine() -> str:
-    """CPU model, ISA flags (AVX2, AVX-512, VNNI, BF16, AMX), cores and RAM of this machine."""
-    from rmt_export.bench import machine as facts
+    """CPU model, ISA flags (AVX2, AVX-512, VNNI, BF16, AMX), usable cores and RAM of this machine."""
+    from rmt_runtime.cpuinfo import cpu_info, describe
 
-    found = facts()
-    names = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "VNNI", "avx512_bf16": "BF16", "amx_tile": "AMX"}
     memory = next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
                   if line.startswith("MemTotal"))
-    return (f"{found['cpu']}; ISA: {', '.join(names[f] for f in found['simd']) or 'none of ' + '/'.join(names.values())}"
-            f"; {found['usable_cores']} usable cores; {int(memory) / 2**20:.1f} GiB RAM")
+    return f"{describe(cpu_info())}; {int(memory) / 2**20:.1f} GiB RAM"
 
 
 def _peak_and_reset(pid: int) -> int:

@@ -40,7 +40,7 @@ from rmt_export.exporter import ExportOptions, export_model
 from rmt_model import RMTConfig, build_model, family_config_dict
 from rmt_model.tiny import tiny_config
 from rmt_runtime import RMTRuntime
-from rmt_export.bench import machine
+from rmt_runtime.cpuinfo import cpu_info, describe, usable_cores
 from rmt_runtime.spec import INGEST, STEP
 
 DEFAULT_SEGMENTS = {"tiny": 64, "gpt2-small": 4}
@@ -70,19 +70,10 @@ def bundle_for(model: torch.nn.Module, out: Path, reexport: bool) -> str:
 
 
 # ---- machine facts ----------------------------------------------------------------------------
-def cpu_facts() -> tuple[str, str]:
-    """(CPU model, the SIMD flags that matter here), as rmt-bench reports them."""
-    facts = machine()
-    return facts["cpu"], " ".join(facts["simd"]) or "none of avx2/avx512"
-
-
 def header(args, threads: int) -> None:
-    model, flags = cpu_facts()
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print("# rmt-edge runtime benchmark\n")
-    print(f"- CPU: {model} ({flags}); {os.cpu_count()} logical cores, {affinity} usable; "
-          f"load average at start {load}")
+    print(f"- CPU: {describe(cpu_info())}; {os.cpu_count()} logical cores; load average at start {load}")
     print(f"- Python {platform.python_version()}, onnxruntime {ort.__version__} "
           f"({', '.join(ort.get_available_providers())}), torch {torch.__version__}, numpy {np.__version__}")
     print(f"- threads: {threads} (torch.set_num_threads and RMTRuntime threads=); torch interop "
@@ -277,7 +268,7 @@ def main() -> None:
                            else args.batches)
     if args.segments < 1 or args.warmup < 0 or min(args.repeats) < 1:
         parser.error("--segments and --repeats must be >= 1 and --warmup >= 0")
-    threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    threads = args.threads or usable_cores()
     torch.set_num_threads(threads)
 
     header(args, threads)

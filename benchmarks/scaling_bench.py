@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -179,7 +178,9 @@ def main() -> None:
     parser.add_argument("--target", help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    from rmt_runtime.cpuinfo import usable_cores  # here: a child measures its own memory, without it
+
+    threads = args.threads or usable_cores()
     if args.child:
         work = child_rmt if args.child == "rmt" else child_full
         print(json.dumps(work(args.target, args.length, threads)))

@@ -43,6 +43,7 @@ from rmt_export.exporter import ExportOptions, export_bundle
 from rmt_export.triton import TritonOptions, write_triton_repository
 from rmt_export.triton_server import LocalTritonServer, TritonInstall
 from rmt_runtime import RMTRuntime
+from rmt_runtime.cpuinfo import cpu_info, describe
 from rmt_runtime.triton_client import TritonRMTClient
 from rmt_runtime.triton_model import LAST_LOGITS, SequenceTable
 
@@ -194,8 +195,9 @@ def main() -> None:
     write_triton_repository(bundle, repo, options)
     facts = machine()
     print("# Triton load: python-kind repository, loopback gRPC\n")
-    print(f"- CPU: {facts['cpu']} ({' '.join(facts['simd'])}); {facts['cores']} logical cores, "
-          f"{facts['usable_cores']} usable; load average at start {' '.join(f'{x:.2f}' for x in facts['load_average'])}")
+    cpu = cpu_info()
+    print(f"- CPU: {describe(cpu)}; {facts['cores']} logical cores; "
+          f"load average at start {' '.join(f'{x:.2f}' for x in facts['load_average'])}")
     print(f"- Python {platform.python_version()}, onnxruntime {facts['onnxruntime']}, numpy {np.__version__} "
           f"(clients, in process); server: nvidia-pytriton {install.versions['nvidia-pytriton']}'s tritonserver "
           f"from {install.venv or 'this environment'} (onnxruntime {install.versions['onnxruntime']}, numpy "
@@ -252,7 +254,7 @@ def main() -> None:
               f"{r['server_compute_output_ms']:.2f} | {r['model_ms_per_execution']:.2f} | "
               f"{r['in_process_ms_per_batch']:.2f} |")
     if args.json:
-        args.json.write_text(json.dumps({"machine": facts, "args": {k: str(v) for k, v in vars(args).items()},
+        args.json.write_text(json.dumps({"cpu": cpu, "machine": facts, "args": {k: str(v) for k, v in vars(args).items()},
                                          "rows": rows}, indent=2))
 
 

@@ -1,7 +1,7 @@
 """Native TensorRT backend on a GPU: engines built with rmt-build's library call, parity with
 PyTorch over chained segments (128 with the tiny bundles), ping-pong buffers, CUDA-graph replay,
-TF32 off in fp32 engines. Runs the pre-exported bundles and PyTorch's stored outputs
-(tests/gpu/conftest.py): no torch here."""
+TF32 off in fp32 engines; for the RMT (memory) and the ARMT (2 x L named state pairs). Runs the
+pre-exported bundles and PyTorch's stored outputs (tests/gpu/conftest.py): no torch here."""
 import json
 import shutil
 from pathlib import Path
@@ -14,24 +14,31 @@ from rmt_runtime.engines import BuildOptions, build_bundle_engines
 from tests.gpu.conftest import TOLERANCE
 
 pytestmark = pytest.mark.usefixtures("needs_tensorrt")
+ARCHITECTURES = ["rmt", "armt"]
 
-_BUILT: dict[str, Path] = {}
+_BUILT: dict[tuple[str, str], Path] = {}
+
+
+def prefix(architecture: str) -> str:
+    """Property names: the RMT's as they always were, the ARMT's prefixed."""
+    return "" if architecture == "rmt" else f"{architecture}_"
 
 
 @pytest.fixture
 def built_bundle(reference_bundle, tmp_path_factory):
-    """built_bundle(precision) -> (ReferenceBundle, a copy of its bundle with engines for this GPU).
-    Built once per session and precision (as `rmt-build --bundle COPY` would), on a copy: the
-    bundle directory may be shared or read-only."""
-    def get(precision: str):
-        reference = reference_bundle(precision)
-        if precision not in _BUILT:
-            copy = tmp_path_factory.mktemp(f"engines-{precision}") / "bundle"
+    """built_bundle(precision, architecture="rmt") -> (ReferenceBundle, a copy of its bundle with
+    engines for this GPU). Built once per session, architecture and precision (as `rmt-build
+    --bundle COPY` would), on a copy: the bundle directory may be shared or read-only."""
+    def get(precision: str, architecture: str = "rmt"):
+        reference = reference_bundle(precision, architecture)
+        key = (architecture, precision)
+        if key not in _BUILT:
+            copy = tmp_path_factory.mktemp(f"engines-{architecture}-{precision}") / "bundle"
             shutil.copytree(reference.path, copy)
             engines = build_bundle_engines(copy, BuildOptions())
             assert sorted(engines) == ["ingest", "step"], engines
-            _BUILT[precision] = copy
-        return reference, _BUILT[precision]
+            _BUILT[key] = copy
+        return reference, _BUILT[key]
     return get
 
 
@@ -44,40 +51,44 @@ def test_loading_without_engines_is_an_error_that_names_rmt_build(reference_bund
     assert not list(bundle.glob("engines/*.plan"))
 
 
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_tensorrt_matches_pytorch_over_chained_segments(built_bundle, precision, record_property):
-    reference, bundle = built_bundle(precision)
+def test_tensorrt_matches_pytorch_over_chained_segments(built_bundle, precision, architecture, record_property):
+    reference, bundle = built_bundle(precision, architecture)
     assert sorted(p.name.split("-")[0] for p in (bundle / "engines").glob("*.plan")) == ["ingest", "step"]
     trt_runtime = RMTRuntime.load(bundle, backend="tensorrt")
     errors = reference.errors(trt_runtime.run(reference.arrays["chained_ids"]), "chained")
     record_property("segments", reference.index["segments"])
     for name, error in errors.items():
-        record_property(f"{precision}_{name}_max_abs", error)
+        record_property(f"{prefix(architecture)}{precision}_{name}_max_abs", error)
     assert max(errors.values()) < TOLERANCE[precision], errors
     state = trt_runtime.new_state()
-    assert state.handles["memory"].ptr != state.scratch["memory"].ptr  # ping-pong buffers
+    for name in reference.state_names:
+        assert state.handles[name].ptr != state.scratch[name].ptr, name  # ping-pong buffers, every pair
 
 
-def test_cuda_graph_replay_equals_plain_execution(built_bundle, record_property):
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_cuda_graph_replay_equals_plain_execution(built_bundle, architecture, record_property):
     """Captured graphs (two per state: the ping-pong arrangements) replay to the same memory and
     logits as plain execution, over enough segments that both replay many times, then a partial
     segment (never captured). A graph whose capture fails on this TensorRT (before 10.8 CumSum
     imports as a loop) runs plainly: recorded, and its results must still be equal."""
     import tensorrt
 
-    reference, bundle = built_bundle("fp32")
+    reference, bundle = built_bundle("fp32", architecture)
     size = reference.index["segment_size"]
     chained = reference.arrays["chained_ids"]
     ids = chained[:, :chained.shape[1] - size + 5]  # every full segment but the last, then 5 tokens
     plain = RMTRuntime.load(bundle, backend="tensorrt")
     graphed = RMTRuntime.load(bundle, backend="tensorrt", cuda_graphs=True)
     a, b = plain.run(ids), graphed.run(ids)
-    np.testing.assert_array_equal(a.memory, b.memory)
+    for name in reference.state_names:
+        np.testing.assert_array_equal(a.state[name], b.state[name], err_msg=name)
     np.testing.assert_array_equal(a.last_logits, b.last_logits)
     uncapturable = set(graphed.runner.uncapturable)
     record_property("tensorrt_version", tensorrt.__version__)
-    record_property("captured_graphs", graphed.runner.captured_graphs)
-    record_property("uncapturable", ",".join(sorted(uncapturable)) or "none")
+    record_property(f"{prefix(architecture)}captured_graphs", graphed.runner.captured_graphs)
+    record_property(f"{prefix(architecture)}uncapturable", ",".join(sorted(uncapturable)) or "none")
     assert uncapturable <= {"ingest", "step"}, uncapturable
     if not uncapturable:
         assert graphed.runner.captured_graphs == 2  # one ingest graph per ping-pong arrangement: graphs really replayed

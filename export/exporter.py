@@ -29,7 +29,7 @@ from rmt_runtime.bundle import (MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, MEMORY_I
                                 write_manifest)
 from rmt_runtime.spec import SPEC_VERSION, step_specs
 
-from .armt_graphs import armt_specs, export_armt_graph
+from .armt_graphs import armt_specs, export_armt_generation_graphs, export_armt_graph
 from .errors import ExportError, ValidationError
 from .graphs import DEFAULT_OPSET, SUPPORTED_OPSETS, export_generation_graphs, export_graph
 from .memory import GiB, estimate_export_memory, memory_for_export
@@ -355,10 +355,7 @@ def export_model(model: RMTBase | ARMTDecoder, out: str | os.PathLike, options: 
             graphs[name] = (path, spec)
         generation = {}
         if options.generation and kind == "decoder":
-            if armt:
-                from .armt_graphs import export_armt_generation_graphs as export_generation
-            else:
-                export_generation = export_generation_graphs
+            export_generation = export_armt_generation_graphs if armt else export_generation_graphs
             generation = export_generation(traced, options.precision, options.opset, staging, metadata)
         del traced
         seconds["trace"] = time.perf_counter() - started

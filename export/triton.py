@@ -152,16 +152,16 @@ def config_text(bundle: Bundle, options: TritonOptions) -> str:
 # ("zero data will be used as long as the field is set") and ``data_file`` (row-major, in the
 # model's ``initial_state/`` folder). (model_config.proto, triton-inference-server/common, and
 # docs/user_guide/implicit_state_management.md, "State Initialization", triton-inference-server/server.)
-def _initial_state_files(bundle: Bundle) -> dict[str, str | None]:
-    """Each state's initial-state data file in the repository (None: zeros, zero_data). The
-    RMT's memory keeps its memory_init.bin; any other state starting from non-zero values
-    gets ``<name>_init.bin``."""
-    files: dict[str, str | None] = {}
+def _initial_state_files(bundle: Bundle) -> dict[str, tuple[str | None, np.ndarray]]:
+    """Each state's initial-state data file in the repository (None: zeros, zero_data) and its
+    value, read once. The RMT's memory keeps its memory_init.bin; any other state starting from
+    non-zero values gets ``<name>_init.bin``."""
+    files: dict[str, tuple[str | None, np.ndarray]] = {}
     for name, initial in bundle.initial_state().items():
         if name == "memory" and "memory_init" in bundle.manifest:
-            files[name] = INITIAL_STATE_FILE
+            files[name] = (INITIAL_STATE_FILE, initial)
         else:
-            files[name] = f"{name}_init.bin" if initial.any() else None
+            files[name] = (f"{name}_init.bin" if initial.any() else None, initial)
     return files
 
 
@@ -186,7 +186,7 @@ def onnxruntime_config_text(bundle: Bundle, options: TritonOptions) -> str:
         entries = [_tensor(t.name, TRITON_TYPES[t.dtype], _dims(t.dims)) for t in tensors if t.name not in hidden]
         lines.append(f"{section} [\n" + ",\n".join(entries) + "\n]")
     files = _initial_state_files(bundle)
-    states = [_state_entry(state_input, state_output, spec, files[state_input])
+    states = [_state_entry(state_input, state_output, spec, files[state_input][0])
               for state_input, state_output in spec.state.items()]
     lines.append(
         "sequence_batching {\n"
@@ -237,17 +237,10 @@ def _check_python_kind(bundle: Bundle) -> None:
 def _fill_onnxruntime(staging: Path, bundle: Bundle, options: TritonOptions) -> None:
     (staging / "1").mkdir()
     shutil.copyfile(bundle.graph_path(options.graph), staging / "1" / "model.onnx")
-    files = _initial_state_files(bundle)
-    if any(files.values()):
+    files = {data_file: value for data_file, value in _initial_state_files(bundle).values() if data_file}
+    if files:
         (staging / "initial_state").mkdir()
-    initial = bundle.initial_state() if any(files.values()) else {}
-    for name, data_file in files.items():
-        if data_file == INITIAL_STATE_FILE:  # the RMT's memory: memory_init.npy as it is
-            value = np.load(bundle.memory_init_path, allow_pickle=False)
-        elif data_file is not None:
-            value = initial[name]
-        else:
-            continue
+    for data_file, value in files.items():  # the RMT's memory: memory_init.npy's values as they are
         (staging / "initial_state" / data_file).write_bytes(value.astype("<f4").tobytes(order="C"))
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .atomic import as_path
-from .spec import GENERATION_GRAPHS, PREFILL, SEGMENT_GRAPHS, SPEC_VERSION, GraphSpec
+from .spec import GENERATION_GRAPHS, PREFILL, SEGMENT_GRAPHS, SEQ, SPEC_VERSION, GraphSpec, resolve_dim
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA_VERSION = 1
@@ -295,8 +295,7 @@ class Bundle:
         if PREFILL in self.manifest["graphs"]:
             dims = next((t.dims for t in self.graph_spec(PREFILL).outputs if t.name.startswith("present.")), None)
             if dims is not None and len(dims) == 4:
-                _, _, offset = str(dims[2]).partition(" + ")
-                return int(offset) if offset else 0
+                return resolve_dim(dims[2], {SEQ: 0})
         return self.sink if self.architecture == "armt" else self.num_mem_tokens
 
     @property

@@ -17,6 +17,7 @@ from rmt_export.armt_graphs import armt_generation_specs, export_armt_generation
 from rmt_export.graphs import DEFAULT_OPSET, check_graph_against_spec
 from rmt_model.step import model_in_precision
 from rmt_runtime.spec import DECODE, PREFILL
+from tests.export.test_armt_export import graph_io, spec_io
 from tests.rmt_model.test_armt import NEWER, OLDER, SEGMENT, make_armt, token_ids
 
 VARIANTS = {"gpt2": ("gpt2", NEWER), "gpt2-older": ("gpt2", OLDER), "llama": ("llama", NEWER)}
@@ -102,16 +103,9 @@ def test_the_graphs_io_is_the_specs_names_dtypes_and_dims(exported):
     assert specs == graphs.specs
     sink = int(model.settings.use_sink)
     names = state_names(model)
-    to_dtype = {onnx.TensorProto.INT64: "int64", onnx.TensorProto.FLOAT: "float32"}
     for name, spec in specs.items():
         check_graph_against_spec(graphs.paths[name], spec)
-        graph = onnx.load(str(graphs.paths[name])).graph
-        for expected, actual in ((spec.inputs, graph.input), (spec.outputs, graph.output)):
-            assert [v.name for v in actual] == [t.name for t in expected], (variant, name)
-            for tensor, value in zip(expected, actual):
-                dims = tuple(d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim)
-                assert to_dtype[value.type.tensor_type.elem_type] == tensor.dtype, (name, tensor.name)
-                assert dims == tuple(tensor.dims), (name, tensor.name, dims)
+        assert graph_io(graphs.paths[name]) == spec_io(spec), (variant, name)
         assert spec.input_names[-len(names):] == names                    # the state, read only, last
         assert not any(n.startswith("new_") for n in spec.output_names)
         assert spec.input("W_mem.1").dims == ("batch", *model.state_shapes(1)["W_mem.1"][1:])

@@ -39,6 +39,8 @@ setup(
     extras_require={
         "export": EXPORT,
         "ort": ["onnxruntime>=1.22"],
+        # The openvino backend: fp32 bundles computed in fp32 or bf16 on the CPU (docs/BENCHMARKS.md).
+        "openvino": ["openvino>=2025.1"],
         "text": ["tokenizers>=0.20"],  # rmt-run --text, rmt-generate --prompt: the bundle's tokenizer.json
         "gpu": ["onnxruntime-gpu>=1.22"],
         "triton": ["tritonclient[grpc]>=2.40"],

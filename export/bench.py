@@ -43,16 +43,23 @@ from rmt_runtime.errors import BackendError, RuntimeInputError
 from rmt_runtime.runtime import RMTRuntime
 from rmt_runtime.spec import INGEST, STEP
 
-BACKEND_CANDIDATES = (("onnxruntime", "cpu"), ("onnxruntime", "cuda"), ("onnxruntime", "tensorrt"), ("tensorrt", None))
+# (backend, provider) pairs; for openvino the second item is the precision it computes in.
+BACKEND_CANDIDATES = (("onnxruntime", "cpu"), ("openvino", "fp32"), ("openvino", "bf16"), ("onnxruntime", "cuda"),
+                      ("onnxruntime", "tensorrt"), ("tensorrt", None))
 
 
 def machine() -> dict:
     """Logical cores, usable cores, load, versions (the CPU itself: rmt_runtime.cpuinfo.cpu_info)."""
     import onnxruntime
 
+    try:
+        import openvino
+        openvino_version = openvino.__version__.split("-")[0]
+    except ImportError:
+        openvino_version = None
     return {"cores": os.cpu_count(), "usable_cores": usable_cores(), "load_average": list(os.getloadavg()),
             "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
-            "providers": onnxruntime.get_available_providers()}
+            "providers": onnxruntime.get_available_providers(), "openvino": openvino_version}
 
 
 def matmul_ceiling(threads: int, repeats: int = 3) -> dict:
@@ -311,7 +318,9 @@ def run_bench(bundles: list[Path], checkpoint: Path | None, batches: list[int], 
         for backend, provider in BACKEND_CANDIDATES:
             label = f"{name} {backend}" + (f"/{provider}" if provider else "")
             try:
-                runtimes[label] = RMTRuntime.load(bundle, backend=backend, provider=provider, threads=threads)
+                runtimes[label] = RMTRuntime.load(bundle, backend=backend, threads=threads,
+                                                  **({"precision": provider} if backend == "openvino"
+                                                     else {"provider": provider}))
             except Exception as exc:  # noqa: BLE001 - every reason a backend cannot run is reported
                 skipped.append({"variant": label, "reason": str(exc).splitlines()[0][:200]})
     if checkpoint is not None and first.kind != "decoder":
@@ -416,7 +425,8 @@ def _measure_batch(runtimes: dict[str, RMTRuntime], torch_peers: TorchPeers | No
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [f"- CPU: {describe(result['cpu'])}; {m['cores']} logical cores; "
-             f"load {' '.join(f'{x:.2f}' for x in m['load_average'])}; onnxruntime {m['onnxruntime']}",
+             f"load {' '.join(f'{x:.2f}' for x in m['load_average'])}; onnxruntime {m['onnxruntime']}"
+             + (f"; openvino {m['openvino']}" if m.get("openvino") else ""),
              f"- threads {result['threads']}; {result['segments']} segments of {result['segment_size']} tokens per run; "
              f"median of {result['repeats']}",
              f"- ceiling: {result['ceiling'].get('gflops', 0):.1f} GFLOP/s ({result['ceiling'].get('what', result['ceiling'].get('skipped'))})"]

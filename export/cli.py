@@ -57,6 +57,9 @@ def _run_guarded(verbose: bool, as_json: bool, work, interrupted=lambda: "interr
 @click.option("--fp16", is_flag=True, help="fp16 weights and compute inside the graphs; memory I/O stays float32.")
 @click.option("--int8", is_flag=True, help="int8 MatMul weights (ONNX Runtime dynamic quantization) for CPUs and "
                                            "edge boards; not for TensorRT.")
+@click.option("--bf16", is_flag=True,
+              help="fp32 bundles: also validate the graphs as the openvino backend computes them in bf16 (rmt-run "
+                   "--backend openvino --precision bf16); needs openvino and a CPU with AVX-512 BF16 or AMX.")
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (18..20).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
 @click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime vs PyTorch validation (not recommended).")
@@ -96,7 +99,7 @@ def _run_guarded(verbose: bool, as_json: bool, work, interrupted=lambda: "interr
               help="Export even when the memory estimate is above what the machine has available.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable result on stdout.")
 @click.option("--verbose", is_flag=True, help="Show tracebacks.")
-def main(ckpt, out, fp16, int8, opset, force, no_validate, segments, validation_text, no_generation, engine,
+def main(ckpt, out, fp16, int8, bf16, opset, force, no_validate, segments, validation_text, no_generation, engine,
          engine_builder, max_batch, workspace_mb, tokenizer_dir, no_tokenizer, backbone_config, num_mem_tokens,
          segment_size, armt_version, lora_alpha, no_memory_check, as_json, verbose):
     """Export an RMT checkpoint to a validated bundle holding single-segment ONNX graphs.
@@ -107,6 +110,7 @@ def main(ckpt, out, fp16, int8, opset, force, no_validate, segments, validation_
       rmt-export --ckpt model.pt --fp16 --out bundles/model-fp16 --force
       rmt-export --ckpt model.pt --fp16 --engine        # on the GPU/Jetson: export, then build engines
       rmt-export --ckpt model.pt --int8                 # CPUs: int8 MatMul weights, validated like the others
+      rmt-export --ckpt model.pt --bf16                 # fp32, also validated as computed in bf16 (OpenVINO)
       rmt-export --ckpt rmt_gpt2.bin --backbone-config gpt2/config.json \\
                  --num-mem-tokens 16 --segment-size 512
       rmt-export --ckpt rmt-gpt2-hub/ --backbone-config gpt2/config.json \\
@@ -154,7 +158,7 @@ def main(ckpt, out, fp16, int8, opset, force, no_validate, segments, validation_
     options = ExportOptions(precision=precision, opset=opset, validate=not no_validate, force=force,
                             plan=ValidationPlan(segments=segments), tokenizer_dir=tokenizer_dir,
                             ship_tokenizer=not no_tokenizer, generation=not no_generation,
-                            check_memory=not no_memory_check, validation_text=validation_text)
+                            check_memory=not no_memory_check, validation_text=validation_text, bf16=bf16)
 
     def progress(stage: str, detail: str) -> None:
         click.echo(f"[{stage}] {detail}", err=True)
@@ -191,11 +195,18 @@ def main(ckpt, out, fp16, int8, opset, force, no_validate, segments, validation_
             "validation": None if report is None else {
                 name: {"worst": g["worst"], "argmax_agreement": g.get("argmax_agreement")}
                 for name, g in report["graphs"].items()},
+            "validation_bf16": None if report is None or "bf16" not in report else {
+                name: {"worst": g["worst"], "argmax_agreement": g.get("argmax_agreement")}
+                for name, g in report["bf16"]["graphs"].items()},
         }, indent=2))
         return
     if report is not None:
         for line in summary_lines(report):
             click.echo(f"  {line}", err=True)
+        if "bf16" in report:
+            click.echo("  computed in bf16 by OpenVINO (--bf16):", err=True)
+            for line in summary_lines(report["bf16"]):
+                click.echo(f"    {line}", err=True)
     else:
         click.echo("  validation skipped (--no-validate)", err=True)
     click.echo(str(result.path))

@@ -66,8 +66,23 @@ class ExportOptions:
     # Validate on this UTF-8 text, tokenized by the tokenizer the bundle ships, instead of
     # random ids (export_bundle; export_model takes ``plan.token_ids``).
     validation_text: Path | None = None
+    # fp32 bundles: also validate the graphs as the openvino backend computes them in bf16
+    # (report under validation["bf16"]); needs openvino and a CPU with bf16 instructions.
+    bf16: bool = False
 
     def check(self) -> None:
+        if self.bf16 and (self.precision != "fp32" or not self.validate):
+            raise ExportError("bf16 is how the openvino backend computes an fp32 bundle: --bf16 validates that, so it "
+                              f"needs an fp32 export with validation on (got precision {self.precision}"
+                              f"{', validation off' if not self.validate else ''})")
+        if self.bf16:
+            from rmt_runtime.backends.openvino import check_precision_available
+            from rmt_runtime.errors import BackendError
+
+            try:
+                check_precision_available("bf16")
+            except BackendError as exc:
+                raise ExportError(f"--bf16: {exc}") from None
         if self.precision not in PRECISIONS:
             raise ExportError(f"precision {self.precision!r} is not supported (expected one of {PRECISIONS})")
         if self.opset not in SUPPORTED_OPSETS:
@@ -368,6 +383,14 @@ def export_model(model: RMTBase | ARMTDecoder, out: str | os.PathLike, options: 
             report = validate_graphs(model, graphs, options.precision, options.plan)
             if generation:
                 report["generation"] = validate_generation(model, generation, options.precision, options.plan)
+            if options.bf16:  # the same graphs, computed by OpenVINO in bf16
+                try:
+                    report["bf16"] = validate_graphs(model, graphs, "bf16", options.plan)
+                    if generation:
+                        report["bf16"]["generation"] = validate_generation(model, generation, "bf16", options.plan)
+                except ValidationError as exc:
+                    raise ValidationError([f"computed in bf16 by OpenVINO (--bf16): {miss}" for miss in exc.misses],
+                                          exc.report) from None
             seconds["validate"] = time.perf_counter() - started
             if progress:
                 progress("validate", f"{options.plan.segments} chained segments, batch {options.plan.batch}: "

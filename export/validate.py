@@ -53,7 +53,14 @@ TOLERANCES = {
     # 1/254 of its range (~4e-3 relative), compounding over layers to a few percent; the
     # task-level check (sample answers) is what int8 is judged on, see docs/VALIDATION.md.
     "int8": Tolerance(atol=1e-1, rtol=1e-1, perturbation=1e-2),
+    # An fp32 graph computed by OpenVINO in bf16 (rmt-export --bf16): matmul inputs rounded to
+    # bf16's 8-bit mantissa (~4e-3 relative), products accumulated in fp32; measured ratios in
+    # docs/VALIDATION.md.
+    "bf16": Tolerance(atol=5e-2, rtol=5e-2, perturbation=4e-3),
 }
+#: Precisions that are not the graph's own but how a backend computes an fp32 graph, and who
+#: computes them in validation: bf16 by OpenVINO's CPU plugin (rmt_runtime.backends.openvino).
+COMPUTED_BY_OPENVINO = ("bf16",)
 
 
 @dataclass(frozen=True)
@@ -135,6 +142,31 @@ def _ort_session(path: str, large_outputs: bool = False):
     if session.get_providers()[0] != "CPUExecutionProvider":
         raise RuntimeError(f"validation asked for ONNX Runtime CPU, got {session.get_providers()}")
     return session
+
+
+class _OpenVinoSession:
+    """An fp32 graph compiled by OpenVINO to compute in ``precision``, with ONNX Runtime's
+    ``run(names, feeds)``: what the openvino backend runs, for validation to judge."""
+
+    def __init__(self, path: str, precision: str) -> None:
+        from rmt_runtime.backends.openvino import compile_graph, import_openvino
+
+        self.compiled = compile_graph(import_openvino().Core(), path, precision)
+        self.request = self.compiled.create_infer_request()
+        self.names = [port.get_any_name() for port in self.compiled.outputs]
+
+    def run(self, names, feeds):
+        results = self.request.infer(feeds)
+        by_name = {port.get_any_name(): value for port, value in results.items()}
+        return [np.array(by_name[name], copy=True) for name in (names or self.names)]
+
+
+def _session(path: str, precision: str, large_outputs: bool = False):
+    """What computes ``path`` in ``precision``: ONNX Runtime's CPU provider for the graph's own
+    precision, OpenVINO for bf16 (COMPUTED_BY_OPENVINO)."""
+    if precision in COMPUTED_BY_OPENVINO:
+        return _OpenVinoSession(path, precision)
+    return _ort_session(path, large_outputs)
 
 
 def initial_state(model: RMTBase | ARMTDecoder, batch: int) -> dict[str, torch.Tensor]:
@@ -289,7 +321,7 @@ def validate_graphs(model: RMTBase, graphs: dict[str, tuple[str, GraphSpec]], pr
     misses: list[str] = report["misses"]
     large_outputs = config.kind != "encoder" and plan.batch * config.segment_size * config.vocab_size * 4 > MMAP_BYTES
     for name, (path, spec) in graphs.items():
-        session = _ort_session(str(path), large_outputs)
+        session = _session(str(path), precision, large_outputs)
         outputs = spec.output_names
         logits_name = "last_logits" if "last_logits" in outputs else "logits" if "logits" in outputs else None
         errors = {mode: {o: {"max_abs": [], "max_rel": [], "bound": []} for o in outputs} for mode in MODES}
@@ -437,7 +469,7 @@ def validate_generation(model: RMTBase, graphs: dict[str, tuple[str, GraphSpec]]
         if not err <= bound:
             misses.append(f"{graph}.{what}: max abs {err:.3g} > bound {bound:.3g} (max |ref| {scale:.3g})")
 
-    prefill = _ort_session(str(graphs["prefill"][0]))
+    prefill = _session(str(graphs["prefill"][0]), precision)
     outputs = prefill.run(None, {"input_ids": ids, "attention_mask": mask,
                                  **{k: state_feed[k] for k in graphs["prefill"][1].input_names if k in state_feed}})
     logits_errors: list[float] = []
@@ -446,7 +478,7 @@ def validate_generation(model: RMTBase, graphs: dict[str, tuple[str, GraphSpec]]
     results["prefill"] = {"last_logits": logits_errors}
     caches = outputs[1:]
     del prefill, outputs  # one session (a copy of the weights) open at a time
-    decode = _ort_session(str(graphs["decode"][0]))
+    decode = _session(str(graphs["decode"][0]), precision)
     past_names = [t.name for t in graphs["decode"][1].inputs if t.name.startswith("past.")]
     got_logits = [first_logits]
     decode_errors: list[float] = []

@@ -239,9 +239,12 @@ class _Progress:
                    "whitespace-separated integers ('-': stdin).")
 @click.option("--mask", "mask_file", default=None, metavar="FILE.npy",
               help="Attention mask for right-padded --ids rows: a .npy 0/1 array shaped like the ids.")
-@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto",
-              show_default=True, help="What runs the graphs (tensorrt: engines from rmt-build); an explicit "
-                                      "choice never falls back.")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "openvino", "tensorrt"]), default="auto",
+              show_default=True, help="What runs the graphs (tensorrt: engines from rmt-build; openvino: the "
+                                      "CPU, fp32 bundles); an explicit choice never falls back.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
+              help="With --backend openvino: compute the fp32 bundle in fp32 (default) or bf16 (CPUs with AVX-512 "
+                   "BF16 or AMX; an error elsewhere). Other backends run the bundle's own precision.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default=None,
               help="ONNX Runtime execution provider; an explicit one never falls back.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op CPU threads.")
@@ -257,7 +260,7 @@ class _Progress:
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable result on stdout.")
 @click.option("--verbose", is_flag=True, help="Show tracebacks.")
-def main(bundle_dir, text, text_file, ids_file, mask_file, backend, provider, threads, top_k, state_file, finish,
+def main(bundle_dir, text, text_file, ids_file, mask_file, backend, provider, precision, threads, top_k, state_file, finish,
          save_outputs, no_progress, as_json, verbose):
     """Run an exported RMT bundle over an input of any length, segment by segment.
 
@@ -341,7 +344,7 @@ def main(bundle_dir, text, text_file, ids_file, mask_file, backend, provider, th
         stopping = stop_requests() if state_file is not None else contextlib.nullcontext()
         with stopping as stop:
             started = time.perf_counter()
-            rt = RMTRuntime.load(bundle, backend=backend, provider=provider, threads=threads)
+            rt = RMTRuntime.load(bundle, backend=backend, provider=provider, threads=threads, precision=precision)
             loaded = time.perf_counter()
             click.echo(f"backend: {rt.picked}", err=True)
             try:

@@ -83,8 +83,11 @@ def _default_stops(bundle: Bundle) -> tuple[int, ...]:
 @click.option("--no-rollover", is_flag=True,
               help="The reference's generation: memory is not written while generating and the context "
                    "grows up to the backbone's position limit (default: full segments roll into memory).")
-@click.option("--backend", type=click.Choice(["auto", "onnxruntime"]), default="auto", show_default=True,
-              help="What runs the graphs (generation runs on ONNX Runtime).")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "openvino"]), default="auto", show_default=True,
+              help="What runs the graphs (generation runs on ONNX Runtime or OpenVINO).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
+              help="With --backend openvino: compute the fp32 bundle in fp32 (default) or bf16 (CPUs with AVX-512 "
+                   "BF16 or AMX; an error elsewhere). Other backends run the bundle's own precision.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default=None,
               help="Execution provider; an explicit one never falls back.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op CPU threads.")
@@ -94,7 +97,7 @@ def _default_stops(bundle: Bundle) -> tuple[int, ...]:
               help="Print only a machine-readable result: the generated ids (and text with a tokenizer).")
 @click.option("--verbose", is_flag=True, help="Show tracebacks.")
 def main(bundle_dir, prompt, prompt_file, prompt_ids, max_new_tokens, temperature, top_k, top_p,
-         repetition_penalty, stop_tokens, no_stop, seed, no_rollover, backend, provider, threads, state_file,
+         repetition_penalty, stop_tokens, no_stop, seed, no_rollover, backend, provider, precision, threads, state_file,
          as_json, verbose):
     """Generate text after a prompt of any length with a decoder bundle.
 
@@ -146,7 +149,7 @@ def main(bundle_dir, prompt, prompt_file, prompt_ids, max_new_tokens, temperatur
         stopping = stop_requests() if state_file is not None else contextlib.nullcontext()
         with stopping as stop:
             started = time.perf_counter()
-            rt = RMTRuntime.load(bundle, backend=backend, provider=provider, threads=threads)
+            rt = RMTRuntime.load(bundle, backend=backend, provider=provider, threads=threads, precision=precision)
             click.echo(f"backend: {rt.picked}", err=True)
             resumed = state_file is not None and state_file.exists()
             state = rt.restore_state(state_file) if resumed else rt.new_state()

@@ -88,16 +88,19 @@ class RMTRuntime:
 
     @classmethod
     def load(cls, bundle: str | os.PathLike | Bundle, backend: str = "auto", provider: str | None = None,
-             threads: int | None = None, cuda_graphs: bool = False, engine_options=None) -> "RMTRuntime":
+             threads: int | None = None, cuda_graphs: bool = False, engine_options=None,
+             precision: str | None = None) -> "RMTRuntime":
         """Verify the bundle (schema, hashes), open the backend, and say what runs (``.picked``).
         ``cuda_graphs``: backend="tensorrt" replays full segments as captured CUDA graphs.
         ``engine_options`` (``rmt_runtime.engines.BuildOptions``): backend="tensorrt" loads the
         engines rmt-build made with these options (default: the newest set built for this
-        machine); loading never builds.
+        machine); loading never builds. ``precision``: backend="openvino" computes an fp32 bundle
+        in ``fp32`` (default) or ``bf16`` (CPUs with AVX-512 BF16 or AMX); any other backend
+        takes only the bundle's own precision.
         A runner built elsewhere (e.g. rmt_export's PyTorch reference) goes to the constructor."""
         if not isinstance(bundle, Bundle):
             bundle = Bundle.load(bundle)
-        runner, picked = open_runner(bundle, backend, provider, threads, cuda_graphs, engine_options)
+        runner, picked = open_runner(bundle, backend, provider, threads, cuda_graphs, engine_options, precision)
         return cls(bundle, runner, picked)
 
     @property

@@ -5,13 +5,14 @@ from ..bundle import Bundle
 from ..errors import BackendError
 from .base import Runner
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt")
 # Best first. The native TensorRT backend is explicit only (it may build engines for minutes).
 _AUTO_ORDER = ("tensorrt", "cuda", "cpu")
 
 
 def open_runner(bundle: Bundle, backend: str = "auto", provider: str | None = None,
-                threads: int | None = None, cuda_graphs: bool = False, engine_options=None) -> tuple[Runner, str]:
+                threads: int | None = None, cuda_graphs: bool = False, engine_options=None,
+                precision: str | None = None) -> tuple[Runner, str]:
     """The runner for ``backend``/``provider``, activated, and a sentence saying what was picked and why.
 
     An explicit backend or provider that cannot run is an error; only ``auto`` moves on
@@ -19,6 +20,9 @@ def open_runner(bundle: Bundle, backend: str = "auto", provider: str | None = No
     TensorRT backend captures and replays full segments (an error for any other backend).
     ``engine_options`` (a ``BuildOptions``): the native TensorRT backend loads the engines
     built with exactly these options; by default, the newest set built for this machine.
+    ``precision``: what the openvino backend computes an fp32 bundle in (``fp32``, ``bf16``);
+    every other backend computes in the bundle's own precision, and asking one for another
+    is an error.
     """
     if backend == "torch":
         raise BackendError("the PyTorch reference backend is part of the export stack (it needs torch and the "
@@ -28,6 +32,17 @@ def open_runner(bundle: Bundle, backend: str = "auto", provider: str | None = No
     for feature, value in (("cuda_graphs", cuda_graphs), ("engine_options", engine_options)):
         if value and backend != "tensorrt":
             raise BackendError(f"{feature} is a feature of the native tensorrt backend, not of {backend!r}")
+    if backend == "openvino":
+        if provider is not None:
+            raise BackendError(f"provider {provider!r} is an onnxruntime provider; the openvino backend runs on the CPU")
+        from .openvino import OpenVinoRunner
+
+        runner = OpenVinoRunner(bundle, precision or "fp32", threads=threads)
+        return runner.activate(), f"{runner.name} (asked for)"
+    if precision is not None and precision != bundle.precision:
+        raise BackendError(f"the {backend} backend computes in the bundle's own precision ({bundle.precision}), not "
+                           f"{precision}: for bf16 on the CPU use backend 'openvino' with an fp32 bundle, for "
+                           "another precision export it (rmt-export --fp16 / --int8)")
     if backend == "tensorrt":
         from .tensorrt import TensorRTRunner
 

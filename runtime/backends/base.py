@@ -190,4 +190,22 @@ class Runner(ABC):
             raise RuntimeInputError("attention_mask must hold only 0 and 1")
 
 
-__all__ = ["RunResult", "Runner"]
+def check_declared_io(bundle: Bundle, graph: str, declared: Mapping[str, list]) -> None:
+    """The graph file's own I/O, as a backend loaded it (name -> dims, an int for a fixed dim),
+    agrees with the spec the manifest gives for it (names and every fixed dim): a manifest
+    edited to another vocabulary or memory size is refused at load."""
+    spec = bundle.graph_spec(graph)
+    problems = []
+    for tensor in (*spec.inputs, *spec.outputs):
+        shape = declared.get(tensor.name)
+        if shape is None:
+            problems.append(f"{tensor.name} is not in the graph")
+        elif len(shape) != len(tensor.dims) or any(
+                isinstance(d, int) and isinstance(g, int) and d != g for d, g in zip(tensor.dims, shape)):
+            problems.append(f"{tensor.name}: graph {list(shape)}, manifest {list(tensor.dims)}")
+    if problems:
+        raise BackendError(f"{bundle.graph_path(graph)}: the graph does not match its manifest spec: "
+                           + "; ".join(problems))
+
+
+__all__ = ["RunResult", "Runner", "check_declared_io"]

@@ -23,7 +23,7 @@ from ..bundle import ENGINE_DIR, Bundle
 from ..engines import profile_shapes
 from ..errors import BackendError
 from ..spec import DECODE
-from .base import Runner, RunResult
+from .base import Runner, RunResult, check_declared_io
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider"}
@@ -150,7 +150,8 @@ class OnnxRuntimeRunner(Runner):
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise BackendError(f"{self.bundle.graph_path(graph)}: onnxruntime cannot load the "
                                f"{graph} graph: {first}") from None
-        self._check_declared_shapes(graph, session)
+        check_declared_io(self.bundle, graph, {t.name: t.shape for t in [*session.get_inputs(),
+                                                                          *session.get_outputs()]})
         actual = session.get_providers()
         if actual[0] != PROVIDERS[self.provider]:
             raise BackendError(f"asked for {PROVIDERS[self.provider]}, but the {graph} session runs on "
@@ -159,23 +160,6 @@ class OnnxRuntimeRunner(Runner):
         return session
 
     supports_generation = True
-
-    def _check_declared_shapes(self, graph: str, session) -> None:
-        """The graph file's own I/O agrees with the spec the manifest gives for it (names and every
-        fixed dim): a manifest edited to another vocabulary or memory size is refused at load."""
-        spec = self.bundle.graph_spec(graph)
-        declared = {t.name: t.shape for t in [*session.get_inputs(), *session.get_outputs()]}
-        problems = []
-        for tensor in (*spec.inputs, *spec.outputs):
-            shape = declared.get(tensor.name)
-            if shape is None:
-                problems.append(f"{tensor.name} is not in the graph")
-            elif len(shape) != len(tensor.dims) or any(
-                    isinstance(d, int) and isinstance(g, int) and d != g for d, g in zip(tensor.dims, shape)):
-                problems.append(f"{tensor.name}: graph {list(shape)}, manifest {list(tensor.dims)}")
-        if problems:
-            raise BackendError(f"{self.bundle.graph_path(graph)}: the graph does not match its manifest spec: "
-                               + "; ".join(problems))
 
     def _activate(self) -> None:
         for graph in self.specs:

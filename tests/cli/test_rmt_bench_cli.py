@@ -14,6 +14,7 @@ from tests.cli.support import one_line_error
 
 CPU_ONLY = "provider {0!r} ({1}) is not in this onnxruntime build (available: ['CPUExecutionProvider'])"
 NO_TENSORRT = "the tensorrt module is not importable here"
+NO_OPENVINO = "the openvino backend needs OpenVINO: pip install openvino"
 
 
 def run(*args):
@@ -22,10 +23,12 @@ def run(*args):
 
 @pytest.fixture
 def cpu_only(monkeypatch):
-    """The same machine everywhere: ONNX Runtime lists only its CPU provider and TensorRT does not
-    import, so which variants run and which are skipped (and why) is known exactly."""
+    """The same machine everywhere: ONNX Runtime lists only its CPU provider, and neither TensorRT
+    nor OpenVINO imports (test_openvino_rows_* covers it), so which variants run and which are
+    skipped (and why) is known exactly."""
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import now raises ImportError
+    monkeypatch.setitem(sys.modules, "openvino", None)
 
 
 def test_bench_measures_every_precision_graph_and_batch_against_pytorch(bundle_factory, tiny_checkpoint, cpu_only):
@@ -52,13 +55,15 @@ def test_bench_measures_every_precision_graph_and_batch_against_pytorch(bundle_f
     assert len(reference) == 2 and all(abs(r["vs_pytorch"] - 1.0) < 1e-9 for r in reference)
     assert data["ceiling"]["gflops"] > 0 and data["machine"]["usable_cores"] >= 1
     skipped = {s["variant"]: s["reason"] for s in data["skipped"]}
-    assert sorted(skipped) == sorted(f"{p} {v}" for p in ("fp32", "int8")
-                                     for v in ("onnxruntime/cuda", "onnxruntime/tensorrt", "tensorrt"))
+    assert sorted(skipped) == sorted(f"{p} {v}" for p in ("fp32", "int8") for v in (
+        "onnxruntime/cuda", "onnxruntime/tensorrt", "tensorrt", "openvino/fp32", "openvino/bf16"))
     for precision in ("fp32", "int8"):
         assert skipped[f"{precision} onnxruntime/cuda"].startswith(CPU_ONLY.format("cuda", "CUDAExecutionProvider"))
         assert skipped[f"{precision} onnxruntime/tensorrt"].startswith(
             CPU_ONLY.format("tensorrt", "TensorrtExecutionProvider"))
         assert skipped[f"{precision} tensorrt"].startswith(NO_TENSORRT)
+    assert skipped["fp32 openvino/bf16"].startswith(NO_OPENVINO)
+    assert skipped["int8 openvino/bf16"].startswith("the openvino backend runs fp32 bundles")
 
 
 def test_markdown_table_is_the_default_output(bundle_factory, cpu_only):
@@ -74,7 +79,25 @@ def test_markdown_table_is_the_default_output(bundle_factory, cpu_only):
     assert cells[:2] == ["1", "fp32 onnxruntime/cpu ingest"] and float(cells[2].replace(",", "")) > 0
     assert cells[5] == cells[6] == "-"  # no --ckpt: no PyTorch ratios
     assert "- ceiling: 0.0 GFLOP/s (--no-ceiling)" in lines
-    assert sum(line.startswith("- skipped fp32 ") for line in lines) == 3
+    assert sum(line.startswith("- skipped fp32 ") for line in lines) == 5
+
+
+def test_openvino_rows_for_fp32_bundles_and_the_reason_int8_has_none(bundle_factory, monkeypatch):
+    """With OpenVINO installed: an fp32 bundle is measured computed in fp32 and, on a CPU with
+    bf16 instructions, in bf16; an int8 bundle's OpenVINO rows are skipped with the reason."""
+    openvino = pytest.importorskip("openvino")
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    bf16 = "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    result = run("--bundle", bundle_factory("gpt2")[1].path, "--bundle", bundle_factory("gpt2", "int8")[1].path,
+                 "--batches", 1, "--segments", 1, "--repeats", 1, "--graphs", "ingest", "--no-ceiling", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    variants = {row["variant"] for row in data["rows"]}
+    assert "fp32 openvino/fp32 ingest" in variants and ("fp32 openvino/bf16 ingest" in variants) == bf16
+    assert not any(v.startswith("int8 openvino") for v in variants)
+    skipped = {s["variant"]: s["reason"] for s in data["skipped"]}
+    assert skipped["int8 openvino/fp32"].startswith("the openvino backend runs fp32 bundles")
+    assert data["machine"]["openvino"] == openvino.__version__.split("-")[0]
 
 
 def test_bundles_of_different_models_are_refused(bundle_factory):

@@ -6,7 +6,9 @@ quantize_graph): int8 weights, activations quantized on every call (DynamicQuant
 MatMulInteger), the attention matmuls (QK^T, attn @ V) in float32. This script builds the
 static alternative from the float32 bundle's ingest graph, onnxruntime.quantization
 .quantize_static in QDQ format (per-channel int8 weights, uint8 activations with MinMax ranges
-from calibration), in two flavours:
+from calibration; the matmul outputs stay float32 as in the dynamic int8, and so do the
+embeddings: the tied wte/lm_head table is copied first so that the Gather keeps a float32 one),
+in two flavours:
 
 * qdq-w: the MatMul/Gemm with a constant weight only (what the dynamic int8 quantizes),
 * qdq-all: the attention matmuls as well (both inputs activations),
@@ -22,10 +24,13 @@ carrying its own memory, and compares every segment's outputs with the float32 b
 last_logits max abs error (max over segments), top-1 agreement of last_logits (share of
 segment x sequence pairs), new_memory relative error (max over segments of
 ||new_memory - fp32|| / ||fp32||, Frobenius). Random ids on a checkpoint with random weights
-say nothing about task accuracy; they measure the numerical cost of the rounding only.
+say nothing about task accuracy; they measure the numerical cost of the rounding only, and a
+random GPT-2 has none of the outlier activations that make static ranges hard on a trained one.
+The top-1 agreement is only as telling as the float32 logits' top-1 margin (printed).
 
 Speed: full segments of random ids, the variants interleaved round robin (each repeat times
 every variant once per batch size), median of --repeats, tokens/s = batch x segment / time.
+On a shared host read the ratios to ort-fp32 of one run, not the absolute rates.
 
     .venv/bin/python benchmarks/int8_variants.py --fp32-bundle /tmp/m19/fp32 --int8-bundle /tmp/m19/int8 \\
         --static-out /tmp/int8-static --batches 1,8 --threads 2

@@ -20,6 +20,7 @@ on the "device" are copied out of the request, whose own buffers the next call o
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,12 +43,16 @@ def import_openvino():
     return openvino
 
 
-def check_precision_available(precision: str, core=None) -> None:
-    """A BackendError, before any graph is compiled, when OpenVINO is missing or this CPU cannot
-    compute in ``precision`` (bf16 needs AVX-512 BF16 or AMX; OpenVINO says ``BF16``)."""
+def _check_known(precision: str) -> None:
     if precision not in PRECISIONS:
         raise BackendError(f"unknown precision {precision!r} for the openvino backend: expected one of "
                            f"{sorted(PRECISIONS)}")
+
+
+def check_precision_available(precision: str, core=None) -> None:
+    """A BackendError, before any graph is compiled, when OpenVINO is missing or this CPU cannot
+    compute in ``precision`` (bf16 needs AVX-512 BF16 or AMX; OpenVINO says ``BF16``)."""
+    _check_known(precision)
     core = core or import_openvino().Core()
     capabilities = core.get_property(DEVICE, "OPTIMIZATION_CAPABILITIES")
     if precision.upper() not in capabilities:
@@ -71,7 +76,7 @@ def compile_graph(core, path, precision: str, threads: int | None = None):
     if running != PRECISIONS[precision]:
         capabilities = core.get_property(DEVICE, "OPTIMIZATION_CAPABILITIES")
         raise BackendError(
-            f"asked for {precision}, but OpenVINO compiles {path.name if hasattr(path, 'name') else path} in "
+            f"asked for {precision}, but OpenVINO compiles {Path(path).name} in "
             f"{running} on this CPU (its capabilities: {', '.join(capabilities)}; bf16 needs AVX-512 BF16 or AMX): "
             "refusing to run another precision")
     return compiled
@@ -84,9 +89,7 @@ class OpenVinoRunner(Runner):
 
     def __init__(self, bundle: Bundle, precision: str = "fp32", threads: int | None = None) -> None:
         super().__init__(bundle)
-        if precision not in PRECISIONS:
-            raise BackendError(f"unknown precision {precision!r} for the openvino backend: expected one of "
-                               f"{sorted(PRECISIONS)}")
+        _check_known(precision)
         if bundle.precision != "fp32":
             raise BackendError(
                 f"the openvino backend runs fp32 bundles (computed in fp32 or bf16); {bundle.path} is "

@@ -92,7 +92,7 @@ class OpenVinoRunner(Runner):
         _check_known(precision)
         if bundle.precision != "fp32":
             raise BackendError(
-                f"the openvino backend runs fp32 bundles (computed in fp32 or bf16); {bundle.path} is "
+                f"the openvino backend runs fp32 bundles (computed in fp32 or bf16); the bundle {bundle.path} is "
                 f"{bundle.precision}: " + ("OpenVINO runs its dynamic int8 (MatMulInteger) in float, at fp32 speed; "
                                            "run it with --backend onnxruntime" if bundle.precision == "int8" else
                                            "fp16 bundles are for GPUs; export fp32 and ask for --precision bf16"))

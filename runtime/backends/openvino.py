@@ -182,7 +182,7 @@ class OpenVinoRunner(Runner):
             raise BackendError(f"OpenVINO could not run the {graph} graph of {self.bundle.path}: {first}") from None
         host, device = {}, {}
         for name in spec.output_names:
-            if name in into:
+            if name in into:  # written into that Tensor (resized in place if its shape was another)
                 device[name] = into[name]
                 continue
             data = np.array(request.get_tensor(name).data, copy=True)  # the request reuses its buffers

@@ -240,3 +240,17 @@ def test_picked_says_when_bf16_was_not_validated_at_export(gpt2):
     assert rt.picked == ("openvino/CPU (bf16) (asked for); bf16 was not validated when this bundle was exported "
                          "(rmt-export --bf16 validates it)")
     assert RMTRuntime.load(gpt2, backend="openvino").picked == "openvino/CPU (fp32) (asked for)"
+
+
+def test_a_state_buffer_of_another_shape_is_resized_in_place_and_holds_the_output(gpt2):
+    """The ``into`` handle is the Tensor OpenVINO writes: given one of another shape, OpenVINO
+    resizes that same Tensor, so the output is never left somewhere the caller does not read."""
+    runner = OpenVinoRunner(gpt2).activate()
+    ids = np.random.default_rng(0).integers(4, gpt2.vocab_size, (2, gpt2.segment_size))
+    start = runner.to_device(np.repeat(np.asarray(gpt2.initial_state()["memory"])[None], 2, axis=0))
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "memory": start}
+    expected = runner.run("ingest", feeds, want=("new_memory",)).host["new_memory"]
+    small = runner.empty((1, *runner.shape_of(start)[1:]), "float32")
+    result = runner.run("ingest", feeds, into={"new_memory": small})
+    assert result.device["new_memory"] is small and runner.shape_of(small) == expected.shape
+    np.testing.assert_array_equal(runner.to_host(small), expected)

@@ -156,7 +156,7 @@ class OpenVinoRunner(Runner):
 
     # ---- handles: openvino.Tensor on the host ------------------------------------------------
     def to_device(self, array: np.ndarray) -> Any:
-        return self._ov.Tensor(np.array(array, copy=True, order="C"))
+        return self._ov.Tensor(np.ascontiguousarray(array))  # Tensor(ndarray) copies it
 
     def to_host(self, handle: Any) -> np.ndarray:
         return np.array(handle.data, copy=True)
@@ -185,11 +185,12 @@ class OpenVinoRunner(Runner):
             if name in into:  # written into that Tensor (resized in place if its shape was another)
                 device[name] = into[name]
                 continue
-            data = np.array(request.get_tensor(name).data, copy=True)  # the request reuses its buffers
+            # One copy out of the request, which reuses its buffers (a decode step's caches: every token).
+            data = request.get_tensor(name).data
             if name in want:
-                host[name] = data
+                host[name] = np.array(data, copy=True)
             else:
-                device[name] = self._ov.Tensor(data)
+                device[name] = self._ov.Tensor(data)  # a copy, owned by the handle
         return RunResult(host=host, device=device)
 
 

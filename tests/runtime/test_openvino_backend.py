@@ -229,7 +229,11 @@ def test_bf16_on_a_cpu_without_it_is_refused_not_run_in_fp32(gpt2):
 
 
 def test_fp32_is_asked_for_explicitly_not_left_to_the_plugin_default(gpt2):
-    """OpenVINO's default on AMX CPUs is bf16: fp32 must be requested, and read back as f32."""
+    """OpenVINO's default on AMX CPUs is bf16: fp32 must be requested (pinned on the recorded
+    config, since on a CPU without AMX the default would pass too), and is read back as f32."""
+    core = FakeCore()
+    compile_graph(core, gpt2.graph_path("ingest"), "fp32")
+    assert core.configs == [{"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}]
     compiled = compile_graph(openvino.Core(), gpt2.graph_path("ingest"), "fp32")
     assert compiled.get_property("INFERENCE_PRECISION_HINT") == openvino.Type.f32
 

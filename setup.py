@@ -2,7 +2,7 @@
 
 The folders rmt_model/, export/ and runtime/ install as ``rmt_model``, ``rmt_export`` and
 ``rmt_runtime`` so that no generic top-level name (``runtime``, ``export``) lands in
-site-packages. The runtime needs only numpy (and click for its CLI); reading text through a
+site-packages. The runtime needs only numpy and pydantic (and click for its CLI); reading text through a
 bundle's tokenizer is the ``text`` extra; torch and the export stack are the ``export`` extra.
 """
 from setuptools import find_packages, setup
@@ -35,7 +35,9 @@ setup(
     python_requires=">=3.10",
     packages=packages(),
     package_dir=PACKAGE_DIRS,
-    install_requires=["numpy>=1.24", "click>=8.1"],
+    # pydantic: the one schema of every document the runtime reads (rmt_runtime.schema); binary wheels
+    # on PyPI for x86 and aarch64 (Jetson), torch-free.
+    install_requires=["numpy>=1.24", "click>=8.1", "pydantic>=2.6,<3"],
     extras_require={
         "export": EXPORT,
         "ort": ["onnxruntime>=1.22"],

@@ -1,42 +1,35 @@
 """The bundle on disk: manifest.json, the graphs, memory_init.npy, optional tokenizer files.
 
 Torch-free: the exporter writes manifests through ``write_manifest`` and every runtime
-reads them through ``Bundle.load``, which checks the schema and every file's sha256
-before anything runs.
+reads them through ``Bundle.load``. The manifest is checked by its one schema
+(``rmt_runtime.schema.ManifestDoc``: types, ranges, unknown fields, the graphs rebuilt from
+the geometry and compared), every file it or its graphs refer to must be hashed in it, and
+every file's sha256 is checked before anything runs. Fields are read only from the checked
+document (``Bundle.doc``) through the properties below.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .atomic import as_path
-from .spec import GENERATION_GRAPHS, PREFILL, SEGMENT_GRAPHS, SEQ, SPEC_VERSION, GraphSpec, resolve_dim
+from .onnx_refs import OnnxFormatError, external_data_files
+from .schema import (ARCHITECTURES, MANIFEST_LIMIT, MANIFEST_SCHEMA_VERSION, PRECISIONS, DocumentError, ManifestDoc,
+                     check_manifest_document, extra_positions, parse_json, read_document, relative_path)
+from .spec import GENERATION_GRAPHS, PREFILL, SEGMENT_GRAPHS, SEQ, GraphSpec, resolve_dim
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_SCHEMA_VERSION = 1
 MEMORY_INIT_NAME = "memory_init.npy"
 # Written into a bundle after export by rmt-build (engines/<graph>-<key>.plan|.json, timing-*.cache).
 ENGINE_DIR = "engines"
-PRECISIONS = ("fp32", "fp16", "int8")
-
-# Fields every manifest of this schema has, with their JSON types.
-REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "schema_version": int, "spec_version": int, "kind": str, "family": str,
-    "num_mem_tokens": int, "segment_size": int, "hidden_size": int, "vocab_size": int,
-    "precision": str, "opset": int, "graphs": dict, "files": dict,
-    "producer": dict, "validation": (dict, type(None)),
-}
-# memory_init: the RMT's initial memory (required when a graph has the state "memory").
-# architecture: "rmt" (absent) or "armt", whose state is per-layer W_mem/z pairs (docs/ARMT.md).
-OPTIONAL_FIELDS = {"num_labels", "encoder_ids", "tokenizer", "rmt_config", "created", "max_positions", "state_init",
-                   "memory_init", "architecture"}
-ARCHITECTURES = ("rmt", "armt")
+# The largest initial-state file: far above any real memory (M x D float32).
+STATE_INIT_LIMIT = 1 << 30
 
 
 class BundleError(Exception):
@@ -44,22 +37,12 @@ class BundleError(Exception):
 
 
 def manifest_paths(manifest: dict[str, Any]) -> list[str]:
-    """Every file path a manifest names: hashed files, graphs, initial state, tokenizer files."""
+    """Every file path a (checked) manifest names: hashed files, graphs, initial state, tokenizer files."""
     names = list(manifest.get("files", {}))
     names += [g.get("file") for g in manifest.get("graphs", {}).values() if isinstance(g, dict)]
     names += [manifest.get("memory_init")] + list(dict(manifest.get("state_init") or {}).values())
     names += list(manifest.get("tokenizer") or [])
-    return [n for n in names if n is not None]
-
-
-def _check_relative(name: Any, source: str) -> None:
-    """A manifest path must be a plain relative path that stays inside the bundle."""
-    if not isinstance(name, str) or not name:
-        raise BundleError(f"{source}: manifest names a file as {name!r}; expected a file name inside the bundle")
-    path = Path(name)
-    if path.is_absolute() or ".." in path.parts or "\\" in name or name.startswith("~"):
-        raise BundleError(f"{source}: manifest path {name!r} leaves the bundle directory; every file of a bundle "
-                          "must be inside it (a relative path without '..')")
+    return sorted({n for n in names if n is not None})
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -86,56 +69,22 @@ def write_manifest(directory: str | os.PathLike, manifest: dict[str, Any]) -> Pa
     return path
 
 
-def check_manifest(manifest: Any, source: str) -> None:
-    """Raise BundleError naming the first field that is missing, unknown or mistyped."""
-    if not isinstance(manifest, dict):
-        raise BundleError(f"{source}: manifest must be a JSON object")
-    version = manifest.get("schema_version")
-    if isinstance(version, int) and version > MANIFEST_SCHEMA_VERSION:
-        raise BundleError(f"{source}: manifest schema_version {version} is newer than this rmt-edge "
-                          f"reads ({MANIFEST_SCHEMA_VERSION}); upgrade rmt-edge or re-export")
-    for name, kind in REQUIRED_FIELDS.items():
-        if name not in manifest:
-            raise BundleError(f"{source}: manifest has no {name!r} field")
-        if not isinstance(manifest[name], kind) or (kind is int and isinstance(manifest[name], bool)):
-            raise BundleError(f"{source}: manifest field {name!r} has the wrong type "
-                              f"({type(manifest[name]).__name__})")
-    unknown = sorted(set(manifest) - set(REQUIRED_FIELDS) - OPTIONAL_FIELDS)
-    if unknown:
-        raise BundleError(f"{source}: manifest has unknown field(s) {unknown}")
-    if version != MANIFEST_SCHEMA_VERSION:
-        raise BundleError(f"{source}: manifest schema_version {version!r} is not supported "
-                          f"(expected {MANIFEST_SCHEMA_VERSION})")
-    if manifest["spec_version"] != SPEC_VERSION:
-        raise BundleError(f"{source}: step spec version {manifest['spec_version']} is not supported "
-                          f"(expected {SPEC_VERSION})")
-    if manifest["precision"] not in PRECISIONS:
-        raise BundleError(f"{source}: unknown precision {manifest['precision']!r} (expected one of {PRECISIONS})")
-    if manifest["kind"] not in ("decoder", "encoder"):
-        raise BundleError(f"{source}: unknown kind {manifest['kind']!r} (expected decoder or encoder)")
-    architecture = manifest.get("architecture", "rmt")
-    if architecture not in ARCHITECTURES or (architecture == "armt" and manifest["kind"] != "decoder"):
-        raise BundleError(f"{source}: unknown architecture {architecture!r} for kind {manifest['kind']!r} (expected "
-                          "'rmt', or 'armt' for a decoder)")
-    for name, graph in manifest["graphs"].items():
-        if not isinstance(graph, dict) or "file" not in graph or "spec" not in graph:
-            raise BundleError(f"{source}: graph {name!r} needs 'file' and 'spec'")
-    memory_init = manifest.get("memory_init")
-    if memory_init is not None and not isinstance(memory_init, str):
-        raise BundleError(f"{source}: manifest field 'memory_init' has the wrong type ({type(memory_init).__name__})")
-    has_memory = any(isinstance(graph.get("spec"), dict) and "memory" in dict(graph["spec"].get("state") or {})
-                     for graph in manifest["graphs"].values())
-    if has_memory and memory_init is None:
-        raise BundleError(f"{source}: manifest has no 'memory_init' field, which a bundle whose graphs carry the "
-                          "state 'memory' needs")
-    if not isinstance(manifest.get("state_init", {}), dict) or not isinstance(manifest.get("tokenizer") or [], list):
-        raise BundleError(f"{source}: manifest fields 'state_init' (an object) or 'tokenizer' (a list) have the "
-                          "wrong type")
-    for path in manifest_paths(manifest):
-        _check_relative(path, source)
-    for name, graph in manifest["graphs"].items():
-        if graph["file"] not in manifest["files"]:
-            raise BundleError(f"{source}: graph {name!r} file {graph['file']!r} is not hashed in 'files'")
+def check_manifest(manifest: Any, source: str) -> ManifestDoc:
+    """The manifest checked by its schema; BundleError naming every field that is wrong."""
+    try:
+        return check_manifest_document(manifest, source)
+    except DocumentError as exc:
+        raise BundleError(str(exc)) from None
+
+
+def read_manifest(directory: str | os.PathLike) -> tuple[dict[str, Any], ManifestDoc]:
+    """manifest.json of ``directory``, read (a regular file, size-bounded, strict JSON) and checked."""
+    path = Path(directory) / MANIFEST_NAME
+    try:
+        manifest = parse_json(read_document(path, MANIFEST_LIMIT, "manifest"), str(path), "manifest")
+    except DocumentError as exc:
+        raise BundleError(str(exc)) from None
+    return manifest, check_manifest(manifest, str(directory))
 
 
 def not_a_bundle(directory: str | os.PathLike) -> str | None:
@@ -148,9 +97,8 @@ def not_a_bundle(directory: str | os.PathLike) -> str | None:
     if not manifest_path.is_file():
         return f"no {MANIFEST_NAME}"
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        check_manifest(manifest, str(directory))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, BundleError) as exc:
+        manifest, _ = read_manifest(directory)
+    except BundleError as exc:
         return f"its {MANIFEST_NAME} is not an rmt-edge manifest ({exc})"
     known = {MANIFEST_NAME, *manifest_paths(manifest)}
     unknown = []
@@ -161,6 +109,8 @@ def not_a_bundle(directory: str | os.PathLike) -> str | None:
         elif (entry.is_dir() and name != ENGINE_DIR and not name.startswith(f"{ENGINE_DIR}/")
               and not any(k.startswith(f"{name}/") for k in known)):
             unknown.append(name + "/")
+        elif not (entry.is_file() or entry.is_dir()):
+            unknown.append(name)
     if unknown:
         return f"it holds files the manifest does not list: {', '.join(unknown[:5])}" + (
             f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
@@ -169,130 +119,164 @@ def not_a_bundle(directory: str | os.PathLike) -> str | None:
 
 @dataclass(frozen=True)
 class Bundle:
-    """A loaded, verified bundle: geometry, graph specs and file paths. Immutable."""
+    """A loaded, verified bundle: geometry, graph specs and file paths. Immutable.
+
+    ``manifest`` is the document as written (for reports); ``doc`` is its checked model,
+    which every property reads."""
 
     path: Path
     manifest: dict[str, Any]
+    doc: ManifestDoc = field(repr=False, compare=False, default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.doc is None:  # Bundle(path, manifest) built by hand: checked all the same
+            object.__setattr__(self, "doc", check_manifest(self.manifest, str(self.path)))
 
     @classmethod
     def load(cls, path: str | os.PathLike, verify_hashes: bool = True) -> "Bundle":
-        """Read and check manifest.json; with verify_hashes, every file must match its sha256."""
+        """Read and check manifest.json; with verify_hashes, every file must match its sha256
+        and every file the graphs refer to must be one the manifest hashes."""
         path = as_path(path, "the bundle path", BundleError)
         if not path.exists():
             raise BundleError(f"{path}: no such bundle directory")
         if not path.is_dir():
             raise BundleError(f"{path}: is a file; a bundle is a directory holding {MANIFEST_NAME}")
-        manifest_path = path / MANIFEST_NAME
-        if not manifest_path.is_file():
+        if not (path / MANIFEST_NAME).exists():
             raise BundleError(f"{path}: no {MANIFEST_NAME}: not a complete bundle "
                               "(an interrupted export leaves none)")
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BundleError(f"{manifest_path}: not valid JSON ({exc})") from None
-        check_manifest(manifest, source=str(path))
+        manifest, doc = read_manifest(path)
         root = path.resolve()
         for name in manifest_paths(manifest):  # symlinks included: nothing is read from outside
             target = (path / name).resolve()
             if target != root and root not in target.parents:
                 raise BundleError(f"{path}: {name} resolves to {target}, outside the bundle directory; refusing "
                                   "to read it")
-        bundle = cls(path=path, manifest=manifest)
-        bundle.check_geometry()
+        bundle = cls(path=path, manifest=manifest, doc=doc)
         if verify_hashes:
             bundle.verify()
+            bundle.check_references()
         return bundle
 
     def check_geometry(self) -> None:
-        """The manifest's sizes agree with its graph specs: the id check (vocab_size) and the
-        state shapes (num_mem_tokens, hidden_size) come from here, so an edited field must not
-        disagree with the graphs it describes."""
-        size = {"vocab_size": self.vocab_size, "num_mem_tokens": self.num_mem_tokens,
-                "hidden_size": self.hidden_size, "segment_size": self.segment_size}
-        bad = [f"{name} {value}" for name, value in size.items() if not 1 <= value <= 1 << 24]
-        if bad:
-            raise BundleError(f"{self.path}: manifest sizes out of range: {', '.join(bad)}")
-        problems = []
-        limit = self.manifest.get("max_positions")
-        needed = self.segment_size + self.extra_positions
-        if limit is not None and (not isinstance(limit, int) or needed > limit):
-            problems.append(f"segment_size {self.segment_size} with M={self.num_mem_tokens} needs {needed} positions, "
-                            f"the backbone has {limit!r}")
-        for name in self.graph_names:
-            spec = self.graph_spec(name)
-            for tensor in (*spec.inputs, *spec.outputs):
-                if tensor.name in ("memory", "new_memory") and tuple(tensor.dims[1:]) != (
-                        self.num_mem_tokens, self.hidden_size):
-                    problems.append(f"{name}.{tensor.name} is {list(tensor.dims)}, the manifest says "
-                                    f"M={self.num_mem_tokens}, D={self.hidden_size}")
-                if self.kind == "decoder" and tensor.name in ("logits", "last_logits") and tensor.dims[-1] != self.vocab_size:
-                    problems.append(f"{name}.{tensor.name} is {list(tensor.dims)}, the manifest says "
-                                    f"vocab_size={self.vocab_size}")
-        if problems:
-            raise BundleError(f"{self.path}: the manifest disagrees with its graph specs: " + "; ".join(problems))
+        """The manifest's sizes agree with its graph specs (the schema rebuilds the graphs from
+        the geometry at load; kept for callers that check a hand-made Bundle)."""
+        check_manifest(self.manifest, str(self.path))
 
     def verify(self) -> None:
-        """Raise BundleError naming each file that is missing or differs from the manifest."""
+        """Raise BundleError naming each file that is missing, not a regular file, or differs
+        from the manifest."""
         problems = []
-        for name, expected in self.manifest["files"].items():
+        for name, expected in self.doc.files.items():
             file = self.path / name
             if not file.is_file():
-                problems.append(f"{name} is missing")
+                problems.append(f"{name} is missing" if not file.exists() else f"{name} is not a regular file")
             elif sha256_file(file) != expected:
                 problems.append(f"{name} differs from the manifest's sha256")
         if problems:
             raise BundleError(f"{self.path}: files do not match the manifest: " + "; ".join(problems))
 
-    # ---- geometry ---------------------------------------------------------------------
+    def check_references(self) -> None:
+        """Every file a graph refers to (its external data) is a file the manifest hashes, so
+        that nothing unhashed is read and the bundle's identity covers it."""
+        for graph in self.graph_names:
+            file = self.doc.graphs[graph].file
+            try:
+                locations = external_data_files(self.path / file)
+            except (OnnxFormatError, OSError, ValueError) as exc:
+                raise BundleError(f"{self.path / file}: not a readable ONNX graph ({exc})") from None
+            for location in locations:
+                try:
+                    name = relative_path((Path(file).parent / location).as_posix() if "/" in file else location)
+                except ValueError as exc:
+                    raise BundleError(f"{self.path / file}: external data {location!r}: {exc}") from None
+                if name not in self.doc.files:
+                    raise BundleError(f"{self.path / file} reads external data from {location!r}, which the "
+                                      f"manifest does not hash; every file a graph refers to must be listed in "
+                                      "'files' (re-export the bundle)")
+
+    # ---- geometry: read from the checked document -----------------------------------------
     @property
     def kind(self) -> str:
-        return self.manifest["kind"]
+        return self.doc.kind
+
+    @property
+    def family(self) -> str:
+        return self.doc.family
 
     @property
     def num_mem_tokens(self) -> int:
-        return self.manifest["num_mem_tokens"]
+        return self.doc.num_mem_tokens
 
     @property
     def segment_size(self) -> int:
-        return self.manifest["segment_size"]
+        return self.doc.segment_size
 
     @property
     def hidden_size(self) -> int:
-        return self.manifest["hidden_size"]
+        return self.doc.hidden_size
 
     @property
     def vocab_size(self) -> int:
-        return self.manifest["vocab_size"]
+        return self.doc.vocab_size
+
+    @property
+    def num_labels(self) -> int | None:
+        return self.doc.num_labels
+
+    @property
+    def max_positions(self) -> int | None:
+        """The backbone's positions, when the export recorded them."""
+        return self.doc.max_positions
+
+    @property
+    def tokenizer_files(self) -> list[str]:
+        """The tokenizer files the bundle ships (tokenizer.json for the runtime's text)."""
+        return list(self.doc.tokenizer or [])
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        """An encoder's class names by label id, from the backbone config ({} when it has none)."""
+        backbone = self.doc.rmt_config.backbone if self.doc.rmt_config is not None else None
+        return {int(key): value for key, value in ((backbone.id2label or {}) if backbone else {}).items()}
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """The backbone's end-of-sequence token ids ([] when it has none)."""
+        backbone = self.doc.rmt_config.backbone if self.doc.rmt_config is not None else None
+        eos = backbone.eos_token_id if backbone is not None else None
+        return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+    @property
+    def validated_bf16(self) -> bool:
+        """Whether the export validated these graphs computed in bf16 (rmt-export --bf16)."""
+        return self.doc.validation is not None and self.doc.validation.bf16 is not None
 
     @property
     def architecture(self) -> str:
         """"rmt" (memory tokens carried as the state ``memory``) or "armt" (per-layer associative
         memory: the state pairs ``W_mem.{l}``, ``z.{l}``)."""
-        return self.manifest.get("architecture", "rmt")
+        return self.doc.architecture
 
     @property
     def sink(self) -> int:
         """An ARMT's sink token ahead of each segment (0 or 1; rmt_config says, 1 if it does not)."""
-        if self.architecture != "armt":
-            return 0
-        settings = dict(self.manifest.get("rmt_config") or {}).get("armt")
-        return int(bool(settings.get("use_sink", True))) if isinstance(settings, dict) else 1
+        from .schema import sink
+
+        return sink(self.doc)
 
     @property
     def extra_positions(self) -> int:
         """Positions one segment takes besides its tokens (rmt_model.config.positions_needed):
         an RMT decoder reads and writes memory (2M), an encoder reads it once and frames the
         segment with 3 special tokens, an ARMT has its M write tokens and a sink."""
-        if self.architecture == "armt":
-            return self.num_mem_tokens + self.sink
-        return 2 * self.num_mem_tokens if self.kind == "decoder" else self.num_mem_tokens + 3
+        return extra_positions(self.doc)
 
     @property
     def cache_prefix(self) -> int:
         """Key/value cache positions ahead of the prompt when generating: k in the prefill
         graph's present caches' "seq + k" (the RMT's M memory tokens, an ARMT's sink, 0 or 1);
         without generation graphs what the architecture puts there."""
-        if PREFILL in self.manifest["graphs"]:
+        if PREFILL in self.doc.graphs:
             dims = next((t.dims for t in self.graph_spec(PREFILL).outputs if t.name.startswith("present.")), None)
             if dims is not None and len(dims) == 4:
                 return resolve_dim(dims[2], {SEQ: 0})
@@ -300,11 +284,11 @@ class Bundle:
 
     @property
     def precision(self) -> str:
-        return self.manifest["precision"]
+        return self.doc.precision
 
     @property
     def graph_names(self) -> list[str]:
-        return sorted(self.manifest["graphs"])
+        return sorted(self.doc.graphs)
 
     @property
     def segment_graph_names(self) -> list[str]:
@@ -314,51 +298,52 @@ class Bundle:
     @property
     def has_generation(self) -> bool:
         """True when the bundle holds the KV-cached generation graphs (prefill, decode)."""
-        return all(name in self.manifest["graphs"] for name in GENERATION_GRAPHS)
+        return all(name in self.doc.graphs for name in GENERATION_GRAPHS)
 
     def graph_spec(self, name: str) -> GraphSpec:
-        if name not in self.manifest["graphs"]:
+        if name not in self.doc.graphs:
             raise BundleError(f"{self.path}: no graph {name!r} (has {self.graph_names})")
-        return GraphSpec.from_dict(self.manifest["graphs"][name]["spec"])
+        return self.doc.graphs[name].spec.spec()
 
     def graph_path(self, name: str) -> Path:
         self.graph_spec(name)
-        return self.path / self.manifest["graphs"][name]["file"]
+        return self.path / self.doc.graphs[name].file
+
+    def graph_sha256(self, name: str) -> str:
+        """The sha256 of a graph's file (hashed in the manifest)."""
+        self.graph_spec(name)
+        return self.doc.files[self.doc.graphs[name].file]
+
+    def graph_data_sha256(self, name: str) -> dict[str, str]:
+        """The sha256 of each of a graph's external-data files (``<graph file>.<suffix>``)."""
+        file = self.doc.graphs[name].file
+        return {other: sha for other, sha in sorted(self.doc.files.items()) if other.startswith(f"{file}.")}
 
     @property
     def memory_init_path(self) -> Path:
-        if "memory_init" not in self.manifest:
+        if self.doc.memory_init is None:
             raise BundleError(f"{self.path}: this {self.architecture} bundle has no memory_init (its state is "
                               f"{sorted(self.state_pairs)})")
-        return self.path / self.manifest["memory_init"]
+        return self.path / self.doc.memory_init
 
     # ---- state: the named pairs of the segment graphs --------------------------------------
     @property
     def state_pairs(self) -> dict[str, str]:
-        """State input -> the output that replaces it, shared by every segment graph."""
-        pairs = {name: self.graph_spec(name).state for name in self.segment_graph_names}
-        distinct = {tuple(sorted(p.items())) for p in pairs.values()}
-        if len(distinct) != 1:
-            raise BundleError(f"{self.path}: the segment graphs declare different state pairs: {pairs}")
-        return dict(next(iter(pairs.values())))
+        """State input -> the output that replaces it, shared by every segment graph (the schema
+        checked that step and ingest declare the same pairs)."""
+        return dict(self.graph_spec(self.segment_graph_names[0]).state)
 
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Each state tensor's shape after the batch axis (fixed by the spec)."""
+        """Each state tensor's shape after the batch axis (fixed by the spec, checked by the schema)."""
         spec = self.graph_spec(self.segment_graph_names[0])
-        shapes = {}
-        for name in self.state_pairs:
-            dims = spec.input(name).dims
-            if dims[0] != "batch" or not all(isinstance(d, int) for d in dims[1:]):
-                raise BundleError(f"{self.path}: state {name!r} must be [batch, fixed sizes...], spec says {dims}")
-            shapes[name] = tuple(dims[1:])
-        return shapes
+        return {name: tuple(spec.input(name).dims[1:]) for name in self.state_pairs}
 
     def initial_state(self) -> dict[str, np.ndarray]:
         """Each state tensor's value for a new sequence (no batch axis): from the file the manifest
         names (``memory_init`` for the RMT's memory, ``state_init`` for others), zeros otherwise."""
-        files = dict(self.manifest.get("state_init", {}))
-        if "memory" in self.state_pairs and "memory_init" in self.manifest:
-            files.setdefault("memory", self.manifest["memory_init"])
+        files = dict(self.doc.state_init or {})
+        if "memory" in self.state_pairs and self.doc.memory_init is not None:
+            files.setdefault("memory", self.doc.memory_init)
         initial = {}
         for name, shape in self.state_shapes().items():
             if name not in files:
@@ -367,6 +352,9 @@ class Bundle:
             path = self.path / files[name]
             try:  # the header first: a header claiming 10^12 elements must not allocate them
                 with open(path, "rb") as handle:
+                    if not os.path.isfile(path) or os.fstat(handle.fileno()).st_size > STATE_INIT_LIMIT:
+                        raise BundleError(f"{path}: initial {name!r} is not a regular file of at most "
+                                          f"{STATE_INIT_LIMIT} bytes")
                     version = np.lib.format.read_magic(handle)
                     read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                             else np.lib.format.read_array_header_2_0)
@@ -380,11 +368,14 @@ class Bundle:
                 raise BundleError(f"{path}: not a readable .npy array ({exc})") from None
             if value.shape != shape:
                 raise BundleError(f"{path}: initial {name!r} holds {value.size} values, the spec needs {list(shape)}")
+            if not np.isfinite(value).all():
+                raise BundleError(f"{path}: initial {name!r} holds NaN or Inf")
             initial[name] = value
         return initial
 
     @property
     def identity(self) -> str:
-        """A short id of this exact bundle: the sha256 of its manifest's file hashes."""
-        text = json.dumps(self.manifest["files"], sort_keys=True)
+        """A short id of this exact bundle: the sha256 of its manifest's file hashes (every file
+        the runtime reads is among them: Bundle.check_references)."""
+        text = json.dumps(dict(self.doc.files), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -38,8 +38,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .atomic import write_atomically
-from .bundle import ENGINE_DIR, Bundle
+from .bundle import ENGINE_DIR, Bundle, sha256_file
 from .errors import EngineError
+from .schema import (ENGINE_METADATA_LIMIT, DocumentError, EngineMetadataDoc, check_engine_metadata, parse_json,
+                     read_document)
 from .spec import GraphSpec
 
 BUILDERS = ("tensorrt", "tensorrt_rtx")
@@ -354,16 +356,14 @@ def engine_fields(bundle: Bundle, graph: str, trt_name: str, trt_version: str, d
     """Everything an engine's validity depends on (its key is their hash)."""
     spec = bundle.graph_spec(graph)
     profile = profile_shapes(spec, bundle.segment_size, options.max_batch, options.opt_batch, bundle.cache_prefix)
-    files = bundle.manifest["files"]
-    graph_file = bundle.manifest["graphs"][graph]["file"]
     return {
         "builder": trt_name, "trt_version": trt_version, "gpu": device.name,
         "compute_capability": device.compute_capability, "precision": bundle.precision,
         "fp16_flag": options.fp16_flag, "tf32": options.tf32, "graph": graph,
         "max_batch": options.max_batch, "opt_batch": options.opt_batch,
-        "graph_sha256": files[graph_file],
+        "graph_sha256": bundle.graph_sha256(graph),
         # External weights (<graph>.onnx.data) change an engine as much as the graph does.
-        "data_sha256": {name: sha for name, sha in sorted(files.items()) if name.startswith(f"{graph_file}.")},
+        "data_sha256": bundle.graph_data_sha256(graph),
         "profile": {name: [list(s) for s in shapes] for name, shapes in profile.items()},
     }
 
@@ -372,39 +372,114 @@ def engine_key(fields: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# Plans and timing caches are large but bounded: a plan of a 1B-parameter fp32 model is ~4 GB.
+PLAN_LIMIT = 1 << 36
+TIMING_CACHE_LIMIT = 1 << 30
+
+
+def engine_directory(bundle: Bundle, create: bool = False) -> Path:
+    """<bundle>/engines: a real directory inside the bundle, never a symlink (rmt-build must not
+    write, and no runner read, anywhere else). Made when ``create``."""
+    directory = bundle.path / ENGINE_DIR
+    if directory.is_symlink() or (directory.exists() and not directory.is_dir()):
+        raise EngineError(f"{directory} is {'a symlink' if directory.is_symlink() else 'not a directory'}; "
+                          "engines live in a real directory inside the bundle: remove it and rebuild with rmt-build")
+    if directory.exists() and directory.resolve() != bundle.path.resolve() / ENGINE_DIR:
+        raise EngineError(f"{directory} resolves outside the bundle ({directory.resolve()})")
+    if create:
+        directory.mkdir(exist_ok=True)
+    return directory
+
+
 def engine_path(bundle: Bundle, fields: dict[str, Any]) -> Path:
-    return bundle.path / ENGINE_DIR / f"{fields['graph']}-{engine_key(fields)}.plan"
+    return engine_directory(bundle) / f"{fields['graph']}-{engine_key(fields)}.plan"
 
 
 def timing_cache_path(bundle: Bundle, builder: str, trt_version: str, device: DeviceInfo) -> Path:
     """One timing cache per builder version and GPU: another's is rejected by the builder."""
     gpu = re.sub(r"[^A-Za-z0-9.]+", "_", device.name).strip("_") or "gpu"
-    return bundle.path / ENGINE_DIR / f"timing-{builder}-{trt_version}-{gpu}-sm{device.compute_capability}.cache"
+    version = re.sub(r"[^A-Za-z0-9.]+", "_", trt_version)
+    return engine_directory(bundle) / f"timing-{builder}-{version}-{gpu}-sm{device.compute_capability}.cache"
 
 
-def _engine_metadata(bundle: Bundle, graph: str) -> list[tuple[Path, dict[str, Any] | None]]:
-    """Every cached engine's metadata of ``graph`` (None where unreadable)."""
+def _regular_file(path: Path, limit: int) -> bool:
+    """A regular file (not a symlink) of at most ``limit`` bytes."""
+    try:
+        info = path.lstat()
+    except OSError:
+        return False
+    return os.path.isfile(path) and not path.is_symlink() and info.st_size <= limit
+
+
+def read_engine_metadata(meta: Path) -> EngineMetadataDoc:
+    """An engine's metadata, checked by its schema, for the plan beside it: its name must be
+    the key of its own fields, and the plan a regular file of the size the metadata records
+    (its hash is checked when it is read: ``read_plan``). DocumentError says why not."""
+    if meta.is_symlink():
+        raise DocumentError(f"{meta}: a symlink; engine metadata is a regular file rmt-build wrote")
+    doc = check_engine_metadata(parse_json(read_document(meta, ENGINE_METADATA_LIMIT, "engine metadata"), str(meta),
+                                           "engine metadata"), str(meta))
+    if meta.stem != f"{doc.graph}-{engine_key(doc.fields())}":
+        raise DocumentError(f"{meta}: its fields do not hash to its name (edited, or written by something else)")
+    plan = meta.with_suffix(".plan")
+    if not _regular_file(plan, PLAN_LIMIT) or plan.stat().st_size != doc.plan_bytes:
+        raise DocumentError(f"{plan}: missing, not a regular file, or not the {doc.plan_bytes} bytes its metadata "
+                            "records")
+    return doc
+
+
+def read_plan(path: Path) -> bytes:
+    """A plan's bytes, checked against the sha256 its metadata records (EngineError if not)."""
+    try:
+        doc = read_engine_metadata(path.with_suffix(".json"))
+        data = read_document(path, PLAN_LIMIT, "TensorRT engine")
+    except DocumentError as exc:
+        raise EngineError(f"{exc}; rebuild it with rmt-build") from None
+    if hashlib.sha256(data).hexdigest() != doc.plan_sha256:
+        raise EngineError(f"{path}: differs from the sha256 its metadata records; rebuild it with rmt-build")
+    return data
+
+
+def _engine_metadata(bundle: Bundle, graph: str) -> list[tuple[Path, EngineMetadataDoc | None, str]]:
+    """Every cached engine's metadata of ``graph``: (path, checked metadata or None, why not)."""
     found = []
-    for meta in sorted((bundle.path / ENGINE_DIR).glob(f"{graph}-*.json")):
+    directory = engine_directory(bundle)
+    if not directory.is_dir():
+        return found
+    pattern = re.compile(re.escape(graph) + r"-[0-9a-f]{16}\.json")
+    for meta in sorted(p for p in directory.iterdir() if pattern.fullmatch(p.name)):
         try:
-            found.append((meta, json.loads(meta.read_text())))
-        except (OSError, json.JSONDecodeError):
-            found.append((meta, None))
+            found.append((meta, read_engine_metadata(meta), ""))
+        except DocumentError as exc:
+            found.append((meta, None, str(exc).removeprefix(f"{meta}: ")))
     return found
 
 
 def stale_engines(bundle: Bundle, fields: dict[str, Any]) -> list[str]:
     """Cached engines of this graph built for something else, each with the first field that differs."""
     found = []
-    for meta, theirs in _engine_metadata(bundle, fields["graph"]):
+    for meta, theirs, why in _engine_metadata(bundle, fields["graph"]):
         if theirs is None:
-            found.append(f"{meta.name}: unreadable")
+            found.append(f"{meta.name}: unusable ({why})")
             continue
-        differs = [k for k in fields if theirs.get(k) != fields[k]]
+        known = theirs.fields()
+        differs = [k for k in fields if known.get(k) != fields[k]]
         if differs:
             k = differs[0]
-            found.append(f"{meta.stem}.plan was built for {k}={theirs.get(k)!r}, not {fields[k]!r}")
+            found.append(f"{meta.stem}.plan was built for {k}={known.get(k)!r}, not {fields[k]!r}")
     return found
+
+
+def _verified(path: Path, fields: dict[str, Any]) -> EngineMetadataDoc | None:
+    """The metadata of the engine at ``path`` when it is checked, built for exactly ``fields``
+    and its plan matches its hash; None otherwise."""
+    try:
+        doc = read_engine_metadata(path.with_suffix(".json"))
+    except DocumentError:
+        return None
+    if doc.fields() != fields or sha256_file(path) != doc.plan_sha256:
+        return None
+    return doc
 
 
 INT8_FOR_TENSORRT = ("int8 bundles hold ONNX Runtime's dynamic quantization (MatMulInteger), which TensorRT does "
@@ -432,9 +507,11 @@ def build_engine(bundle: Bundle, graph: str, options: BuildOptions = BuildOption
     device = current_device(options.builder)
     fields = engine_fields(bundle, graph, options.builder, str(trt.__version__), device, options)
     path = engine_path(bundle, fields)
-    if path.is_file() and path.with_suffix(".json").is_file():
-        return path
     say = progress or (lambda message: None)
+    if _verified(path, fields) is not None:
+        return path
+    if path.exists() or path.with_suffix(".json").exists():
+        say(f"{path.name}: the cached engine cannot be verified (metadata or plan altered); rebuilding it")
     say(f"building the TensorRT engine of {graph} for {device.name} (sm {device.compute_capability}), "
         f"{bundle.precision}{' with TF32' if options.tf32 else ''}; this can take minutes (9.5 min reported "
         "on an Orin)")
@@ -447,16 +524,18 @@ def build_engine(bundle: Bundle, graph: str, options: BuildOptions = BuildOption
         {name: tuple(tuple(s) for s in shapes) for name, shapes in fields["profile"].items()},
         BuildSettings(workspace_mb=options.workspace_mb, fp16_flag=options.fp16_flag, strongly_typed=strongly_typed,
                       tf32=options.tf32,
-                      timing_cache=(cache_file.read_bytes() if cache_file.is_file() else b"") if keep_timing else None))
+                      timing_cache=_timing_cache(cache_file) if keep_timing else None))
     for note in outcome.notes:
         say(note)
     if not outcome.built:
         raise EngineError(f"TensorRT could not build the {graph} engine: " + "; ".join(outcome.problems()[:5]))
-    serialized = outcome.serialized
-    (bundle.path / ENGINE_DIR).mkdir(exist_ok=True)
-    _write_atomically(path, bytes(serialized))
+    serialized = bytes(outcome.serialized)
+    engine_directory(bundle, create=True)
+    _write_atomically(path, serialized)
     metadata = dict(fields, built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    workspace_mb=options.workspace_mb)
+                    workspace_mb=options.workspace_mb, plan_sha256=hashlib.sha256(serialized).hexdigest(),
+                    plan_bytes=len(serialized))
+    check_engine_metadata(metadata, str(path.with_suffix(".json")))  # what is written is what is read
     # The metadata goes last: an engine without it is not found (a build killed in between is redone).
     _write_atomically(path.with_suffix(".json"), json.dumps(metadata, indent=2, sort_keys=True).encode())
     if outcome.timing_cache:  # None when the builder gave no cache back: nothing to keep
@@ -480,13 +559,20 @@ class EngineSet:
                 + (f"; {self.others} older set(s) not used" if self.others else ""))
 
 
-def _options_of(metadata: dict[str, Any], builder: str) -> BuildOptions | None:
+def _options_of(metadata: EngineMetadataDoc, builder: str) -> BuildOptions:
+    return BuildOptions(builder=builder, max_batch=metadata.max_batch, opt_batch=metadata.opt_batch,
+                        fp16_flag=metadata.fp16_flag, tf32=metadata.tf32)
+
+
+def _timing_cache(path: Path) -> bytes:
+    """The timing cache's bytes (empty when there is none, or when it is not a regular file of
+    a sane size: TensorRT then starts a new one)."""
+    if not _regular_file(path, TIMING_CACHE_LIMIT):
+        return b""
     try:
-        return BuildOptions(builder=builder, max_batch=int(metadata["max_batch"]),
-                            opt_batch=int(metadata["opt_batch"]), fp16_flag=bool(metadata["fp16_flag"]),
-                            tf32=bool(metadata["tf32"]))
-    except (KeyError, TypeError, ValueError):
-        return None
+        return read_document(path, TIMING_CACHE_LIMIT, "timing cache")
+    except DocumentError:
+        return b""
 
 
 def find_engines(bundle: Bundle, builder: str = "tensorrt", options: BuildOptions | None = None) -> EngineSet:
@@ -506,8 +592,8 @@ def find_engines(bundle: Bundle, builder: str = "tensorrt", options: BuildOption
         candidates = [options]
     else:
         candidates = []
-        for _, metadata in _engine_metadata(bundle, graphs[0]):
-            found = _options_of(metadata or {}, builder)
+        for _, metadata, _ in _engine_metadata(bundle, graphs[0]):
+            found = _options_of(metadata, builder) if metadata is not None else None
             if found is not None and found not in candidates:
                 candidates.append(found)
     complete = []
@@ -516,17 +602,11 @@ def find_engines(bundle: Bundle, builder: str = "tensorrt", options: BuildOption
         for graph in graphs:
             fields = engine_fields(bundle, graph, builder, version, device, candidate)
             path = engine_path(bundle, fields)
-            meta = path.with_suffix(".json")
-            if not (path.is_file() and meta.is_file()):
-                break
-            try:
-                metadata = json.loads(meta.read_text())
-            except (OSError, json.JSONDecodeError):
-                break
-            if any(metadata.get(k) != v for k, v in fields.items()):
+            metadata = _verified(path, fields)
+            if metadata is None:
                 break
             paths[graph] = path
-            built.append(str(metadata.get("built_at", "")))
+            built.append(metadata.built_at)
         else:
             complete.append(EngineSet(paths, candidate, max(built)))
     if complete:
@@ -539,7 +619,7 @@ def find_engines(bundle: Bundle, builder: str = "tensorrt", options: BuildOption
         f"--builder {builder} " if builder != "tensorrt" else "")
     detail = ("; ".join(stale[:4]) + "; ") if stale else ""
     raise EngineError(f"no TensorRT engines for this machine ({device.name}, sm {device.compute_capability}, "
-                      f"{builder} {version}) in {bundle.path / ENGINE_DIR}: {detail}build them first with "
+                      f"{builder} {version}) in {engine_directory(bundle)}: {detail}build them first with "
                       f"rmt-build --bundle {bundle.path} {flags}".rstrip())
 
 
@@ -557,5 +637,5 @@ def build_bundle_engines(bundle_dir: str | os.PathLike, options: BuildOptions,
 
 __all__ = ["BuildOptions", "BuildOutcome", "BuildSettings", "DeviceInfo", "EngineError", "EngineSet",
            "build_bundle_engines", "build_engine", "check_network_io", "cuda_error_name", "current_device",
-           "engine_fields", "engine_key", "find_engines", "import_cudart", "parse_and_build", "profile_shapes",
+           "engine_directory", "engine_fields", "engine_key", "find_engines", "read_engine_metadata", "read_plan", "import_cudart", "parse_and_build", "profile_shapes",
            "stale_engines", "stderr_logger", "timing_cache_path"]

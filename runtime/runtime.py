@@ -450,7 +450,7 @@ class RMTRuntime:
         # is optional in a manifest; the graph spec always says it).
         logits = next(t for t in self.bundle.graph_spec(STEP).outputs if t.name == "logits")
         width = self.bundle.vocab_size if self.kind == "decoder" else int(logits.dims[-1])
-        layout = StateLayout(self.state_shapes, self.bundle.vocab_size, width)
+        layout = StateLayout(self.state_shapes, self.bundle.vocab_size, width, self.segment_size)
         loaded = load_state_file(path, self.bundle.identity, str(self.bundle.path), layout)
         return self._state_from_host(loaded.tensors, loaded.pending, loaded.tokens_seen, loaded.segments_done,
                                      loaded.last_logits, loaded.has_logits)

@@ -22,10 +22,10 @@ import numpy as np
 
 from .atomic import as_path, unwritable_reason, write_atomically
 from .errors import RuntimeInputError, StateError, StateInUseError
+from .schema import (READABLE_STATE_VERSIONS, STATE_FORMAT, STATE_HEADER_LIMIT, STATE_VERSION, DocumentError,
+                     check_state_counters, check_state_header, parse_json)
 
-STATE_FORMAT = "rmt-edge/state"
-STATE_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # version 1 held the RMT's one state tensor as "memory"
+READABLE_VERSIONS = READABLE_STATE_VERSIONS
 STATE_PREFIX = "state."
 
 
@@ -138,15 +138,20 @@ class LoadedState:
 @dataclass(frozen=True)
 class StateLayout:
     """What a state file of one bundle must hold: its state tensors' shapes (without the batch
-    axis), the vocabulary pending ids must fall in, and the width of the saved logits."""
+    axis), the vocabulary pending ids must fall in, the width of the saved logits, and the
+    segment size the counters are checked against (None: not known to the reader)."""
 
     state_shapes: dict[str, tuple[int, ...]]
     vocab_size: int
     logits_width: int
+    segment_size: int | None = None
 
 
 _COUNTERS = ("pending_lengths", "tokens_seen", "segments_done", "has_logits")
-_HEADER_LIMIT = 1 << 16
+_HEADER_LIMIT = STATE_HEADER_LIMIT
+# The largest state file restored: far above any real state (the ARMT's per-layer matrices of a
+# 1B model at batch 64 are ~2 GB); a larger file is refused before it is opened as an archive.
+STATE_FILE_LIMIT = 1 << 34
 
 
 def _member_header(archive: zipfile.ZipFile, member: str, path: Path) -> tuple[np.dtype, tuple[int, ...]]:
@@ -190,6 +195,9 @@ def load_state_file(path: str | os.PathLike, bundle_identity: str, bundle_path: 
         raise StateError(f"{path}: no such state file")
     if not path.is_file():
         raise StateError(f"{path}: not a regular file; a state file is an .npz archive written by save_state")
+    if path.stat().st_size > STATE_FILE_LIMIT:
+        raise StateError(f"{path}: {path.stat().st_size} bytes, more than the {STATE_FILE_LIMIT} a state file "
+                         "can be")
     try:
         with zipfile.ZipFile(path) as archive:
             return _load_checked(archive, path, bundle_identity, bundle_path, layout)
@@ -206,23 +214,20 @@ def _load_checked(archive: zipfile.ZipFile, path: Path, bundle_identity: str, bu
     if dtype != np.uint8 or len(shape) != 1:
         raise StateError(f"{path}: not an rmt-edge state file (no readable header)")
     try:
-        header = json.loads(bytes(_read_member(archive, members["header"])).decode())
-    except (UnicodeDecodeError, json.JSONDecodeError, ValueError):
+        document = parse_json(bytes(_read_member(archive, members["header"])), str(path), "state header")
+    except (DocumentError, ValueError):
         raise StateError(f"{path}: not an rmt-edge state file (no readable header)") from None
-    if not isinstance(header, dict) or header.get("format") != STATE_FORMAT:
-        raise StateError(f"{path}: not an rmt-edge state file (format "
-                         f"{header.get('format') if isinstance(header, dict) else None!r})")
-    if header.get("version") not in READABLE_VERSIONS:
-        raise StateError(f"{path}: state version {header.get('version')!r} is not supported "
-                         f"(this rmt-edge reads {list(READABLE_VERSIONS)})")
-    if header.get("bundle_identity") != bundle_identity:
-        raise StateError(f"{path}: saved from bundle {header.get('bundle_path')!r} "
-                         f"(identity {header.get('bundle_identity')}), not from bundle {bundle_path!r} "
+    try:
+        checked = check_state_header(document, str(path))
+    except DocumentError as exc:
+        raise StateError(str(exc)) from None
+    header = checked.model_dump()
+    if checked.bundle_identity != bundle_identity:
+        raise StateError(f"{path}: saved from bundle {checked.bundle_path!r} "
+                         f"(identity {checked.bundle_identity}), not from bundle {bundle_path!r} "
                          f"(identity {bundle_identity}); a state only continues on its own bundle")
-    batch = header.get("batch")
-    if not isinstance(batch, int) or isinstance(batch, bool) or not 1 <= batch <= 1 << 20:
-        raise StateError(f"{path}: header batch {batch!r} is not a batch size")
-    if header["version"] == 1:  # the RMT's memory under its own name
+    batch = checked.batch
+    if checked.version == 1:  # the RMT's memory under its own name
         members = {(STATE_PREFIX + "memory" if name == "memory" else name): member for name, member in members.items()}
     # Every member, with the dtype and shape it must have (None: any length), checked on its header.
     expected: dict[str, tuple[np.dtype, tuple[int | None, ...]]] = {
@@ -254,17 +259,18 @@ def _load_checked(archive: zipfile.ZipFile, path: Path, bundle_identity: str, bu
         if not np.isfinite(value).all():
             raise StateError(f"{path}: state {name!r} holds NaN or Inf")
     lengths, tokens = data["pending_lengths"], data["pending_tokens"]
-    if (lengths < 0).any() or int(lengths.sum()) != len(tokens):
+    seen, done, has_logits = data["tokens_seen"], data["segments_done"], data["has_logits"]
+    try:  # before any sum: a length near 2**63 would overflow it
+        check_state_counters(str(path), lengths, seen, done, has_logits, layout.segment_size)
+    except DocumentError as exc:
+        raise StateError(str(exc)) from None
+    if int(lengths.sum()) != len(tokens):
         raise StateError(f"{path}: pending tokens do not add up ({len(tokens)} tokens, lengths {lengths.tolist()})")
     bad = (tokens < 0) | (tokens >= layout.vocab_size)
     if bad.any():
         raise StateError(f"{path}: pending token id {int(tokens[np.argmax(bad)])} is outside the vocabulary "
                          f"0..{layout.vocab_size - 1}")
-    seen, done = data["tokens_seen"], data["segments_done"]
-    if (done < 0).any() or (seen < lengths).any():
-        raise StateError(f"{path}: counters do not add up (tokens_seen {seen.tolist()}, segments_done "
-                         f"{done.tolist()}, pending {lengths.tolist()})")
-    last_logits, has_logits = data.get("last_logits"), data["has_logits"]
+    last_logits = data.get("last_logits")
     if has_logits.any() and (last_logits is None or not np.isfinite(last_logits[has_logits]).all()):
         raise StateError(f"{path}: last_logits are missing or hold NaN or Inf for rows that have them")
     pending = np.split(tokens, np.cumsum(lengths)[:-1])

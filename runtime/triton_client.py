@@ -26,6 +26,7 @@ import numpy as np
 
 from .errors import BackendError, RuntimeInputError
 from .segments import rows_of
+from .schema import DocumentError, check_triton_parameters
 from .state import SequenceState, StateLayout, load_state_file, save_state_file
 from .triton_model import INPUT_IDS, LAST_LOGITS, MEMORY_OUT, RESUME_MEMORY, START_MEMORY, TOKENS_SEEN
 
@@ -76,12 +77,21 @@ def segment_requests(ids, segment_size: int, vocab_size: int | None = None) -> l
     return requests
 
 
+def model_parameters(config: dict):
+    """The served model's ``rmt.*`` parameters, checked by their schema (BackendError naming one
+    that is wrong)."""
+    try:
+        return check_triton_parameters(config, f"model {config.get('name')!r}" if isinstance(config, dict) else "model")
+    except DocumentError as exc:
+        raise BackendError(str(exc)) from None
+
+
 def repository_kind(config: dict) -> str:
     """The repository kind of a served model's config (JSON, as Triton returns it)."""
-    parameters = config.get("parameters", {})
-    if "rmt.segment_size" not in parameters:
+    parameters = model_parameters(config)
+    if parameters.segment_size is None:
         raise BackendError(f"model {config.get('name')!r} was not written by rmt-triton (no rmt.segment_size)")
-    named = parameters.get("rmt.repository_kind", {}).get("string_value")
+    named = parameters.repository_kind
     backend = config.get("backend") or {"onnxruntime_onnx": "onnxruntime", "tensorrt_plan": "tensorrt"}.get(
         config.get("platform", ""), "")
     kind = named or backend
@@ -109,9 +119,9 @@ class TritonRMTClient:
         except InferenceServerException as exc:
             raise BackendError(f"cannot read model {model!r} from Triton at {url}: {exc}") from None
         self.kind = repository_kind(config)
-        parameters = config.get("parameters", {})
-        self.segment_size = int(parameters["rmt.segment_size"]["string_value"])
-        self.bundle_identity = parameters.get("rmt.bundle_identity", {}).get("string_value", "")
+        parameters = model_parameters(config)
+        self.segment_size = int(parameters.segment_size)
+        self.bundle_identity = parameters.bundle_identity or ""
         outputs = {o["name"]: [int(d) for d in o.get("dims", [])] for o in config["output"]}
         self.output = config["output"][0]["name"]
         self.vocab_size = outputs[LAST_LOGITS][0] if self.kind == "python" else None
@@ -177,7 +187,7 @@ class TritonRMTClient:
         memory and re-sends the saved partial segment's tokens first."""
         self._require_python("resume()")
         self._require_memory("resume()")
-        layout = StateLayout({"memory": self.memory_shape}, self.vocab_size, self.vocab_size)
+        layout = StateLayout({"memory": self.memory_shape}, self.vocab_size, self.vocab_size, self.segment_size)
         loaded = load_state_file(path, self.bundle_identity, f"{self.model} at {self.url}", layout)
         if len(loaded.pending) != 1:
             raise RuntimeInputError(f"{path}: holds {len(loaded.pending)} sequences; a served sequence resumes one")

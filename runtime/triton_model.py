@@ -45,6 +45,7 @@ import numpy as np
 
 from .errors import RuntimeInputError
 from .runtime import MEMORY, RMTRuntime
+from .schema import DocumentError, check_triton_parameters
 from .segments import rows_of
 from .state import SequenceState
 
@@ -269,8 +270,61 @@ def check_numpy_for_python_backend(version: str, allowed: bool) -> None:
                            "model parameter rmt.allow_numpy2 to \"true\"")
 
 
-def model_parameters(config: dict[str, Any]) -> dict[str, str]:
-    return {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
+# The longest idle time a sequence may be kept (Triton's max_sequence_idle_microseconds): a day.
+MAX_IDLE_MICROSECONDS = 86_400_000_000
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """What the Python model reads from its config.pbtxt, checked: the ``rmt.*`` parameters
+    (rmt_runtime.schema.TritonParametersDoc) and the sequence batcher's settings."""
+
+    threads: int
+    provider: str
+    allow_numpy2: bool
+    idle_seconds: float
+    segment_size: int | None
+    bundle_identity: str | None
+
+
+def model_settings(config: Any) -> ModelSettings:
+    """The model config's settings, checked before anything loads; RuntimeError naming what is wrong."""
+    try:
+        parameters = check_triton_parameters(config)
+    except DocumentError as exc:
+        raise RuntimeError(str(exc)) from None
+    batching = config.get("sequence_batching")
+    if not isinstance(batching, dict):
+        raise RuntimeError("this model needs sequence_batching in its config.pbtxt (rmt-triton --kind python "
+                           "writes it): sequences are routed by correlation id")
+    controls = batching.get("control_input", [])
+    declared = {c.get("name") for c in controls if isinstance(c, dict)} if isinstance(controls, list) else set()
+    missing = [name for name in CONTROLS if name not in declared]
+    if missing:
+        raise RuntimeError(f"sequence_batching must declare the control inputs {list(CONTROLS)}; missing {missing}")
+    idle = batching.get("max_sequence_idle_microseconds") or 1_000_000
+    try:
+        idle_us = int(idle)
+    except (TypeError, ValueError):
+        idle_us = -1
+    if isinstance(idle, bool) or not 1 <= idle_us <= MAX_IDLE_MICROSECONDS or str(idle_us) != str(idle).strip():
+        raise RuntimeError(f"sequence_batching.max_sequence_idle_microseconds is {idle!r}; expected an integer from "
+                           f"1 to {MAX_IDLE_MICROSECONDS}")
+    return ModelSettings(threads=int(parameters.threads), provider=parameters.provider,
+                         allow_numpy2=parameters.allow_numpy2 == "true", idle_seconds=idle_us / 1e6,
+                         segment_size=int(parameters.segment_size) if parameters.segment_size else None,
+                         bundle_identity=parameters.bundle_identity)
+
+
+def check_bundle_matches(settings: ModelSettings, runtime: RMTRuntime) -> None:
+    """The bundle in the repository is the one its config was written for (rmt-triton records
+    its identity and segment size): a swapped bundle is an error, not another model served."""
+    if settings.bundle_identity is not None and settings.bundle_identity != runtime.identity:
+        raise RuntimeError(f"the bundle in the repository has identity {runtime.identity}, its config.pbtxt was "
+                           f"written for {settings.bundle_identity}: rerun rmt-triton for this bundle")
+    if settings.segment_size is not None and settings.segment_size != runtime.segment_size:
+        raise RuntimeError(f"config.pbtxt says rmt.segment_size {settings.segment_size}, the bundle's is "
+                           f"{runtime.segment_size}")
 
 
 class TritonPythonModel:
@@ -280,32 +334,22 @@ class TritonPythonModel:
         import triton_python_backend_utils as pb_utils  # only inside Triton's Python backend stub
 
         self.pb = pb_utils
-        config = json.loads(args["model_config"])
-        parameters = model_parameters(config)
-        check_numpy_for_python_backend(np.__version__, parameters.get("rmt.allow_numpy2", "") == "true")
-        batching = config.get("sequence_batching")
-        if batching is None:
-            raise RuntimeError("this model needs sequence_batching in its config.pbtxt (rmt-triton --kind python "
-                               "writes it): sequences are routed by correlation id")
-        declared = {c["name"] for c in batching.get("control_input", [])}
-        missing = [name for name in CONTROLS if name not in declared]
-        if missing:
-            raise RuntimeError(f"sequence_batching must declare the control inputs {list(CONTROLS)}; missing {missing}")
-        idle_us = int(batching.get("max_sequence_idle_microseconds") or 1_000_000)
+        settings = model_settings(json.loads(args["model_config"]))
+        check_numpy_for_python_backend(np.__version__, settings.allow_numpy2)
         bundle_dir = Path(args["model_repository"]) / str(args["model_version"]) / BUNDLE_FOLDER
-        threads = int(parameters.get("rmt.threads") or 1)
-        runtime = RMTRuntime.load(bundle_dir, backend="onnxruntime", provider=parameters.get("rmt.provider") or "cpu",
-                                  threads=threads)
+        runtime = RMTRuntime.load(bundle_dir, backend="onnxruntime", provider=settings.provider,
+                                  threads=settings.threads)
+        check_bundle_matches(settings, runtime)
         self.name = args["model_name"]
         self.instance = args.get("model_instance_name", self.name)
-        self.table = SequenceTable(runtime, idle_us / 1e6)
+        self.table = SequenceTable(runtime, settings.idle_seconds)
         # The family must outlive its metric (the backend refuses a metric of a deleted family).
         self.live_family = pb_utils.MetricFamily(name=LIVE_METRIC, description="sequences whose memory this "
                                                  "instance holds", kind=pb_utils.MetricFamily.GAUGE)
         self.live = self.live_family.Metric(labels={"model": self.name, "instance": self.instance})
         self.live.set(0)
         pb_utils.Logger.log_info(f"{self.instance}: {runtime.picked}; bundle {runtime.identity}; sequences idle "
-                                 f"for {idle_us / 1e6:g} s are dropped")
+                                 f"for {settings.idle_seconds:g} s are dropped")
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap, name="rmt-idle-reaper", daemon=True)
         self._reaper.start()

@@ -28,7 +28,7 @@ ROOT_BUILDING=.rmt-edge-building    # present while the root is being made
 CPU=${RMT_AARCH64_CPU:-cortex-a76}
 VENV=/opt/rmt-venv                  # inside the root
 VENV_DONE=$VENV/.rmt-edge-venv-done
-VENV_PACKAGES=(numpy onnxruntime pytest click tokenizers)  # tokenizers: the wheel's text extra
+VENV_PACKAGES=(numpy onnxruntime pytest click pydantic tokenizers)  # tokenizers: the wheel's text extra
 DEV_PY=$REPO/.venv/bin/python
 WHEEL=
 KEEP=0
@@ -276,7 +276,7 @@ enter_root() {
 step "mount /proc, /sys, /dev in the root; resolv.conf and CA bundle for pip; /proc/cpuinfo" enter_root
 
 make_venv() {
-  if [ -f "$ROOT$VENV_DONE" ] && in_root chroot "$ROOT" "$VENV/bin/python" -c 'import numpy, onnxruntime, pytest, click, tokenizers' 2>/dev/null; then
+  if [ -f "$ROOT$VENV_DONE" ] && in_root chroot "$ROOT" "$VENV/bin/python" -c 'import numpy, onnxruntime, pytest, click, pydantic, tokenizers' 2>/dev/null; then
     say "reusing the root's venv $VENV"; return 0
   fi
   rm -rf --one-file-system "${ROOT:?}$VENV"
@@ -295,7 +295,7 @@ install_wheel() {
   in_root chroot "$ROOT" "$VENV/bin/python" -m pip install --quiet --force-reinstall --no-deps "/$RUN/$(basename "$WHEEL")"
   in_root chroot "$ROOT" "$VENV/bin/python" -m pip check   # the wheel's requirements are all present
   in_root chroot "$ROOT" "$VENV/bin/python" -m pip list --format=freeze 2>/dev/null \
-    | grep -iE '^(rmt-edge|onnxruntime|numpy|click|torch)==' | tr '\n' ' ' >&2; echo >&2
+    | grep -iE '^(rmt-edge|onnxruntime|numpy|click|pydantic|torch)==' | tr '\n' ' ' >&2; echo >&2
 }
 step "install $(basename "$WHEEL") in the root's venv (--force-reinstall --no-deps)" install_wheel
 

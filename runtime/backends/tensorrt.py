@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from ..bundle import Bundle
-from ..engines import (TRT_DTYPES, BuildOptions, EngineSet, cuda_error_name, find_engines, import_builder,
+from ..engines import (TRT_DTYPES, BuildOptions, EngineSet, cuda_error_name, find_engines, import_builder, read_plan,
                        import_cudart, stderr_logger)
 from ..errors import BackendError
 from ..spec import BATCH, SEQ, TensorSpec, bind_symbols
@@ -188,7 +188,7 @@ class TensorRTRunner(Runner):
         engines = find_engines(self.bundle, self.builder, self.engine_options)
         self._runtime = self._trt.Runtime(stderr_logger(self._trt))  # kept: engines need their runtime
         for graph, path in engines.paths.items():
-            engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+            engine = self._runtime.deserialize_cuda_engine(read_plan(path))
             if engine is None:
                 raise BackendError(f"TensorRT could not deserialize {path} (see the [TRT] lines above); rebuild it "
                                    f"with rmt-build --bundle {self.bundle.path}")

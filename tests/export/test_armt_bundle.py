@@ -178,8 +178,11 @@ def test_a_bundle_whose_architecture_does_not_fit_its_kind_or_state_is_refused(a
     rmt_like = dict(manifest)
     rmt_like["graphs"] = {**manifest["graphs"], "step": {**manifest["graphs"]["step"], "spec": {
         **manifest["graphs"]["step"]["spec"], "state": {"memory": "new_memory"}}}}
-    with pytest.raises(BundleError, match="no 'memory_init' field, which a bundle whose graphs carry the state"):
+    with pytest.raises(BundleError, match="pairs state 'memory' -> 'new_memory', which are not one of its inputs"):
         check_manifest(rmt_like, "x")
+    rmt_like["architecture"] = "rmt"  # an RMT whose graphs carry no memory
+    with pytest.raises(BundleError, match="an RMT carries the state 'memory'"):
+        check_manifest({**manifest, "architecture": "rmt"}, "x")
 
 
 def test_rmt_export_imports_the_reference_armt_layout_and_names_the_flags_it_needs(armt, tmp_path):

@@ -1,5 +1,5 @@
 """Checks run INSIDE a clean environment holding only the built wheel with its text extra
-(numpy, click, tokenizers), onnxruntime and pytest: what a deploying machine (a Jetson, an
+(numpy, click, pydantic, tokenizers), onnxruntime and pytest: what a deploying machine (a Jetson, an
 application server) has after ``pip install "rmt-edge[text]" onnxruntime``.
 
 Not collected by the main suite (the name does not start with ``test_``):

@@ -35,7 +35,7 @@ def _edit_manifest(bundle_dir, change):
     (lambda m: m.update(colour="red"), r"unknown field\(s\) \['colour'\]"),
     (lambda m: m.update(schema_version=2), "schema_version 2 is newer than this rmt-edge reads"),
     (lambda m: m.update(precision="int4"), "unknown precision 'int4'"),
-    (lambda m: m.update(num_mem_tokens="4"), "'num_mem_tokens' has the wrong type"),
+    (lambda m: m.update(num_mem_tokens="4"), "'num_mem_tokens' has the wrong type \\(str"),
 ])
 def test_bad_manifests_are_named(bundle_factory, tmp_path, change, message):
     bundle_dir = _copy(bundle_factory("gpt2", "fp32")[1].path, tmp_path)

@@ -150,7 +150,8 @@ def test_a_file_without_an_rmt_edge_header_is_not_a_state_file(saved, tmp_path, 
 
 
 def test_a_header_member_up_to_64_kib_is_read(saved, tmp_path):
-    """The header member may take 64 KiB (its .npy header included); one byte more is refused unread."""
+    """The header member may take 64 KiB (its .npy header included): it is read, and its unknown
+    field named by the schema; one byte more is refused unread."""
     rt, members = saved
     overhead = len(npy(np.zeros(0, np.uint8)))  # an .npy header of a 1-D uint8 array (its size fits in 64 KiB)
     base = json.dumps({**header_of(members), "note": ""}).encode()
@@ -160,7 +161,7 @@ def test_a_header_member_up_to_64_kib_is_read(saved, tmp_path):
         with zipfile.ZipFile(path) as zf:
             assert zf.getinfo("header.npy").file_size == (1 << 16) + extra
         if accepted:
-            np.testing.assert_array_equal(rt.memory(rt.restore_state(path)), members["state.memory"])
+            assert refusal(rt, path) == f"{path}: state header has unknown field(s) ['note']"
         else:
             assert refusal(rt, path) == f"{path}: not an rmt-edge state file (no readable header)"
 
@@ -173,9 +174,15 @@ def test_header_fields_are_refused_by_name(saved, tmp_path):
     assert refusal(rt, path) == (f"{path}: saved from bundle '/elsewhere' (identity abc), not from bundle "
                                  f"{str(rt.bundle.path)!r} (identity {rt.identity}); a state only continues on its "
                                  "own bundle")
-    for batch in (0, True, 1.0, "1", (1 << 20) + 1):
+    for batch, why in ((0, ": Input should be greater than or equal to 1 (got 0)"),
+                       (True, " has the wrong type (bool: True); Input should be a valid integer"),
+                       (1.0, " has the wrong type (float: 1.0); Input should be a valid integer"),
+                       ("1", " has the wrong type (str: '1'); Input should be a valid integer"),
+                       ((1 << 20) + 1, ": Input should be less than or equal to 1048576 (got 1048577)")):
         path = archive(tmp_path / "b.npz", with_header(members, batch=batch))
-        assert refusal(rt, path) == f"{path}: header batch {batch!r} is not a batch size"
+        assert refusal(rt, path) == f"{path}: state header field 'batch'{why}"
+    path = archive(tmp_path / "n.npz", with_header(members, note="x"))
+    assert refusal(rt, path) == f"{path}: state header has unknown field(s) ['note']"
     path = archive(tmp_path / "big.npz", with_header(members, batch=1 << 20))  # a batch size, not this file's
     assert refusal(rt, path) == f"{path}: state.memory is float32[1, 4, 32], expected float32[1048576, 4, 32]"
 
@@ -202,12 +209,19 @@ def test_members_other_than_a_state_files_are_refused(saved, tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(pending_tokens=np.arange(3, dtype=np.int64), pending_lengths=np.array([2])),
+    (dict(pending_tokens=np.arange(3, dtype=np.int64), pending_lengths=np.array([2]), tokens_seen=np.array([34])),
      "pending tokens do not add up (3 tokens, lengths [2])"),
     (dict(pending_tokens=np.zeros(0, np.int64), pending_lengths=np.array([0]), tokens_seen=np.array([-1])),
-     "counters do not add up (tokens_seen [-1], segments_done [2], pending [0])"),
-    (dict(segments_done=np.array([-1])), "counters do not add up (tokens_seen [40], segments_done [-1], pending [8])"),
-    (dict(tokens_seen=np.array([7])), "counters do not add up (tokens_seen [7], segments_done [2], pending [8])"),
+     "tokens_seen [-1] out of range (0..9007199254740992)"),
+    (dict(segments_done=np.array([-1])), "segments_done [-1] out of range (0..9007199254740992)"),
+    (dict(tokens_seen=np.array([2**63 - 6])), "tokens_seen [9223372036854775802] out of range (0..9007199254740992)"),
+    (dict(tokens_seen=np.array([7])), "counters do not add up (tokens_seen [7], segments_done [2], pending [8]): "
+                                      "each segment run takes 1 to 16 of the tokens seen before the pending ones"),
+    (dict(tokens_seen=np.array([60])), "counters do not add up (tokens_seen [60], segments_done [2], pending [8]): "
+                                       "each segment run takes 1 to 16 of the tokens seen before the pending ones"),
+    (dict(segments_done=np.array([33])), "counters do not add up (tokens_seen [40], segments_done [33], pending "
+                                         "[8]): each segment run takes 1 to 16 of the tokens seen before the "
+                                         "pending ones"),
     (dict(pending_tokens=np.array([1, 2, 3, 4, 5, 6, 7, 97])), "pending token id 97 is outside the vocabulary 0..96"),
     (dict(pending_tokens=np.array([1, 2, 3, -1, 5, 6, 7, 8])), "pending token id -1 is outside the vocabulary 0..96"),
     (dict(last_logits=np.full((1, 97), np.inf, np.float32)),
@@ -233,6 +247,7 @@ def test_counters_that_add_up_are_accepted(saved, tmp_path):
     files = {k: v for k, v in members.items() if k != "last_logits"}
     path = archive(tmp_path / "empty.npz", {**files, "pending_tokens": np.zeros(0, np.int64),
                                            "pending_lengths": np.array([0], np.int64),
+                                           "tokens_seen": np.array([32], np.int64),
                                            "has_logits": np.zeros(1, bool)})
     state = rt.restore_state(path)
     assert [p.tolist() for p in state.pending] == [[]] and state.last_logits is None

@@ -8,12 +8,15 @@ import shutil
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rmt_runtime import BackendError, Bundle, RMTRuntime
 from rmt_runtime.backends.onnxruntime import OnnxRuntimeRunner
+from rmt_runtime.cli import main as rmt_run
 from rmt_runtime.errors import library_message
+from tests.cli.support import one_line_error
 
 openvino = pytest.importorskip("openvino")
 onnxruntime = pytest.importorskip("onnxruntime")
@@ -147,3 +150,58 @@ def test_onnxruntime_binding_errors_are_backend_errors_with_the_reason(gpt2):
     message = str(info.value)
     assert message.startswith(f"onnxruntime could not run the ingest graph of {gpt2.path}: ")
     assert "tensor(float)" in message and "[ONNXRuntimeError]" not in message
+
+
+# ---- the CLIs: anticipated errors are one line naming the file, not 'unexpected' ----------------------
+def _run(*args):
+    return CliRunner().invoke(rmt_run, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("ids", ["99999999999999999999999 1 2", "1 -99999999999999999999999"])
+def test_ids_past_int64_name_the_file_and_the_token(gpt2, tmp_path, ids):
+    path = tmp_path / "ids.txt"
+    path.write_text(ids)
+    line = one_line_error(_run("--bundle", gpt2.path, "--ids", path), f"{path}: token ", "past int64")
+    assert "unexpected" not in line
+
+
+def test_uint64_ids_past_int64_are_named_not_wrapped_to_negative(gpt2, tmp_path):
+    path = tmp_path / "ids.npy"
+    np.save(path, np.array([1, 2 ** 64 - 1], np.uint64))
+    line = one_line_error(_run("--bundle", gpt2.path, "--ids", path), f"{path}: token id {2 ** 64 - 1} is past int64")
+    assert "-1" not in line
+
+
+def test_out_of_memory_is_one_line_not_unexpected(gpt2, tmp_path, monkeypatch):
+    path = tmp_path / "ids.txt"
+    path.write_text("1 2 3")
+
+    def no_memory(*args, **kwargs):  # what numpy raises when an allocation does not fit
+        raise MemoryError
+
+    monkeypatch.setattr(RMTRuntime, "run", no_memory)
+    monkeypatch.setattr(RMTRuntime, "feed", no_memory)
+    line = one_line_error(_run("--bundle", gpt2.path, "--ids", path), "out of memory", "smaller batch")
+    assert "unexpected" not in line
+
+
+def test_a_bug_is_still_called_unexpected_with_the_reason(gpt2, tmp_path, monkeypatch):
+    path = tmp_path / "ids.txt"
+    path.write_text("1 2 3")
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("Exception from src/inference/src/cpp/core.cpp:132:\nthe real reason\n")
+
+    monkeypatch.setattr(RMTRuntime, "run", bug)
+    monkeypatch.setattr(RMTRuntime, "feed", bug)
+    one_line_error(_run("--bundle", gpt2.path, "--ids", path), "unexpected RuntimeError: the real reason",
+                   "--verbose")
+
+
+def test_a_file_that_cannot_be_written_is_named(gpt2, tmp_path):
+    path = tmp_path / "ids.txt"
+    path.write_text("1 2 3")
+    (tmp_path / "a-file").write_text("in the way")
+    target = tmp_path / "a-file" / "out.npz"  # its folder is a file (root writes anywhere else)
+    line = one_line_error(_run("--bundle", gpt2.path, "--ids", path, "--save-outputs", target), "a-file")
+    assert "unexpected" not in line

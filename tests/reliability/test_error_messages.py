@@ -141,15 +141,19 @@ def test_openvino_run_errors_say_the_graph_and_the_reason(gpt2):
     assert "Can't set the input tensor" in message and LOCATION not in message
 
 
-def test_onnxruntime_binding_errors_are_backend_errors_with_the_reason(gpt2):
+@pytest.mark.parametrize("dtype, reason", [
+    (np.float32, "tensor(float)"),  # refused by the run
+    (np.complex64, "can't be converted"),  # refused by the binding, before the run
+])
+def test_onnxruntime_binding_and_run_errors_are_backend_errors_with_the_reason(gpt2, dtype, reason):
     runner = OnnxRuntimeRunner(gpt2).activate()
     state = RMTRuntime.load(gpt2, backend="onnxruntime").new_state()
-    with pytest.raises(BackendError) as info:  # float ids: refused by ONNX Runtime, reported as this run's error
-        runner.run("ingest", {"input_ids": np.ones((1, 3), np.float32), "attention_mask": np.ones((1, 3), np.int64),
+    with pytest.raises(BackendError) as info:  # past the runner's own checks: ONNX Runtime's refusal
+        runner.run("ingest", {"input_ids": np.ones((1, 3), dtype), "attention_mask": np.ones((1, 3), np.int64),
                               **state.handles}, ("last_logits",), checked=True)
     message = str(info.value)
     assert message.startswith(f"onnxruntime could not run the ingest graph of {gpt2.path}: ")
-    assert "tensor(float)" in message and "[ONNXRuntimeError]" not in message
+    assert reason in message and "[ONNXRuntimeError]" not in message
 
 
 # ---- the CLIs: anticipated errors are one line naming the file, not 'unexpected' ----------------------

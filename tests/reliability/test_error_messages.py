@@ -209,3 +209,19 @@ def test_a_file_that_cannot_be_written_is_named(gpt2, tmp_path):
     target = tmp_path / "a-file" / "out.npz"  # its folder is a file (root writes anywhere else)
     line = one_line_error(_run("--bundle", gpt2.path, "--ids", path, "--save-outputs", target), "a-file")
     assert "unexpected" not in line
+
+
+def test_a_failed_rename_names_both_paths_not_only_the_temporary_one(tmp_path):
+    import os
+
+    import click
+
+    from rmt_runtime.cli_support import run_guarded
+
+    staged, target = tmp_path / ".out.npz.partial", tmp_path / "out.npz"
+    staged.write_bytes(b"x")
+    target.mkdir()  # what an atomic save's os.replace meets when the output path is a folder
+    with pytest.raises(click.ClickException) as info:
+        run_guarded(False, False, lambda: os.replace(staged, target), ())
+    assert info.value.message.startswith(f"{staged} -> {target}: ")
+    assert "unexpected" not in info.value.message

@@ -39,7 +39,11 @@ from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
-from aiohttp import web
+
+try:
+    from aiohttp import web
+except ImportError:
+    raise SystemExit("the memory service needs aiohttp: pip install 'rmt-edge[service]'") from None
 
 from rmt_runtime import RMTRuntime, RuntimeInputError, SequenceState, StateError
 

@@ -425,6 +425,16 @@ def test_a_client_that_stops_mid_body_commits_nothing(service):
     assert _nothing_fed(host, port, state_dir, "bob")
 
 
+def test_service_without_aiohttp_says_how_to_install_it(tmp_path):
+    from tests.without_modules import run_without
+
+    script = ROOT / "samples" / "memory_service.py"
+    code = f"import runpy\nsys.argv[0] = {str(script)!r}\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"
+    result = run_without(("aiohttp",), code, ["--bundle", tmp_path], cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == ["the memory service needs aiohttp: pip install 'rmt-edge[service]'"]
+
+
 def test_service_listens_on_loopback_only(service):
     host, _, _, _ = service  # start()'s default host, as the fixture passes none (and main's --host default)
     assert host == "127.0.0.1"

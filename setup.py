@@ -44,6 +44,7 @@ setup(
         # The openvino backend: fp32 bundles computed in fp32 or bf16 on the CPU (docs/BENCHMARKS.md).
         "openvino": ["openvino>=2025.1"],
         "text": ["tokenizers>=0.20"],  # rmt-run --text, rmt-generate --prompt: the bundle's tokenizer.json
+        "service": ["aiohttp>=3.14.5", "tokenizers>=0.20"],  # samples/memory_service.py
         "gpu": ["onnxruntime-gpu>=1.22"],
         "triton": ["tritonclient[grpc]>=2.40"],
         # Native TensorRT where pip can install it (x86; on a Jetson TensorRT comes from JetPack's apt,

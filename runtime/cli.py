@@ -74,6 +74,8 @@ def parse_ids(data: bytes, name: str) -> np.ndarray:
             raise CliInputError(f"{name}: token ids must be an integer array, got dtype {array.dtype}")
         if array.ndim not in (1, 2):
             raise CliInputError(f"{name}: token ids must be [N] or [batch, N], got shape {list(array.shape)}")
+        if array.size and array.dtype == np.uint64 and array.max() > np.iinfo(np.int64).max:  # not wrapped to < 0
+            raise CliInputError(f"{name}: token id {int(array.max())} is past int64, not a token id")
         return np.atleast_2d(array.astype(np.int64))
     words = _decode_text(data, name).split()
     ids = []
@@ -83,6 +85,8 @@ def parse_ids(data: bytes, name: str) -> np.ndarray:
         except ValueError:
             raise CliInputError(f"{name}: token {position} ({word[:20]!r}) is not an integer id; "
                                 "--ids takes a .npy array or whitespace-separated integers") from None
+        if not -(1 << 63) <= ids[-1] < 1 << 63:
+            raise CliInputError(f"{name}: token {position} ({word[:20]!r}) is past int64, not a token id")
     return np.asarray(ids, dtype=np.int64)[None]
 
 

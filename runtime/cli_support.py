@@ -20,6 +20,8 @@ from typing import Callable, TypeVar
 
 import click
 
+from .errors import library_message
+
 T = TypeVar("T")
 
 
@@ -101,8 +103,9 @@ def stdout_to_stderr(enabled: bool):
 
 def run_guarded(verbose: bool, as_json: bool, work: Callable[[], T], expected: tuple[type[BaseException], ...],
                 interrupted: Callable[[], str] = lambda: "interrupted: nothing was written") -> T:
-    """Run ``work``: ``expected`` errors and OSErrors become one line (exit 1), anything else too
-    with a hint, tracebacks only with --verbose; Ctrl-C exits 130 with ``interrupted()``.
+    """Run ``work``: ``expected`` errors, OSErrors (naming the file) and MemoryError become one
+    line (exit 1); anything else is a bug: one line labelled 'unexpected', with a hint; tracebacks
+    only with --verbose; Ctrl-C exits 130 with ``interrupted()``.
     With --json, what ``work`` writes to stdout goes to stderr (``stdout_to_stderr``)."""
     try:
         with stdout_to_stderr(as_json):
@@ -115,13 +118,21 @@ def run_guarded(verbose: bool, as_json: bool, work: Callable[[], T], expected: t
         if verbose:
             traceback.print_exc()
         where = f"{exc.filename}: " if exc.filename else ""
+        if exc.filename2:  # a rename or a link: both paths
+            where = f"{exc.filename} -> {exc.filename2}: "
         fail(f"{where}{exc.strerror or exc}", as_json)
-    except KeyboardInterrupt:
-        exit_interrupted(interrupted(), as_json)
-    except Exception as exc:  # noqa: BLE001 - the last line of defence of a CLI
+    except MemoryError:  # an input or a batch larger than this machine holds
         if verbose:
             traceback.print_exc()
-        fail(f"unexpected {type(exc).__name__}: {exc} (rerun with --verbose for the traceback)", as_json)
+        fail("out of memory: the input, its batch or the model needs more memory than this machine has; "
+             "run a smaller batch or a shorter input", as_json)
+    except KeyboardInterrupt:
+        exit_interrupted(interrupted(), as_json)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence of a CLI: a bug, so 'unexpected'
+        if verbose:
+            traceback.print_exc()
+        fail(f"unexpected {type(exc).__name__}: {library_message(exc)} (rerun with --verbose for the traceback)",
+             as_json)
     raise AssertionError("unreachable")  # fail() always raises
 
 

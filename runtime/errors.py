@@ -1,4 +1,6 @@
 """Typed errors of rmt_runtime: each says what was wrong and what was expected."""
+import re
+
 from .bundle import BundleError
 
 
@@ -22,4 +24,34 @@ class StateInUseError(RuntimeError):
     """A SequenceState used from a second thread while one operation holds it."""
 
 
-__all__ = ["BundleError", "RuntimeInputError", "BackendError", "EngineError", "StateError", "StateInUseError"]
+# OpenVINO stacks one line per C++ frame above the reason: "Exception from src/inference/src/cpp/core.cpp:132:",
+# and "Check 'shape.compatible(...)' failed at src/plugins/intel_cpu/src/infer_request.cpp:385:".
+_SOURCE_LOCATION = re.compile(r"^(Exception from \S+:\d+:|Check '.*' failed at \S+:\d+:)\s*")
+# ONNX Runtime: "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions for input: ...".
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : (\w+) : ")
+MESSAGE_LIMIT = 1000
+
+
+def library_message(exc: BaseException) -> str:
+    """What a third-party library's exception says went wrong, on one line: OpenVINO's source
+    locations and ONNX Runtime's status-code prefix dropped, the lines of the reason joined.
+    (The first line alone is often only a location, which never says what went wrong.)"""
+    lines = []
+    for line in str(exc).splitlines():
+        line = line.strip()
+        while True:  # a line can hold a location and the reason after it
+            location = _SOURCE_LOCATION.match(line)
+            if not location:
+                break
+            line = line[location.end():]
+        if line:
+            lines.append(_ORT_PREFIX.sub("", line))
+    message = ""
+    for line in lines:  # a line ending in ':' introduces the next; others are separate statements
+        message += (" " if message.endswith((":", ",")) else "; " if message else "") + line
+    message = message or type(exc).__name__
+    return message if len(message) <= MESSAGE_LIMIT else message[:MESSAGE_LIMIT] + "..."
+
+
+__all__ = ["BundleError", "RuntimeInputError", "BackendError", "EngineError", "StateError", "StateInUseError",
+           "library_message"]

@@ -12,8 +12,18 @@ After every feed the session's state (memory + pending tokens) is saved atomical
 A feed is all or nothing: the body is read and checked in full first, and when the state
 cannot be saved the session falls back to what is on disk, so a retry never feeds twice.
 At most --max-sessions states stay in memory (least recently used leave first; they are on
-disk). Errors say what was wrong without the server's paths. Standard library only
-(http.server); one runtime shared by all request threads.
+disk). Errors say what was wrong without the server's paths. One runtime is shared by all
+requests, which run in a thread pool.
+
+HTTP is aiohttp's, not parsed here (pip install 'rmt-edge[service]'; wheels for x86 and
+aarch64, Python 3.10+, no torch). It was chosen by probing raw requests against the
+candidates: aiohttp's parser (llhttp, and its pure-Python fallback alike) answers 400 to two
+Content-Length headers, Content-Length with Transfer-Encoding, a length with a sign or
+other characters, obs-fold, bare LF, bad chunk sizes, header lines over 8 KiB and floods
+of headers. http.server took most of these (request smuggling); uvicorn with h11 took
+Content-Length with Transfer-Encoding, obs-fold and header floods; waitress took the
+floods and a repeated Transfer-Encoding. A connection that sends no complete request is
+closed after --idle-timeout seconds, and a body that stalls gets 408 after as long.
 
     .venv/bin/python samples/memory_service.py --bundle out/demo/keyrecall-fp32 --port 8080
     curl -X POST --data 'key=C; some text ...' localhost:8080/sessions/alice/feed
@@ -22,21 +32,25 @@ disk). Errors say what was wrong without the server's paths. Standard library on
 from __future__ import annotations
 
 import argparse
-import json
-import re
+import asyncio
 import threading
 import zlib
 from collections import OrderedDict
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 
+try:
+    from aiohttp import web
+except ImportError:
+    raise SystemExit("the memory service needs aiohttp: pip install 'rmt-edge[service]'") from None
+
 from rmt_runtime import RMTRuntime, RuntimeInputError, SequenceState, StateError
 
-ROUTE = re.compile(r"^/sessions/([A-Za-z0-9_-]{1,64})(?:/(feed|answer|memory))?$")
+SESSION = "/sessions/{session:[A-Za-z0-9_-]{1,64}}"
 MAX_BODY = 1 << 20
 LOCK_STRIPES = 64
+IDLE_TIMEOUT = 15.0  # seconds a connection may take to send a request's headers, or its body
 
 
 class SessionError(Exception):
@@ -120,128 +134,125 @@ class SessionStore:
         return known
 
 
-def _content_length(headers) -> int:
-    raw = headers.get("Content-Length")
-    if raw is None:
-        raise SessionError(411, "a feed needs a Content-Length header")
-    if not raw.strip().isdigit():
-        raise SessionError(400, f"Content-Length must be a non-negative integer, got {raw[:20]!r}")
-    length = int(raw)
-    if length > MAX_BODY:
-        raise SessionError(413, f"body of {length} bytes is over {MAX_BODY}; send the text in chunks")
-    return length
+STORE = web.AppKey("store", SessionStore)
 
 
-def make_handler(store: SessionStore, tokenizer):
+def make_app(store: SessionStore, tokenizer, idle_timeout: float = IDLE_TIMEOUT) -> web.Application:
+    """The service's routes over ``store``; every error is ``{"error": ...}`` with its status."""
     runtime = store.runtime
 
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):  # quiet: a service logs through its own channels
-            pass
+    def feed(session: str, text: str) -> dict:
+        with store.lock(session):
+            state = store.feed(session, tokenizer.encode(text).ids)
+            return {"session": session, "tokens": int(state.tokens_seen[0]), "segments": int(state.segments_done[0])}
 
-        def reply(self, status: int, payload: dict) -> None:
-            body = json.dumps(payload).encode()
-            try:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-            except (BrokenPipeError, ConnectionResetError):  # the client is gone; nothing to tell
-                pass
+    def read(session: str, action: str) -> dict:
+        with store.lock(session):
+            state = store.state(session, create=False)
+            if state is None:
+                raise SessionError(404, f"no session {session!r}; POST text to /sessions/{session}/feed")
+            output = runtime.peek(state)
+        if action == "memory":
+            return {"session": session, "memory": output.memory.tolist()}
+        if output.last_logits is None or not int(state.tokens_seen[0]):
+            raise SessionError(409, "nothing read yet in this session")
+        best = int(np.argmax(output.last_logits[0]))
+        return {"session": session, "answer": tokenizer.decode([best]), "token_id": best}
 
-        def handle_route(self, method: str, work) -> None:
-            match = ROUTE.match(self.path)
-            if not match:
-                self.reply(404, {"error": f"unknown path {self.path[:100]}; use /sessions/<id>/feed|answer|memory "
-                                          "or /sessions/<id>"})
-                return
-            session, action = match.group(1), match.group(2)
-            allowed = {"feed": "POST", "answer": "GET", "memory": "GET", None: "DELETE"}[action]
-            if method != allowed:
-                self.reply(405, {"error": f"{method} is not for {self.path}; use {allowed}"})
-                return
-            try:
-                self.reply(200, work(session, action))
-            except SessionError as exc:
-                self.reply(exc.status, {"error": str(exc)})
+    def forget(session: str) -> dict:
+        with store.lock(session):
+            if not store.forget(session):
+                raise SessionError(404, f"no session {session!r}")
+        return {"session": session, "deleted": True}
 
-        def read_body(self) -> str:
-            length = _content_length(self.headers)
-            body = b""
-            while len(body) < length:  # a client that stops sending gets nothing committed
-                chunk = self.rfile.read(length - len(body))
-                if not chunk:
-                    raise SessionError(400, f"body ended after {len(body)} of {length} bytes; nothing was fed")
-                body += chunk
-            try:
-                return body.decode("utf-8")
-            except UnicodeDecodeError:
-                raise SessionError(400, "body must be UTF-8 text") from None
+    async def read_text(request: web.Request) -> str:
+        """The whole body, checked, before the session is touched (a cut body feeds nothing)."""
+        length = request.content_length
+        if length is None:  # the parser has refused malformed and conflicting lengths already
+            raise SessionError(411, "a feed needs a Content-Length header (chunked bodies are not taken)")
+        if length > MAX_BODY:
+            raise SessionError(413, f"body of {length} bytes is over {MAX_BODY}; send the text in chunks")
+        try:
+            body = await asyncio.wait_for(request.read(), idle_timeout)
+        except asyncio.TimeoutError:
+            raise SessionError(408, f"body stalled: not all {length} bytes came within {idle_timeout:g} s; "
+                                    "nothing was fed") from None
+        try:
+            return body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise SessionError(400, "body must be UTF-8 text") from None
 
-        def do_POST(self):
-            def feed(session, action):
-                text = self.read_body()  # all of it, checked, before the session is touched
-                with store.lock(session):
-                    state = store.feed(session, tokenizer.encode(text).ids)
-                    return {"session": session, "tokens": int(state.tokens_seen[0]),
-                            "segments": int(state.segments_done[0])}
-            self.handle_route("POST", feed)
+    async def on_feed(request: web.Request) -> web.Response:
+        session = request.match_info["session"]
+        text = await read_text(request)
+        return web.json_response(await asyncio.to_thread(feed, session, text))
 
-        def do_GET(self):
-            def read(session, action):
-                with store.lock(session):
-                    state = store.state(session, create=False)
-                    if state is None:
-                        raise SessionError(404, f"no session {session!r}; POST text to /sessions/{session}/feed")
-                    output = runtime.peek(state)
-                if action == "memory":
-                    return {"session": session, "memory": output.memory.tolist()}
-                if output.last_logits is None or not int(state.tokens_seen[0]):
-                    raise SessionError(409, "nothing read yet in this session")
-                best = int(np.argmax(output.last_logits[0]))
-                return {"session": session, "answer": tokenizer.decode([best]), "token_id": best}
-            self.handle_route("GET", read)
+    async def on_read(request: web.Request) -> web.Response:
+        session, action = request.match_info["session"], request.path.rsplit("/", 1)[1]
+        return web.json_response(await asyncio.to_thread(read, session, action))
 
-        def do_DELETE(self):
-            def forget(session, action):
-                with store.lock(session):
-                    if not store.forget(session):
-                        raise SessionError(404, f"no session {session!r}")
-                return {"session": session, "deleted": True}
-            self.handle_route("DELETE", forget)
+    async def on_delete(request: web.Request) -> web.Response:
+        return web.json_response(await asyncio.to_thread(forget, request.match_info["session"]))
 
-    return Handler
+    @web.middleware
+    async def json_errors(request: web.Request, handler):
+        try:
+            return await handler(request)
+        except SessionError as exc:
+            return web.json_response({"error": str(exc)}, status=exc.status)
+        except web.HTTPMethodNotAllowed as exc:
+            return web.json_response({"error": f"{request.method} is not for {request.path[:100]}; use "
+                                               f"{', '.join(sorted(exc.allowed_methods))}"}, status=405)
+        except web.HTTPNotFound:
+            return web.json_response({"error": f"unknown path {request.path[:100]}; use "
+                                               "/sessions/<id>/feed|answer|memory or /sessions/<id>"}, status=404)
+
+    app = web.Application(middlewares=[json_errors], client_max_size=MAX_BODY)
+    app.add_routes([web.post(f"{SESSION}/feed", on_feed), web.get(f"{SESSION}/answer", on_read),
+                    web.get(f"{SESSION}/memory", on_read), web.delete(SESSION, on_delete)])
+    app[STORE] = store  # for the operator (and the tests): sessions held in memory
+    return app
 
 
-def serve(bundle: Path, state_dir: Path, host: str = "127.0.0.1", port: int = 8080,
-          max_sessions: int = 1024) -> ThreadingHTTPServer:
+async def start(bundle: Path, state_dir: Path, host: str = "127.0.0.1", port: int = 8080, max_sessions: int = 1024,
+                idle_timeout: float = IDLE_TIMEOUT) -> web.AppRunner:
+    """The service listening on ``host:port`` (0: a free port; ``runner.addresses`` says which)."""
     from tokenizers import Tokenizer
 
     runtime = RMTRuntime.load(bundle)
     tokenizer = Tokenizer.from_file(str(bundle / "tokenizer.json"))
-    store = SessionStore(runtime, state_dir, max_sessions)
-    server = ThreadingHTTPServer((host, port), make_handler(store, tokenizer))
-    server.store = store  # for the operator (and the tests): sessions held in memory
-    return server
+    app = make_app(SessionStore(runtime, state_dir, max_sessions), tokenizer, idle_timeout)
+    # keepalive_timeout also closes a connection that has not sent a whole request in that time.
+    runner = web.AppRunner(app, keepalive_timeout=idle_timeout, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner
+
+
+async def serve_forever(args: argparse.Namespace) -> None:
+    runner = await start(args.bundle, args.state_dir, args.host, args.port, args.max_sessions, args.idle_timeout)
+    host, port = runner.addresses[0][:2]
+    print(f"listening on http://{host}:{port}", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, required=True)
     parser.add_argument("--state-dir", type=Path, default=Path("out/sessions"))
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (default): this machine only")
     parser.add_argument("--port", type=int, default=8080, help="0 picks a free port")
     parser.add_argument("--max-sessions", type=int, default=1024, help="sessions kept in memory (all stay on disk)")
+    parser.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT,
+                        help="seconds a client may take to send a request's headers, or its body")
     args = parser.parse_args()
-    server = serve(args.bundle, args.state_dir, args.host, args.port, args.max_sessions)
-    print(f"listening on http://{server.server_address[0]}:{server.server_address[1]}", flush=True)
     try:
-        server.serve_forever()
+        asyncio.run(serve_forever(args))
     except KeyboardInterrupt:
         pass
-    finally:
-        server.server_close()
 
 
 if __name__ == "__main__":

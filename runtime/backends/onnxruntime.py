@@ -21,7 +21,7 @@ import numpy as np
 
 from ..bundle import ENGINE_DIR, Bundle
 from ..engines import profile_shapes
-from ..errors import BackendError
+from ..errors import BackendError, library_message
 from ..spec import DECODE
 from .base import Runner, RunResult, check_declared_io
 
@@ -147,9 +147,8 @@ class OnnxRuntimeRunner(Runner):
         try:
             session = ort.InferenceSession(str(self.bundle.graph_path(graph)), options, providers=providers)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise BackendError(f"{self.bundle.graph_path(graph)}: onnxruntime cannot load the "
-                               f"{graph} graph: {first}") from None
+                               f"{graph} graph: {library_message(exc)}") from None
         check_declared_io(self.bundle, graph, {t.name: t.shape for t in [*session.get_inputs(),
                                                                           *session.get_outputs()]})
         actual = session.get_providers()
@@ -195,21 +194,21 @@ class OnnxRuntimeRunner(Runner):
     def _run(self, graph, spec, inputs, want, into):
         session = self._session(graph)
         binding = session.io_binding()
-        for name, value in inputs.items():
-            if isinstance(value, np.ndarray):
-                binding.bind_cpu_input(name, value)
-            else:
-                binding.bind_ortvalue_input(name, value)
-        for name in spec.output_names:  # in spec order; get_outputs() returns them in binding order
-            if name in into:
-                binding.bind_ortvalue_output(name, into[name])
-            else:  # copied to the host only when asked for; ORT's arena reuses device memory
-                binding.bind_output(name, "cpu" if name in want else self.device)
-        try:
+        try:  # binding checks names and types against the graph: its refusals are errors of this run too
+            for name, value in inputs.items():
+                if isinstance(value, np.ndarray):
+                    binding.bind_cpu_input(name, value)
+                else:
+                    binding.bind_ortvalue_input(name, value)
+            for name in spec.output_names:  # in spec order; get_outputs() returns them in binding order
+                if name in into:
+                    binding.bind_ortvalue_output(name, into[name])
+                else:  # copied to the host only when asked for; ORT's arena reuses device memory
+                    binding.bind_output(name, "cpu" if name in want else self.device)
             session.run_with_iobinding(binding)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise BackendError(f"onnxruntime could not run the {graph} graph of {self.bundle.path}: {first}") from None
+            raise BackendError(f"onnxruntime could not run the {graph} graph of {self.bundle.path}: "
+                               f"{library_message(exc)}") from None
         values = dict(zip(spec.output_names, binding.get_outputs()))
         host = {name: np.array(values.pop(name).numpy(), copy=True) for name in want}
         return RunResult(host=host, device=values)

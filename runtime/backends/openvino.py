@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..bundle import Bundle
-from ..errors import BackendError
+from ..errors import BackendError, library_message
 from .base import Runner, RunResult, check_declared_io
 
 #: Precisions the backend computes in (``precision=``), with OpenVINO's name for each.
@@ -70,8 +70,7 @@ def compile_graph(core, path, precision: str, threads: int | None = None):
     try:
         compiled = core.compile_model(str(path), DEVICE, config)
     except Exception as exc:  # noqa: BLE001 - OpenVINO raises its own types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BackendError(f"{path}: OpenVINO cannot compile it: {first}") from None
+        raise BackendError(f"{path}: OpenVINO cannot compile it: {library_message(exc)}") from None
     running = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
     if running != PRECISIONS[precision]:
         capabilities = core.get_property(DEVICE, "OPTIMIZATION_CAPABILITIES")
@@ -169,17 +168,17 @@ class OpenVinoRunner(Runner):
 
     def _run(self, graph, spec, inputs, want, into):
         request = self._request(graph, into)
-        for name, value in inputs.items():
-            if isinstance(value, np.ndarray):  # shared, not copied: it lives until the call returns
-                value = self._ov.Tensor(np.ascontiguousarray(value), shared_memory=True)
-            request.set_tensor(name, value)
-        for name, handle in into.items():
-            request.set_tensor(name, handle)
-        try:
+        try:  # set_tensor checks shapes and types against the graph: its refusals are errors of this run too
+            for name, value in inputs.items():
+                if isinstance(value, np.ndarray):  # shared, not copied: it lives until the call returns
+                    value = self._ov.Tensor(np.ascontiguousarray(value), shared_memory=True)
+                request.set_tensor(name, value)
+            for name, handle in into.items():
+                request.set_tensor(name, handle)
             request.infer()
         except Exception as exc:  # noqa: BLE001 - OpenVINO raises its own types
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise BackendError(f"OpenVINO could not run the {graph} graph of {self.bundle.path}: {first}") from None
+            raise BackendError(f"OpenVINO could not run the {graph} graph of {self.bundle.path}: "
+                               f"{library_message(exc)}") from None
         host, device = {}, {}
         for name in spec.output_names:
             if name in into:  # written into that Tensor (resized in place if its shape was another)

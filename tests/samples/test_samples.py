@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from rmt_runtime import RMTRuntime
 from samples import accuracy_table, train_sample
@@ -266,35 +268,59 @@ def test_rmt_generate_answers_the_key_and_remembers_it_across_turns(sample_bundl
 
 
 # ---- the HTTP service as a service: bad requests change nothing --------------------------------------
+IDLE_TIMEOUT = 0.5  # the service's limit for a request's headers or body in these tests (a real one: 15 s)
+
+
 @pytest.fixture
 def service(sample_bundle, tmp_path):
     """The memory service in this process on a free loopback port: (host, port, its session store, state dir)."""
+    import asyncio
     import threading
 
-    from samples.memory_service import serve
+    from samples.memory_service import STORE, start
 
-    server = serve(sample_bundle, tmp_path / "sessions", port=0, max_sessions=2)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    host, port = server.server_address
-    yield host, port, server.store, tmp_path / "sessions"
-    server.shutdown()
-    server.server_close()
+    runner = asyncio.run_coroutine_threadsafe(
+        start(sample_bundle, tmp_path / "sessions", port=0, max_sessions=2, idle_timeout=IDLE_TIMEOUT), loop).result()
+    host, port = runner.addresses[0][:2]
+    yield host, port, runner.app[STORE], tmp_path / "sessions"
+    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result()
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join()
+    loop.close()
 
 
-def _raw(host, port, request: bytes, close_early: bool = False) -> tuple[int, dict]:
-    """Send ``request`` bytes as they are; (status, JSON reply)."""
+def _reply(sock) -> tuple[int, str] | None:
+    """The first response read from ``sock``: (status, body), or None when the server closed without one."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?im)^content-length: *(\d+)", head)[1])
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, f"the reply ended after {len(body)} of {length} bytes"
+        body += chunk
+    return int(head.split()[1]), body.decode()
+
+
+def _raw(host, port, request: bytes, close_early: bool = False) -> tuple[int, str] | None:
+    """Send ``request`` bytes as they are; (status, reply body) or None when the server closed without a reply."""
     import socket
 
     with socket.create_connection((host, port), timeout=60) as sock:
         sock.sendall(request)
         if close_early:
             sock.shutdown(socket.SHUT_WR)  # the client stops sending: the body stays short
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), json.loads(body)
+        try:
+            return _reply(sock)
+        except ConnectionResetError:
+            return None
 
 
 def _request(host, port, method, path, body: bytes | None = None) -> tuple[int, dict]:
@@ -306,27 +332,112 @@ def _request(host, port, method, path, body: bytes | None = None) -> tuple[int, 
     return response.status, json.loads(response.read())
 
 
+def _nothing_fed(host, port, state_dir, session="alice") -> bool:
+    return _request(host, port, "GET", f"/sessions/{session}/memory")[0] == 404 and \
+        not (state_dir / f"{session}.npz").exists()
+
+
+FEED = b"POST /sessions/alice/feed HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+
+
 @pytest.mark.parametrize("headers, status, message", [
-    (b"Content-Length: -1\r\n", 400, "Content-Length must be a non-negative integer, got '-1'"),
-    (b"Content-Length: lots\r\n", 400, "Content-Length must be a non-negative integer, got 'lots'"),
-    (b"", 411, "a feed needs a Content-Length header"),
+    (b"Content-Length: -1\r\n", 400, "Content-Length"),
+    (b"Content-Length: lots\r\n", 400, "Content-Length"),
+    (b"", 411, "a feed needs a Content-Length header"),  # then no body: bytes after it would be a second request
     (b"Content-Length: 2000000\r\n", 413, "body of 2000000 bytes is over 1048576"),
 ])
 def test_service_refuses_bad_lengths_and_feeds_nothing(service, headers, status, message):
     host, port, _, state_dir = service
-    request = b"POST /sessions/alice/feed HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + headers + b"\r\nkey=A;"
-    got, reply = _raw(host, port, request, close_early=True)
-    assert (got, reply["error"][:len(message)]) == (status, message)
-    assert _request(host, port, "GET", "/sessions/alice/answer")[0] == 404
-    assert not (state_dir / "alice.npz").exists()
+    got, reply = _raw(host, port, FEED + headers + b"\r\n" + (b"key=A;" if headers else b""))
+    assert got == status and message in reply
+    assert _nothing_fed(host, port, state_dir)
+
+
+# Request smuggling (RFC 9112 6.3, 5.2) and malformed framing: each is refused by the HTTP parser,
+# before a handler sees it, and the session is left as it was.
+SMUGGLING = {
+    "two different Content-Length": b"Content-Length: 6\r\nContent-Length: 7\r\n\r\nkey=A;x",
+    "the same Content-Length twice": b"Content-Length: 6\r\nContent-Length: 6\r\n\r\nkey=A;",
+    "a Content-Length list": b"Content-Length: 6, 7\r\n\r\nkey=A;x",
+    "Content-Length with Transfer-Encoding": b"Content-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                             b"6\r\nkey=A;\r\n0\r\n\r\n",
+    "a signed Content-Length": b"Content-Length: +6\r\n\r\nkey=A;",
+    "a hexadecimal Content-Length": b"Content-Length: 0x6\r\n\r\nkey=A;",
+    "a Content-Length with a space inside": b"Content-Length: 6 6\r\n\r\nkey=A;",
+    "a space before the colon": b"Content-Length : 6\r\n\r\nkey=A;",
+    "an unknown Transfer-Encoding": b"Transfer-Encoding: xchunked\r\n\r\n6\r\nkey=A;\r\n0\r\n\r\n",
+    "a bad chunk size": b"Transfer-Encoding: chunked\r\n\r\n+6\r\nkey=A;\r\n0\r\n\r\n",
+    "obs-fold": b"X-Note: a\r\n folded\r\nContent-Length: 6\r\n\r\nkey=A;",
+    "a NUL in a header": b"X-Note: a\x00b\r\nContent-Length: 6\r\n\r\nkey=A;",
+    "a huge header line": b"X-Note: " + b"a" * 100_000 + b"\r\nContent-Length: 6\r\n\r\nkey=A;",
+    "a flood of headers": b"".join(b"X-%d: v\r\n" % i for i in range(1000)) + b"Content-Length: 6\r\n\r\nkey=A;",
+}
+
+
+@pytest.mark.parametrize("case", SMUGGLING)
+def test_service_refuses_ambiguous_or_oversized_framing_and_feeds_nothing(service, case):
+    host, port, _, state_dir = service
+    assert _request(host, port, "POST", "/sessions/alice/feed", b"key=A; ")[1]["tokens"] == 7
+    before = (state_dir / "alice.npz").read_bytes()
+    reply = _raw(host, port, FEED + SMUGGLING[case])
+    assert reply is not None and 400 <= reply[0] < 500, reply
+    assert (state_dir / "alice.npz").read_bytes() == before
+    status, fed = _request(host, port, "POST", "/sessions/alice/feed", b"k")
+    assert (status, fed["tokens"]) == (200, 8)  # 7 + this one: the refused request fed nothing
+
+
+@given(length=st.text(alphabet="0123456789abcdefx+-,;. \t", min_size=1, max_size=8).filter(
+    lambda v: not re.fullmatch(r"[ \t]*[0-9]+[ \t]*", v)))
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_any_content_length_that_is_not_digits_is_refused(service, length):
+    host, port, _, state_dir = service
+    reply = _raw(host, port, FEED + b"Content-Length: " + length.encode() + b"\r\n\r\nkey=A;")
+    assert reply is not None and reply[0] == 400, (length, reply)
+    assert _nothing_fed(host, port, state_dir)
+
+
+def test_partial_headers_are_dropped_after_the_idle_timeout(service):
+    """A slow-loris client (headers never finished) is closed by the server's limit, not held."""
+    import socket
+
+    host, port, _, state_dir = service
+    with socket.create_connection((host, port), timeout=30 * IDLE_TIMEOUT) as sock:
+        sock.sendall(b"POST /sessions/alice/feed HTTP/1.1\r\nHost: x\r\nContent-Le")
+        assert sock.recv(65536) == b""  # closed by the server (a timeout here raises instead)
+    assert _nothing_fed(host, port, state_dir)
+
+
+def test_a_stalled_body_gets_408_after_the_idle_timeout_and_feeds_nothing(service):
+    host, port, _, state_dir = service
+    import socket
+
+    with socket.create_connection((host, port), timeout=30 * IDLE_TIMEOUT) as sock:
+        sock.sendall(FEED + b"Content-Length: 100\r\n\r\nkey=A; only part")
+        status, reply = _reply(sock)
+    assert status == 408 and "not all 100 bytes came" in json.loads(reply)["error"]
+    assert _nothing_fed(host, port, state_dir)
 
 
 def test_a_client_that_stops_mid_body_commits_nothing(service):
     host, port, _, state_dir = service
     request = b"POST /sessions/bob/feed HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nkey=B; only part"
-    status, reply = _raw(host, port, request, close_early=True)
-    assert status == 400 and "body ended after 16 of 100 bytes; nothing was fed" in reply["error"]
-    assert _request(host, port, "GET", "/sessions/bob/memory")[0] == 404 and not (state_dir / "bob.npz").exists()
+    assert _raw(host, port, request, close_early=True) is None  # the connection ends; there is no one to answer
+    assert _nothing_fed(host, port, state_dir, "bob")
+
+
+def test_service_without_aiohttp_says_how_to_install_it(tmp_path):
+    from tests.without_modules import run_without
+
+    script = ROOT / "samples" / "memory_service.py"
+    code = f"import runpy\nsys.argv[0] = {str(script)!r}\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"
+    result = run_without(("aiohttp",), code, ["--bundle", tmp_path], cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == ["the memory service needs aiohttp: pip install 'rmt-edge[service]'"]
+
+
+def test_service_listens_on_loopback_only(service):
+    host, _, _, _ = service  # start()'s default host, as the fixture passes none (and main's --host default)
+    assert host == "127.0.0.1"
 
 
 def test_a_failed_save_commits_nothing_and_a_retry_feeds_once(service):

@@ -20,8 +20,9 @@ import numpy as np
 
 from .atomic import as_path
 from .onnx_refs import OnnxFormatError, external_data_files
-from .schema import (ARCHITECTURES, MANIFEST_LIMIT, MANIFEST_SCHEMA_VERSION, PRECISIONS, DocumentError, ManifestDoc,
-                     check_manifest_document, extra_positions, parse_json, read_document, relative_path)
+from .schema import (ARCHITECTURES, MANIFEST_LIMIT, MANIFEST_SCHEMA_VERSION, PRECISIONS,  # noqa: F401 (re-exported)
+                     DocumentError, ManifestDoc, check_manifest_document, extra_positions, parse_json, read_document,
+                     relative_path)
 from .spec import GENERATION_GRAPHS, PREFILL, SEGMENT_GRAPHS, SEQ, GraphSpec, resolve_dim
 
 MANIFEST_NAME = "manifest.json"

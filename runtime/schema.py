@@ -13,17 +13,16 @@ install on a Jetson (pydantic-core ships aarch64 wheels); it is torch-free.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import stat
 from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
-from .spec import (DECODE, GENERATION_GRAPHS, INGEST, PREFILL, SEGMENT_GRAPHS, SPEC_VERSION, STEP, GraphSpec,
-                   TensorSpec, cached_generation_specs, CacheLayer)
+from .spec import (DECODE, GENERATION_GRAPHS, INGEST, PREFILL, SEGMENT_GRAPHS, SPEC_VERSION, STEP, CacheLayer,
+                   GraphSpec, TensorSpec, cached_generation_specs)
 
 MANIFEST_SCHEMA_VERSION = 1
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -84,8 +83,6 @@ def _relative(value: Any) -> Any:
         relative_path(value)
     return value
 
-
-from pydantic import AfterValidator  # noqa: E402  (kept next to its one use)
 
 REL_PATH = Annotated[str, AfterValidator(_relative)]
 
@@ -586,10 +583,6 @@ def check_triton_parameters(config: Any, source: str = "config.pbtxt") -> Triton
         return TritonParametersDoc.model_validate(values)
     except ValidationError as exc:
         raise DocumentError(f"{source}: {describe(exc, 'the model config', prefix='rmt.')}") from None
-
-
-def finite(value: float) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 __all__ = ["DocumentError", "ManifestDoc", "StateHeaderDoc", "EngineMetadataDoc", "TritonParametersDoc",

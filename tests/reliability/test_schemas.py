@@ -16,14 +16,13 @@ import copy
 import json
 import os
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from rmt_runtime import Bundle, BundleError, RMTRuntime, StateError
-from rmt_runtime.bundle import check_manifest, read_manifest, sha256_file
+from rmt_runtime.bundle import check_manifest, sha256_file
 from rmt_runtime.schema import MAX_TOKENS, DocumentError, read_document
 
 HOSTILE = st.one_of(

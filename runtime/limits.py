@@ -110,6 +110,11 @@ CHUNK_SIZE = Bound("chunk_size", 1, 2 ** 20, "tokens per request; a request's id
 TIMEOUT_S = Bound("timeout_s", 0, 86400.0, "a day per request", integer=False, low_open=True)
 SEQUENCE_ID = Bound("sequence_id", 1, 2 ** 63 - 1, "Triton's correlation id, sent as a 64-bit integer")
 
+# The samples' command lines (samples/*.py).
+TRAINING_STEPS = Bound("steps", 1, 1_000_000, "optimizer steps of a sample's training; it converges in a few thousand")
+EXAMPLES = Bound("examples", 1, 100_000, "evaluation examples, each run through the model")
+LENGTH_SEGMENTS = Bound("segments", 1, 4096, "an input's length in segments; its ids are held in memory")
+
 # ---- files --------------------------------------------------------------------------------------
 # Token ids or text for one invocation: held in memory at once (the ids as int64, text through the
 # tokenizer); a book is about 1 MiB. Longer inputs stream across invocations with --state.
@@ -161,12 +166,16 @@ def read_regular(path: str | os.PathLike, limit: int, what: str) -> bytes:
         descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except IsADirectoryError:
         raise LimitError(f"{path}: is a directory, expected {what} (a regular file)") from None
-    with os.fdopen(descriptor, "rb") as handle:
+    try:
         info = os.fstat(descriptor)
         if not stat.S_ISREG(info.st_mode):
             raise LimitError(f"{path}: is {file_kind(info.st_mode)}, expected {what} (a regular file)")
         if info.st_size > limit:
             raise _too_large(str(path), what, limit, info.st_size)
+    except BaseException:
+        os.close(descriptor)
+        raise
+    with os.fdopen(descriptor, "rb") as handle:
         return _read_capped(handle, limit, str(path), what)  # capped too: a file growing meanwhile
 
 
@@ -250,3 +259,21 @@ class BoundType(click.ParamType):
 def option_type(bound: Bound) -> BoundType:
     """The click type of an option bounded by ``bound``."""
     return BoundType(bound)
+
+
+def argparse_type(bound: Bound, option: str):
+    """The ``type=`` of an argparse option bounded by ``bound`` (the samples' command lines)."""
+    import argparse
+
+    def convert(text: str):
+        try:
+            value = int(text, 10) if bound.integer else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not {'an integer' if bound.integer else 'a number'}")
+        try:
+            return bound.check(value, option)
+        except LimitError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = bound.name  # argparse names the type in its messages
+    return convert

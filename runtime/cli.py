@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -60,14 +61,31 @@ def _decode_text(data: bytes, name: str) -> str:
         raise CliInputError(f"{name}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
+def _load_npy(data: bytes, name: str) -> np.ndarray:
+    """A .npy array from ``data`` whose header declares no more bytes than follow it: numpy
+    allocates what the header declares before reading, so a 100-byte file claiming 10^12
+    elements is refused here, not allocated."""
+    handle = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(handle)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(handle, max_header_size=1 << 16)
+        declared = dtype.itemsize * math.prod(shape)
+        present = len(data) - handle.tell()
+        if declared > present:
+            raise CliInputError(f"{name}: its .npy header declares {dtype} {list(shape)} ({declared:,} bytes), but "
+                                f"only {present:,} bytes follow it")
+        handle.seek(0)
+        return np.load(handle, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise CliInputError(f"{name}: not a readable .npy array ({exc})") from None
+
+
 def parse_ids(data: bytes, name: str) -> np.ndarray:
     """Token ids as [B, N]: a .npy integer array [N], [1, N] (what a tokenizer gives with
     return_tensors="np") or [B, N], or whitespace-separated integers (one sequence)."""
     if data.startswith(_NPY_MAGIC):
-        try:
-            array = np.load(io.BytesIO(data), allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
-            raise CliInputError(f"{name}: not a readable .npy array ({exc})") from None
+        array = _load_npy(data, name)
         if not isinstance(array, np.ndarray) or not np.issubdtype(array.dtype, np.integer):
             raise CliInputError(f"{name}: token ids must be an integer array, got dtype {array.dtype}")
         if array.ndim not in (1, 2):
@@ -89,10 +107,7 @@ def read_mask(mask_file: str, ids: np.ndarray) -> np.ndarray:
     data, name = _read_bytes(mask_file)
     if not data.startswith(_NPY_MAGIC):
         raise CliInputError(f"{name}: --mask takes a .npy array of 0/1 shaped like the ids {list(ids.shape)}")
-    try:
-        mask = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise CliInputError(f"{name}: not a readable .npy array ({exc})") from None
+    mask = _load_npy(data, name)
     try:
         return check_mask(np.atleast_2d(mask), ids.shape)
     except RuntimeInputError as exc:

@@ -585,3 +585,22 @@ def test_the_library_readers_name_the_file_the_kind_and_the_limit(tmp_path):
     (tmp_path / "ten").write_bytes(b"0123456789")
     assert limits.read_regular(tmp_path / "ten", 10, "a config") == b"0123456789"
     assert limits.read_input(str(tmp_path / "ten"), 10)[0] == b"0123456789"
+
+
+@pytest.mark.parametrize("option", ["--ids", "--mask"])
+def test_an_npy_header_that_declares_more_than_the_file_holds_is_refused_unallocated(gpt2, tmp_path, option):
+    """numpy allocates what a .npy header declares before reading: a 100-byte file claiming 10^12
+    elements is refused on its header (a number a file supplies, bounded by the bytes it has)."""
+    import io as _io
+
+    header = _io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<i8", "fortran_order": False, "shape": (1, 10 ** 12)})
+    lie = tmp_path / "lie.npy"
+    lie.write_bytes(header.getvalue() + bytes(40))
+    ids = tmp_path / "ids.npy"
+    np.save(ids, np.arange(5)[None])
+    result = _run("--bundle", gpt2, "--ids", lie) if option == "--ids" else _run("--bundle", gpt2, "--ids", ids,
+                                                                                 "--mask", lie)
+    assert result.exit_code == 1, result.output
+    assert "lie.npy: its .npy header declares int64 [1, 1000000000000] (8,000,000,000,000 bytes), but only 40 " \
+           "bytes follow it" in result.output

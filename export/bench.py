@@ -524,8 +524,8 @@ def main(bundles, ckpt, peers, batches, segments, repeats, threads, graphs, ceil
     chosen = (INGEST, STEP) if graphs == "both" else (graphs,)
     say = (lambda message: None) if as_json else (lambda message: click.echo(message, err=True))
     result = run_guarded(verbose, as_json, lambda: run_bench(
-        list(bundles), ckpt, batch_sizes, segments, repeats, threads or min(usable_cores(), limits.THREADS.high), chosen, say, ceiling,
-        chosen_peers),
+        list(bundles), ckpt, batch_sizes, segments, repeats, threads or min(usable_cores(), limits.THREADS.high),
+        chosen, say, ceiling, chosen_peers),
         (RuntimeInputError, BackendError, BundleError))
     click.echo(json.dumps({"ok": True, **result}, indent=2) if as_json else markdown(result))
 

@@ -86,7 +86,8 @@ def _run_guarded(verbose: bool, as_json: bool, work, interrupted=lambda: "interr
 @click.option("--no-tokenizer", is_flag=True, help="Ship no tokenizer (the bundle then takes token ids only).")
 @click.option("--backbone-config", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Reference checkpoints: the backbone's config.json (e.g. GPT-2's).")
-@click.option("--num-mem-tokens", type=limits.option_type(limits.NUM_MEM_TOKENS), default=None, help="Reference checkpoints: M.")
+@click.option("--num-mem-tokens", type=limits.option_type(limits.NUM_MEM_TOKENS), default=None,
+              help="Reference checkpoints: M.")
 @click.option("--segment-size", type=limits.option_type(limits.SEGMENT_SIZE), default=None,
               help="Reference checkpoints: tokens per segment.")
 @click.option("--armt-version", type=click.Choice(["normalized", "unnormalized"]), default=None,

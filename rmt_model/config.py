@@ -71,7 +71,8 @@ class ARMTSettings:
         if not _is_int_in(self.d_mem, 1, MAX_D_MEM):
             raise ConfigError(f"armt.d_mem must be an integer >= 1 and at most {MAX_D_MEM}, got {self.d_mem!r}")
         if not _is_int_in(self.heads, 1, self.d_mem):
-            raise ConfigError(f"armt.heads must be an integer >= 1 and at most d_mem ({self.d_mem}), got {self.heads!r}")
+            raise ConfigError(f"armt.heads must be an integer >= 1 and at most d_mem ({self.d_mem}), "
+                              f"got {self.heads!r}")
         if self.d_mem % self.heads or hidden_size % self.heads:
             raise ConfigError(f"armt.heads {self.heads} must divide both d_mem {self.d_mem} and the "
                               f"hidden size {hidden_size}")
@@ -183,7 +184,8 @@ class RMTConfig:
             raise ConfigError(f"num_mem_tokens must be an integer >= 1 and at most {MAX_NUM_MEM_TOKENS}, "
                               f"got {self.num_mem_tokens!r}")
         if not _is_int_in(self.segment_size, 1, MAX_SEGMENT_SIZE):
-            raise ConfigError(f"segment_size must be an integer >= 1 and at most {MAX_SEGMENT_SIZE}, got {self.segment_size!r}")
+            raise ConfigError(f"segment_size must be an integer >= 1 and at most {MAX_SEGMENT_SIZE}, "
+                              f"got {self.segment_size!r}")
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ConfigError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, "
                               f"got {self.attn_implementation!r}")

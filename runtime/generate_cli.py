@@ -80,7 +80,8 @@ def _default_stops(bundle: Bundle) -> tuple[int, ...]:
 @click.option("--stop-token", "stop_tokens", type=limits.option_type(limits.TOKEN_ID), multiple=True,
               help="Stop after this id (repeatable). Default: the backbone's eos_token_id, if any.")
 @click.option("--no-stop", is_flag=True, help="No stop tokens: always generate --max-new-tokens.")
-@click.option("--seed", type=limits.option_type(limits.SEED), default=None, help="Seed for sampling (same seed, same tokens).")
+@click.option("--seed", type=limits.option_type(limits.SEED), default=None,
+              help="Seed for sampling (same seed, same tokens).")
 @click.option("--no-rollover", is_flag=True,
               help="The reference's generation: memory is not written while generating and the context "
                    "grows up to the backbone's position limit (default: full segments roll into memory).")

@@ -169,7 +169,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT)
     parser.add_argument("--out", type=Path, default=Path("out/sample"))
     parser.add_argument("--plot", type=Path, default=None, help="PNG path [default: <out>/accuracy.png]")
-    parser.add_argument("--segments", type=limits.argparse_type(limits.LENGTH_SEGMENTS, "--segments"), nargs="+", default=list(SEGMENTS), help="input lengths, in segments")
+    parser.add_argument("--segments", type=limits.argparse_type(limits.LENGTH_SEGMENTS, "--segments"),
+                        nargs="+", default=list(SEGMENTS), help="input lengths, in segments")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     result = measure(args.checkpoint, args.out, args.examples, tuple(args.segments))

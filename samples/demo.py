@@ -34,8 +34,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("out/demo"))
     parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT, help="the sample checkpoint (RMT or ARMT)")
-    parser.add_argument("--segments", type=limits.argparse_type(limits.LENGTH_SEGMENTS, "--segments"), default=32, help="segments of the long example")
-    parser.add_argument("--examples", type=limits.argparse_type(limits.EXAMPLES, "--examples"), default=100, help="examples for the accuracy line")
+    parser.add_argument("--segments", type=limits.argparse_type(limits.LENGTH_SEGMENTS, "--segments"),
+                        default=32, help="segments of the long example")
+    parser.add_argument("--examples", type=limits.argparse_type(limits.EXAMPLES, "--examples"),
+                        default=100, help="examples for the accuracy line")
     parser.add_argument("--seed", type=limits.argparse_type(limits.SEED, "--seed"), default=7)
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))

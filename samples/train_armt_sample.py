@@ -172,11 +172,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=limits.argparse_type(limits.TRAINING_STEPS, "--steps"), default=2000)
     parser.add_argument("--seed", type=limits.argparse_type(limits.SEED, "--seed"), default=0)
-    parser.add_argument("--max-segments", type=limits.argparse_type(limits.LENGTH_SEGMENTS, "--max-segments"), default=16, help="longest training input, in segments")
+    parser.add_argument("--max-segments", type=limits.argparse_type(limits.LENGTH_SEGMENTS, "--max-segments"),
+                        default=16, help="longest training input, in segments")
     parser.add_argument("--out", type=Path, default=ARMT_OUT)
     parser.add_argument("--evaluate", action="store_true",
                         help="only measure <out>/model.pt against the RMT sample (no training)")
-    parser.add_argument("--examples", type=limits.argparse_type(limits.EXAMPLES, "--examples"), default=200, help="examples per length for --evaluate")
+    parser.add_argument("--examples", type=limits.argparse_type(limits.EXAMPLES, "--examples"),
+                        default=200, help="examples per length for --evaluate")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if not args.evaluate:

@@ -76,7 +76,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=limits.argparse_type(limits.TRAINING_STEPS, "--steps"), default=1200)
     parser.add_argument("--seed", type=limits.argparse_type(limits.SEED, "--seed"), default=0)
-    parser.add_argument("--max-segments", type=limits.argparse_type(limits.LENGTH_SEGMENTS, "--max-segments"), default=12, help="longest training input, in segments")
+    parser.add_argument("--max-segments", type=limits.argparse_type(limits.LENGTH_SEGMENTS, "--max-segments"),
+                        default=12, help="longest training input, in segments")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "keyrecall")
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -123,7 +123,8 @@ def places(tmp_path):
 
 def _base_args(command: str, places: Path) -> list[str]:
     directory, file = str(places / "dir"), str(places / "file")
-    return {"rmt-run": ["--bundle", directory, "--ids", file], "rmt-generate": ["--bundle", directory, "--prompt-ids", file],
+    return {"rmt-run": ["--bundle", directory, "--ids", file],
+            "rmt-generate": ["--bundle", directory, "--prompt-ids", file],
             "rmt-build": ["--bundle", directory], "rmt-export": ["--ckpt", file],
             "rmt-check-trt": ["--bundle", directory],
             "rmt-triton": ["--bundle", directory, "--repo", str(places / "repo"), "--kind", "python"],
@@ -604,3 +605,19 @@ def test_an_npy_header_that_declares_more_than_the_file_holds_is_refused_unalloc
     assert result.exit_code == 1, result.output
     assert "lie.npy: its .npy header declares int64 [1, 1000000000000] (8,000,000,000,000 bytes), but only 40 " \
            "bytes follow it" in result.output
+
+
+@pytest.mark.parametrize("sample, argv, message", [
+    ("train_sample", ["--steps", "10000000"], "--steps must be an int in 1..1000000"),
+    ("train_encoder_sample", ["--max-segments", "0"], "--max-segments must be an int in 1..4096"),
+    ("train_armt_sample", ["--seed", "-1"], "--seed must be an int in 0..18446744073709551615"),
+    ("demo", ["--examples", "1e9"], "'1e9' is not an integer"),
+    ("accuracy_table", ["--segments", "1", "99999"], "--segments must be an int in 1..4096"),
+])
+def test_the_samples_command_lines_take_the_same_bounds(sample, argv, message):
+    """Each sample as a process: its argparse option refuses the value (exit 2) before it trains or exports."""
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, str(root / "samples" / f"{sample}.py"), *argv], capture_output=True,
+                            text=True, timeout=300, cwd=root)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr

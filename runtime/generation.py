@@ -83,7 +83,7 @@ class GenerationConfig:
         for bound in (limits.MAX_NEW_TOKENS, limits.TOP_K, limits.TEMPERATURE, limits.REPETITION_PENALTY, limits.SEED):
             value = getattr(self, bound.name)  # upper bounds (rmt_runtime.limits): the ranges above are open
             if isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and value > bound.high:
-                problems.append(f"{bound.name} must be at most {bound.high} ({bound.why}), got {value!r}")
+                problems.append(f"{bound.name} must be at most {bound.high} ({bound.why}), got {limits.shown(value)}")
         for name in ("rollover", "use_cache"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name} must be True or False, got {getattr(self, name)!r}")

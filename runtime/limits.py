@@ -4,10 +4,10 @@ A ``Bound`` says the range of one option or argument and why its upper end is wh
 the click options of every command (``option_type``) and the library functions (``Bound.check``)
 check the same object, so the CLI and the API cannot disagree. Numbers are checked before any
 work starts; a file's size before it is read (a pipe's or a device's while it is read, capped),
-and a file that must be regular (a tokenizer, a config) is refused when it is not, without
-opening it for reading (a FIFO would block). Torch-free: rmt_export uses it too; rmt_model, which
-may not import rmt_runtime, keeps its own file bounds (rmt_model/checkpoint.py, checked equal
-here by tests/reliability/test_bounds.py).
+and a file that must be regular (a tokenizer, a config) is refused when it is not, decided on
+``stat`` or a non-blocking open (a FIFO would block a read). Torch-free: rmt_export uses it too;
+rmt_model, which may not import rmt_runtime, keeps its own numbers (rmt_model/config.py,
+rmt_model/checkpoint.py; tests/reliability/test_bounds.py checks they are these).
 """
 from __future__ import annotations
 
@@ -66,9 +66,16 @@ class Bound:
         """``value`` as an int (a float) when it is in range; else a LimitError naming ``what``
         (default: the bound's name), the value and the range."""
         if not self.allows(value):
-            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:40] + f"... ({len(repr(value))} characters)"
-            raise LimitError(f"{what or self.name} must be {self.describe()} ({self.why}), got {shown}")
+            raise LimitError(f"{what or self.name} must be {self.describe()} ({self.why}), got {shown(value)}")
         return int(value) if self.integer else float(value)
+
+
+def shown(value) -> str:
+    """``value`` for a message, short: a huge int by its size (repr refuses ints over 4300 digits)."""
+    if isinstance(value, int) and value.bit_length() > 190:
+        return f"an int of {len(str(abs(value))) if value.bit_length() < 14000 else 'over 4000'} digits"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:40] + f"... ({len(text)} characters)"
 
 
 # ---- numbers ------------------------------------------------------------------------------------

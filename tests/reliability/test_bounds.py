@@ -182,7 +182,7 @@ def test_an_option_out_of_its_range_stops_the_command_before_any_work(places, co
             assert "is not an integer" in result.output  # 1.5, nan: not an int at all
         else:
             parsed = int(text, 10) if bound.integer else float(text)
-            assert bound.describe() in result.output and f"got {repr(parsed)[:40]}" in result.output
+            assert bound.describe() in result.output and f"got {limits.shown(parsed)[:40]}" in result.output
     assert not (places / "repo").exists()
 
 
@@ -216,7 +216,7 @@ def test_bench_batches_are_bounded_each_and_in_number(places, batches, message):
 # ---- the library: the same bounds, before any work --------------------------------------------------
 def bad_numbers(bound: Bound):
     """Python values out of ``bound``: beyond its ends, bools, NaN, infinities, floats for ints, strings."""
-    values = [st.integers(min_value=int(bound.high) + 1), st.just(10 ** 400), st.booleans(),
+    values = [st.integers(min_value=int(bound.high) + 1), st.just(10 ** 400), st.just(-10 ** 5000), st.booleans(),
               st.just(float("nan")), st.just(float("inf")), st.just("1")]
     values.append(st.integers(max_value=int(bound.low) - (0 if bound.low_open else 1)) if bound.integer or
                   bound.low_open else st.floats(max_value=bound.low, exclude_max=True, allow_nan=False))
@@ -271,7 +271,7 @@ GENERATION_BOUNDS = [limits.MAX_NEW_TOKENS, limits.TOP_K, limits.TEMPERATURE, li
 @SETTINGS
 @given(data=st.data())
 def test_generation_settings_above_their_bound_are_refused_when_made(bound, data):
-    value = data.draw(st.one_of(st.integers(min_value=int(bound.high) + 1), st.just(10 ** 400)) if bound.integer
+    value = data.draw(st.one_of(st.integers(min_value=int(bound.high) + 1), st.just(10 ** 5000)) if bound.integer
                       else st.one_of(st.floats(min_value=bound.high, exclude_min=True, allow_infinity=False),
                                      st.integers(min_value=int(bound.high) + 1)))
     with pytest.raises(RuntimeInputError, match=rf"{bound.name} must be at most {bound.high}"):

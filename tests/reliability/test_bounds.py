@@ -621,3 +621,17 @@ def test_the_samples_command_lines_take_the_same_bounds(sample, argv, message):
                             text=True, timeout=300, cwd=root)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_rmt_export_of_a_fifo_or_a_device_checkpoint_is_one_error_line_not_a_hang(tmp_path):
+    os.mkfifo(tmp_path / "model.pt")
+    os.symlink("/dev/zero", tmp_path / "zeros.pt")
+    for name, kind in (("model.pt", "a FIFO (named pipe)"), ("zeros.pt", "a character device")):
+        try:
+            result = subprocess.run([str(BIN / "rmt-export"), "--ckpt", str(tmp_path / name)], capture_output=True,
+                                    text=True, timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"rmt-export --ckpt {name} blocked for 120 s")
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert f"{name}: is {kind}, expected a checkpoint file (a regular file)" in result.stderr, result.stderr
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "zeros.pt"]

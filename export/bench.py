@@ -36,6 +36,7 @@ from typing import Callable
 import click
 import numpy as np
 
+from rmt_runtime import limits
 from rmt_runtime.bundle import Bundle, BundleError
 from rmt_runtime.cli_support import JsonCommand, run_guarded
 from rmt_runtime.cpuinfo import cpu_info, describe, native_bf16, usable_cores
@@ -191,6 +192,24 @@ def parse_peers(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(chosen))
 
 
+MAX_BATCH_SIZES = 16  # batch sizes one run measures, each a full pass over every variant
+
+
+def parse_batches(text: str) -> list[int]:
+    """``--batches``: comma-separated batch sizes, each within ``limits.MAX_BATCH``, at most
+    ``MAX_BATCH_SIZES`` of them; ValueError saying what is wrong."""
+    words = text.split(",")
+    if len(words) > MAX_BATCH_SIZES:
+        raise ValueError(f"expected at most {MAX_BATCH_SIZES} comma-separated batch sizes, got {len(words)}")
+    try:
+        sizes = [int(word) for word in words]
+    except ValueError:
+        raise ValueError(f"expected comma-separated positive integers, got {text[:60]!r}") from None
+    for size in sizes:
+        limits.MAX_BATCH.check(size, "a batch size")
+    return sizes
+
+
 def _reason(exc: BaseException) -> str:
     first = (str(exc).strip().splitlines() or [""])[0]
     return f"{type(exc).__name__}: {first}"[:300]
@@ -301,8 +320,16 @@ def run_bench(bundles: list[Path], checkpoint: Path | None, batches: list[int], 
               threads: int, graphs: tuple[str, ...], say: Callable[[str], None], ceiling: bool = True,
               peers: tuple[str, ...] = tuple(PEERS)) -> dict:
     """Measure everything; returns the JSON-able result (see the module docstring)."""
+    threads, segments, repeats = (limits.THREADS.check(threads), limits.BENCH_SEGMENTS.check(segments),
+                                  limits.REPEATS.check(repeats))
+    if not batches or len(batches) > MAX_BATCH_SIZES:
+        raise RuntimeInputError(f"batches must be 1..{MAX_BATCH_SIZES} batch sizes, got {len(batches)}")
+    batches = [limits.MAX_BATCH.check(batch, "a batch size") for batch in batches]
     loaded = [Bundle.load(path) for path in bundles]
     first = loaded[0]
+    # The random input of the largest batch, held while it runs: bounded before anything loads.
+    limits.check_allocation(max(batches) * segments * first.segment_size * 8,
+                            f"--batches {max(batches)} x --segments {segments} of {first.segment_size} int64 ids")
     for bundle in loaded[1:]:
         same = (bundle.kind, bundle.architecture, bundle.segment_size, bundle.num_mem_tokens, bundle.vocab_size,
                 bundle.hidden_size)
@@ -467,9 +494,11 @@ def markdown(result: dict) -> str:
                    "bf16); a peer that cannot run says why in its row. Each bundle's ingest rows show their speed "
                    "relative to the fastest peer ('vs best PyTorch').")
 @click.option("--batches", default="1,8", show_default=True, help="Comma-separated batch sizes.")
-@click.option("--segments", type=click.IntRange(min=1), default=8, show_default=True, help="Segments per run.")
-@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads for every variant [usable cores].")
+@click.option("--segments", type=limits.option_type(limits.BENCH_SEGMENTS), default=8, show_default=True,
+              help="Segments per run.")
+@click.option("--repeats", type=limits.option_type(limits.REPEATS), default=3, show_default=True)
+@click.option("--threads", type=limits.option_type(limits.THREADS), default=None,
+              help="Threads for every variant [usable cores].")
 @click.option("--graphs", type=click.Choice(["both", "ingest", "step"]), default="both", show_default=True)
 @click.option("--ceiling/--no-ceiling", default=True, show_default=True,
               help="Measure the machine's fp32 matmul ceiling first (about 10 s on 2 cores).")
@@ -485,11 +514,9 @@ def main(bundles, ckpt, peers, batches, segments, repeats, threads, graphs, ceil
       rmt-bench --bundle model-fp16 --batches 1 --segments 32 --json > bench.json
     """
     try:
-        batch_sizes = [int(b) for b in batches.split(",")]
-        if min(batch_sizes) < 1:
-            raise ValueError
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated positive integers, got {batches!r}", param_hint="--batches")
+        batch_sizes = parse_batches(batches)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--batches")
     try:
         chosen_peers = parse_peers(peers)
     except ValueError as exc:
@@ -497,8 +524,8 @@ def main(bundles, ckpt, peers, batches, segments, repeats, threads, graphs, ceil
     chosen = (INGEST, STEP) if graphs == "both" else (graphs,)
     say = (lambda message: None) if as_json else (lambda message: click.echo(message, err=True))
     result = run_guarded(verbose, as_json, lambda: run_bench(
-        list(bundles), ckpt, batch_sizes, segments, repeats, threads or usable_cores(), chosen, say, ceiling,
-        chosen_peers),
+        list(bundles), ckpt, batch_sizes, segments, repeats, threads or min(usable_cores(), limits.THREADS.high),
+        chosen, say, ceiling, chosen_peers),
         (RuntimeInputError, BackendError, BundleError))
     click.echo(json.dumps({"ok": True, **result}, indent=2) if as_json else markdown(result))
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from rmt_runtime import limits
 from rmt_runtime.bundle import BundleError
 from rmt_runtime.errors import EngineError
 from rmt_runtime.cli_support import JsonCommand, fail, raise_if_interrupted, run_guarded, terminate_as_interrupt
@@ -60,10 +61,10 @@ def _run_guarded(verbose: bool, as_json: bool, work, interrupted=lambda: "interr
 @click.option("--bf16", is_flag=True,
               help="fp32 bundles: also validate the graphs as the openvino backend computes them in bf16 (rmt-run "
                    "--backend openvino --precision bf16); needs openvino and a CPU with AVX-512 BF16 or AMX.")
-@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (18..20).")
+@click.option("--opset", type=limits.option_type(limits.OPSET), default=18, show_default=True, help="ONNX opset.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
 @click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime vs PyTorch validation (not recommended).")
-@click.option("--segments", type=click.IntRange(min=2), default=32, show_default=True,
+@click.option("--segments", type=limits.option_type(limits.VALIDATION_SEGMENTS), default=32, show_default=True,
               help="Chained segments the validation runs.")
 @click.option("--validation-text", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Validate on this UTF-8 text (read by the bundle's tokenizer) instead of random token ids: a "
@@ -75,24 +76,25 @@ def _run_guarded(verbose: bool, as_json: bool, work, interrupted=lambda: "interr
               help="Then build TensorRT engines for this machine into <bundle>/engines (as rmt-build).")
 @click.option("--engine-builder", type=click.Choice(["tensorrt", "tensorrt_rtx"]), default="tensorrt",
               show_default=True, help="--engine: the builder module.")
-@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+@click.option("--max-batch", type=limits.option_type(limits.MAX_BATCH), default=8, show_default=True,
               help="--engine: largest batch of the optimisation profile.")
-@click.option("--workspace", "workspace_mb", type=click.IntRange(min=16), default=1024, show_default=True,
-              help="--engine: builder workspace cap in MB (keep it small on 8 GB Jetson boards).")
+@click.option("--workspace", "workspace_mb", type=limits.option_type(limits.WORKSPACE_MB), default=1024,
+              show_default=True, help="--engine: builder workspace cap in MB (keep it small on 8 GB Jetson boards).")
 @click.option("--tokenizer", "tokenizer_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               default=None, help="Directory of tokenizer files to ship in the bundle [default: the tokenizer files "
                                  "beside the checkpoint, else beside --backbone-config].")
 @click.option("--no-tokenizer", is_flag=True, help="Ship no tokenizer (the bundle then takes token ids only).")
 @click.option("--backbone-config", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Reference checkpoints: the backbone's config.json (e.g. GPT-2's).")
-@click.option("--num-mem-tokens", type=click.IntRange(min=1), default=None, help="Reference checkpoints: M.")
-@click.option("--segment-size", type=click.IntRange(min=1), default=None,
+@click.option("--num-mem-tokens", type=limits.option_type(limits.NUM_MEM_TOKENS), default=None,
+              help="Reference checkpoints: M.")
+@click.option("--segment-size", type=limits.option_type(limits.SEGMENT_SIZE), default=None,
               help="Reference checkpoints: tokens per segment.")
 @click.option("--armt-version", type=click.Choice(["normalized", "unnormalized"]), default=None,
               help="Reference ARMT checkpoints (with --backbone-config: the base model's or the ARMT's config.json): "
                    "the authors' code revision that trained it, normalized (experimental branch from 2024-08-28, "
                    "the Hugging Face packaging) or unnormalized (default branch); see docs/ARMT.md.")
-@click.option("--lora-alpha", type=float, default=None,
+@click.option("--lora-alpha", type=limits.option_type(limits.LORA_ALPHA), default=None,
               help="Reference ARMT checkpoints with LoRA adapters: lora_alpha from the adapter's config (merged as "
                    "alpha / r).")
 @click.option("--no-memory-check", is_flag=True,
@@ -215,9 +217,10 @@ def main(ckpt, out, fp16, int8, bf16, opset, force, no_validate, segments, valid
 @click.command(cls=JsonCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--bundle", "bundle_dir", required=True,
               type=click.Path(exists=True, file_okay=False, path_type=Path), help="Bundle directory.")
-@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+@click.option("--max-batch", type=limits.option_type(limits.MAX_BATCH), default=8, show_default=True,
               help="Largest batch of the optimisation profile.")
-@click.option("--workspace", "workspace_mb", type=click.IntRange(min=16), default=1024, show_default=True,
+@click.option("--workspace", "workspace_mb", type=limits.option_type(limits.WORKSPACE_MB), default=1024,
+              show_default=True,
               help="Builder workspace limit in MB.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable result on stdout.")
 @click.option("--verbose", is_flag=True, help="Show tracebacks.")
@@ -265,17 +268,17 @@ def check_trt_main(bundle_dir, max_batch, workspace_mb, as_json, verbose):
 @click.option("--name", default="rmt", show_default=True, help="Model name in the repository.")
 @click.option("--graph", type=click.Choice(["ingest", "step"]), default="ingest", show_default=True,
               help="onnxruntime kind: ingest: last-token logits per request; step: logits for every position.")
-@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+@click.option("--max-batch", type=limits.option_type(limits.MAX_BATCH), default=8, show_default=True,
               help="Sequences batched into one step by the sequence batcher.")
-@click.option("--max-sequences", type=click.IntRange(min=1), default=None,
+@click.option("--max-sequences", type=limits.option_type(limits.MAX_SEQUENCES), default=None,
               help="Live sequences per instance (max_candidate_sequences) [default: 4 x --max-batch]; more wait "
                    "in Triton's backlog until one ends.")
-@click.option("--idle-seconds", type=click.FloatRange(min=0.001), default=60.0, show_default=True,
+@click.option("--idle-seconds", type=limits.option_type(limits.IDLE_SECONDS), default=60.0, show_default=True,
               help="A sequence without a request for this long is dropped with its memory.")
-@click.option("--queue-delay-us", type=click.IntRange(min=0), default=1000, show_default=True,
+@click.option("--queue-delay-us", type=limits.option_type(limits.QUEUE_DELAY_US), default=1000, show_default=True,
               help="How long the batcher waits to fill a batch (microseconds): latency at low load vs batching.")
-@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--instances", type=limits.option_type(limits.INSTANCES), default=1, show_default=True)
+@click.option("--threads", type=limits.option_type(limits.THREADS), default=1, show_default=True,
               help="python kind: ONNX Runtime threads per instance (instances x threads <= cores).")
 @click.option("--cpu", is_flag=True, help="onnxruntime kind: serve on the CPU (KIND_CPU) instead of the GPU "
                                          "(the python kind always runs on the CPU).")

@@ -27,6 +27,7 @@ from rmt_model.armt import ARMTDecoder
 from rmt_model.step import model_in_precision
 from rmt_runtime.bundle import (MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, MEMORY_INIT_NAME, PRECISIONS, not_a_bundle,
                                 write_manifest)
+from rmt_runtime import limits
 from rmt_runtime.spec import SPEC_VERSION, step_specs
 
 from .armt_graphs import armt_specs, export_armt_generation_graphs, export_armt_graph
@@ -106,8 +107,15 @@ class ExportOptions:
 
 
 def tokenizer_files(directory: str | os.PathLike) -> list[str]:
-    """The TOKENIZER_FILES that ``directory`` holds, in TOKENIZER_FILES order."""
-    return [name for name in TOKENIZER_FILES if (Path(directory) / name).is_file()]
+    """The TOKENIZER_FILES that ``directory`` holds, in TOKENIZER_FILES order; one that is not a
+    regular file, or larger than ``limits.TOKENIZER_BYTES``, is an ExportError (it would be copied)."""
+    found = [name for name in TOKENIZER_FILES if (Path(directory) / name).exists()]
+    for name in found:
+        try:
+            limits.check_regular(Path(directory) / name, limits.TOKENIZER_BYTES, "a tokenizer file")
+        except limits.LimitError as exc:
+            raise ExportError(f"tokenizer file {exc}") from None
+    return found
 
 
 def tokenizer_places(ckpt: str | os.PathLike, backbone_config: str | os.PathLike | None = None
@@ -294,13 +302,17 @@ def _plan_on_text(plan: ValidationPlan, text_path: Path, tokenizer_dir: Path | N
     if tokenizer_dir is None or not (Path(tokenizer_dir) / RUNTIME_TOKENIZER).is_file():
         raise ExportError(f"--validation-text {text_path} needs the bundle's {RUNTIME_TOKENIZER} to read it (none "
                           "ships: give --tokenizer DIR)")
-    try:
-        text = Path(text_path).read_text(encoding="utf-8")
+    try:  # bounded, and a regular file (rmt_runtime.limits): a FIFO or /dev/zero is refused unread
+        text = limits.read_regular(text_path, limits.INPUT_BYTES, "a validation text").decode("utf-8")
+        tokenizer = limits.read_regular(Path(tokenizer_dir) / RUNTIME_TOKENIZER, limits.TOKENIZER_BYTES,
+                                        "a tokenizer.json").decode("utf-8")
+    except limits.LimitError as exc:
+        raise ExportError(f"--validation-text: {exc}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ExportError(f"--validation-text {text_path}: not readable UTF-8 text ({exc})") from None
     from tokenizers import Tokenizer
 
-    ids = np.asarray(Tokenizer.from_file(str(Path(tokenizer_dir) / RUNTIME_TOKENIZER)).encode(text).ids, np.int64)
+    ids = np.asarray(Tokenizer.from_str(tokenizer).encode(text).ids, np.int64)
     return replace(plan, token_ids=ids, source=f"text {Path(text_path).name} ({len(ids)} tokens)")
 
 

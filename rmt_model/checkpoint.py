@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 import zipfile
 from pathlib import Path
@@ -31,13 +32,73 @@ _LEGACY_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 _REFERENCE_ENCODER_BUFFERS = ("mem_token_ids", "cls_token", "sep_token", "eos_token", "bos_token")
 
 
+# What a checkpoint reader opens is bounded before it is read (rmt_model may not import
+# rmt_runtime.limits; tests/reliability/test_bounds.py checks the two agree). A JSON config (a
+# backbone's config.json, a shard index): published ones are under 1 MiB.
+CONFIG_BYTES = 16 * 2 ** 20
+
+
+def memory_bytes() -> int:
+    """This machine's memory: torch.load and safetensors hold a whole checkpoint in it (1 TiB
+    where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 2 ** 40
+
+
+def _file_kind(mode: int) -> str:
+    for test, words in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                        (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return words
+    return "not a regular file"
+
+
+def check_checkpoint_file(path: Path, what: str, limit: int | None = None) -> int:
+    """The size of ``path``, a regular file of at most ``limit`` bytes (default: this machine's
+    memory); else a CheckpointError naming the file, what it is and the limit. Decided on
+    ``stat``, without opening it: a FIFO where a checkpoint is expected cannot hang the check."""
+    limit = memory_bytes() if limit is None else limit
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise CheckpointError(f"{path}: is {_file_kind(info.st_mode)}, expected {what} (a regular file)")
+    if info.st_size > limit:
+        holds = "this machine's memory" if limit == memory_bytes() else "the limit"
+        raise CheckpointError(f"{path}: is {info.st_size:,} bytes, more than {holds} ({limit:,} bytes) for {what}")
+    return info.st_size
+
+
+def _read_config_text(path: Path, what: str) -> str:
+    """A JSON config's text: a regular file of at most CONFIG_BYTES, opened non-blocking."""
+    check_checkpoint_file(path, what, CONFIG_BYTES)
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(descriptor, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):  # replaced since the check
+                raise CheckpointError(f"{path}: is not a regular file, expected {what}")
+            data = handle.read(CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if len(data) > CONFIG_BYTES:
+        raise CheckpointError(f"{path}: grew past {CONFIG_BYTES:,} bytes while read, the limit for {what}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}), expected {what}") from None
+
+
 def read_torch_file(path: str | os.PathLike) -> Any:
-    """``torch.load(weights_only=True)`` with every failure turned into a CheckpointError."""
+    """``torch.load(weights_only=True)`` with every failure turned into a CheckpointError; the
+    file is a regular one that fits in memory (checked before it is opened)."""
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file")
-    if path.is_dir():
-        raise CheckpointError(f"{path}: is a directory, expected a checkpoint file")
+    check_checkpoint_file(path, "a checkpoint file")
     _refuse_decompression_bomb(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -215,8 +276,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
+    check_checkpoint_file(path, "a safetensors file")
     try:
         return load_file(path, device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
@@ -228,8 +288,8 @@ def _read_shards(index_path: Path) -> dict[str, torch.Tensor]:
     """Every shard a ``model.safetensors.index.json`` names, checked against its weight map:
     shard names stay inside the directory, every shard exists, every mapped key is in its shard."""
     try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        index = json.loads(_read_config_text(index_path, "a shard index"))
+    except json.JSONDecodeError as exc:
         raise CheckpointError(f"{index_path}: not a readable shard index ({exc})") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map or not all(
@@ -239,10 +299,14 @@ def _read_shards(index_path: Path) -> dict[str, torch.Tensor]:
     outside = [name for name in shards if Path(name).name != name or name in ("", ".", "..")]
     if outside:
         raise CheckpointError(f"{index_path}: shard names must be files beside the index, got {outside[:3]}")
-    missing = [name for name in shards if not (index_path.parent / name).is_file()]
+    missing = [name for name in shards if not (index_path.parent / name).exists()]
     if missing:
         raise CheckpointError(f"{index_path}: shard(s) {missing} named in the index are missing from "
                               f"{index_path.parent}")
+    total = sum(check_checkpoint_file(index_path.parent / name, "a safetensors shard") for name in shards)
+    if total > memory_bytes():  # every shard is held at once
+        raise CheckpointError(f"{index_path}: its shards hold {total:,} bytes, more than this machine's memory "
+                              f"({memory_bytes():,} bytes)")
     state_dict: dict[str, torch.Tensor] = {}
     for name in shards:
         tensors = _read_safetensors(index_path.parent / name)
@@ -288,11 +352,11 @@ def import_reference_checkpoint(state_dict_path: str | os.PathLike,
 
 def _read_backbone_config(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"{path}: backbone config.json not found")
     try:
-        backbone = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        backbone = json.loads(_read_config_text(path, "a backbone config.json"))
+    except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: not a JSON backbone config ({exc})") from None
     if not isinstance(backbone, dict) or "model_type" not in backbone:
         raise CheckpointError(f"{path}: a backbone config.json needs a 'model_type' "

@@ -22,6 +22,23 @@ ENCODER_SPECIAL_SLOTS = 3
 # framework_accel, modeling_amt/language_modeling.py as of 98ea91b, 2024-06-17).
 ARMT_VERSIONS = ("normalized", "unnormalized")
 
+# Upper bounds of the geometry a config (a checkpoint's, a user's) may declare, checked before a
+# model is built from it. The same numbers as rmt_runtime.limits (which rmt_model may not import;
+# tests/reliability/test_bounds.py checks they agree). Memory tokens and segment tokens take
+# backbone positions in every segment, and the graphs' attention grows with their square.
+MAX_NUM_MEM_TOKENS = 4096
+MAX_SEGMENT_SIZE = 65536
+# The backbone's width and vocabulary size the embedding table, allocated when a model is built:
+# the widest published models are 16k-32k wide, the largest vocabularies 256k tokens.
+MAX_HIDDEN_SIZE = 65536
+MAX_VOCAB_SIZE = 2 ** 22
+MAX_D_MEM = 65536
+
+
+def _is_int_in(value: Any, low: int, high: int) -> bool:
+    """``value`` is an int (not a bool) in ``low..high``."""
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
 
 def _check_fields(cls, data: Any, what: str, fields: str) -> None:
     """``data`` is a dict holding only fields of dataclass ``cls``; else a ConfigError naming them."""
@@ -51,10 +68,11 @@ class ARMTSettings:
     version: str = "normalized"
 
     def validate(self, hidden_size: int) -> None:
-        if not isinstance(self.d_mem, int) or isinstance(self.d_mem, bool) or self.d_mem < 1:
-            raise ConfigError(f"armt.d_mem must be an integer >= 1, got {self.d_mem!r}")
-        if not isinstance(self.heads, int) or isinstance(self.heads, bool) or self.heads < 1:
-            raise ConfigError(f"armt.heads must be an integer >= 1, got {self.heads!r}")
+        if not _is_int_in(self.d_mem, 1, MAX_D_MEM):
+            raise ConfigError(f"armt.d_mem must be an integer >= 1 and at most {MAX_D_MEM}, got {self.d_mem!r}")
+        if not _is_int_in(self.heads, 1, self.d_mem):
+            raise ConfigError(f"armt.heads must be an integer >= 1 and at most d_mem ({self.d_mem}), "
+                              f"got {self.heads!r}")
         if self.d_mem % self.heads or hidden_size % self.heads:
             raise ConfigError(f"armt.heads {self.heads} must divide both d_mem {self.d_mem} and the "
                               f"hidden size {hidden_size}")
@@ -162,10 +180,12 @@ class RMTConfig:
             raise ConfigError(f"kind must be one of {KINDS}, got {self.kind!r}")
         if not isinstance(self.backbone, dict) or "model_type" not in self.backbone:
             raise ConfigError("backbone must be a Hugging Face config dict with a 'model_type' key")
-        if not isinstance(self.num_mem_tokens, int) or self.num_mem_tokens < 1:
-            raise ConfigError(f"num_mem_tokens must be an integer >= 1, got {self.num_mem_tokens!r}")
-        if not isinstance(self.segment_size, int) or self.segment_size < 1:
-            raise ConfigError(f"segment_size must be an integer >= 1, got {self.segment_size!r}")
+        if not _is_int_in(self.num_mem_tokens, 1, MAX_NUM_MEM_TOKENS):
+            raise ConfigError(f"num_mem_tokens must be an integer >= 1 and at most {MAX_NUM_MEM_TOKENS}, "
+                              f"got {self.num_mem_tokens!r}")
+        if not _is_int_in(self.segment_size, 1, MAX_SEGMENT_SIZE):
+            raise ConfigError(f"segment_size must be an integer >= 1 and at most {MAX_SEGMENT_SIZE}, "
+                              f"got {self.segment_size!r}")
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ConfigError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, "
                               f"got {self.attn_implementation!r}")
@@ -175,7 +195,10 @@ class RMTConfig:
             if missing:
                 raise ConfigError(f"an encoder RMT needs {', '.join(missing)} "
                                   "(the ids framing each segment: [CLS] mem [SEP] tokens [SEP] pad)")
-        self.hidden_size  # noqa: B018 - raises when the backbone names no width
+        for name, value, high in (("hidden size", self.hidden_size, MAX_HIDDEN_SIZE),
+                                  ("vocab_size", self.backbone.get("vocab_size"), MAX_VOCAB_SIZE)):
+            if value is not None and not _is_int_in(value, 1, high):  # before a model allocates by them
+                raise ConfigError(f"the backbone's {name} must be an integer >= 1 and at most {high}, got {value!r}")
         if self.armt is not None:
             if self.kind != "armt":
                 raise ConfigError(f"armt settings belong to kind='armt', not kind={self.kind!r}")

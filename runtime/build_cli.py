@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from . import limits
 from .bundle import BundleError
 from .cli_support import JsonCommand, run_guarded
 from .engines import BuildOptions, build_bundle_engines
@@ -25,9 +26,10 @@ from .errors import EngineError
                                            "(TensorRT 11 needs an fp16 export instead).")
 @click.option("--tf32", is_flag=True, help="fp32 bundles: let TensorRT run fp32 layers as TF32 (Ampere and "
                                            "later; off by default, so an fp32 engine computes in fp32).")
-@click.option("--workspace", "workspace_mb", type=click.IntRange(min=16), default=1024, show_default=True,
+@click.option("--workspace", "workspace_mb", type=limits.option_type(limits.WORKSPACE_MB), default=1024,
+              show_default=True,
               help="Builder workspace cap in MB (keep it small on 8 GB Jetson boards).")
-@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--max-batch", type=limits.option_type(limits.MAX_BATCH), default=8, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the engine paths as JSON on stdout.")
 @click.option("--verbose", is_flag=True, help="Show tracebacks.")
 def main(bundle_dir, builder, fp16, tf32, workspace_mb, max_batch, as_json, verbose):

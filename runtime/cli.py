@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -15,10 +16,12 @@ from pathlib import Path
 import click
 import numpy as np
 
+from . import limits
 from .atomic import unwritable_reason, write_atomically
 from .bundle import Bundle, BundleError
 from .cli_support import JsonCommand, exit_interrupted, run_guarded, stop_requests
 from .errors import BackendError, RuntimeInputError, StateError
+from .limits import LimitError
 from .segments import check_mask
 from .runtime import RMTRuntime
 from .state import locked_state_file
@@ -39,20 +42,16 @@ def run_guarded_cli(verbose, as_json, work, interrupted=lambda: "interrupted: no
 
 # ---- input ------------------------------------------------------------------------------------
 def _read_bytes(source: str) -> tuple[bytes, str]:
-    """The bytes of a file, or of stdin for '-', and a name for messages."""
-    if source == "-":
-        if sys.stdin is None:
-            raise CliInputError("no stdin to read ('-')")
-        return sys.stdin.buffer.read(), "stdin"
-    path = Path(source)
-    if path.is_dir():
-        raise CliInputError(f"{path}: is a directory, not an input file")
-    if not path.exists():
-        raise CliInputError(f"{path}: no such file")
-    try:  # a regular file, or a pipe such as <(...) or /dev/stdin
-        return path.read_bytes(), str(path)
+    """The bytes of a file, a pipe or a device, or of stdin for '-', and a name for messages; at
+    most ``limits.INPUT_BYTES`` (one invocation holds its whole input)."""
+    try:
+        return limits.read_input(source, limits.INPUT_BYTES, "an input file")
+    except limits.TooLargeError as exc:
+        raise CliInputError(f"{exc}: give a longer input in parts (--state carries the sequence over)") from None
+    except LimitError as exc:
+        raise CliInputError(str(exc)) from None
     except OSError as exc:
-        raise CliInputError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+        raise CliInputError(f"{source}: cannot be read ({exc.strerror or exc})") from None
 
 
 def _decode_text(data: bytes, name: str) -> str:
@@ -62,14 +61,31 @@ def _decode_text(data: bytes, name: str) -> str:
         raise CliInputError(f"{name}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
+def _load_npy(data: bytes, name: str) -> np.ndarray:
+    """A .npy array from ``data`` whose header declares no more bytes than follow it: numpy
+    allocates what the header declares before reading, so a 100-byte file claiming 10^12
+    elements is refused here, not allocated."""
+    handle = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(handle)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(handle, max_header_size=1 << 16)
+        declared = dtype.itemsize * math.prod(shape)
+        present = len(data) - handle.tell()
+        if declared > present:
+            raise CliInputError(f"{name}: its .npy header declares {dtype} {list(shape)} ({declared:,} bytes), but "
+                                f"only {present:,} bytes follow it")
+        handle.seek(0)
+        return np.load(handle, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise CliInputError(f"{name}: not a readable .npy array ({exc})") from None
+
+
 def parse_ids(data: bytes, name: str) -> np.ndarray:
     """Token ids as [B, N]: a .npy integer array [N], [1, N] (what a tokenizer gives with
     return_tensors="np") or [B, N], or whitespace-separated integers (one sequence)."""
     if data.startswith(_NPY_MAGIC):
-        try:
-            array = np.load(io.BytesIO(data), allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
-            raise CliInputError(f"{name}: not a readable .npy array ({exc})") from None
+        array = _load_npy(data, name)
         if not isinstance(array, np.ndarray) or not np.issubdtype(array.dtype, np.integer):
             raise CliInputError(f"{name}: token ids must be an integer array, got dtype {array.dtype}")
         if array.ndim not in (1, 2):
@@ -95,10 +111,7 @@ def read_mask(mask_file: str, ids: np.ndarray) -> np.ndarray:
     data, name = _read_bytes(mask_file)
     if not data.startswith(_NPY_MAGIC):
         raise CliInputError(f"{name}: --mask takes a .npy array of 0/1 shaped like the ids {list(ids.shape)}")
-    try:
-        mask = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise CliInputError(f"{name}: not a readable .npy array ({exc})") from None
+    mask = _load_npy(data, name)
     try:
         return check_mask(np.atleast_2d(mask), ids.shape)
     except RuntimeInputError as exc:
@@ -121,8 +134,14 @@ def load_tokenizer(bundle: Bundle, ids_option: str = "--ids"):
     except ImportError:
         raise CliInputError(f"reading text needs the tokenizers library: {TEXT_INSTALL} "
                             f"(or pass token ids with {ids_option})") from None
+    path = bundle.path / "tokenizer.json"
     try:
-        return Tokenizer.from_file(str(bundle.path / "tokenizer.json"))
+        text = limits.read_regular(path, limits.TOKENIZER_BYTES, "a tokenizer.json").decode("utf-8")
+    except (LimitError, OSError, UnicodeDecodeError) as exc:
+        raise CliInputError(exc if isinstance(exc, LimitError) else f"{path}: not a readable tokenizer ({exc})") \
+            from None
+    try:
+        return Tokenizer.from_str(text)
     except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exceptions
         raise CliInputError(f"{bundle.path / 'tokenizer.json'}: not a readable tokenizer ({exc})") from None
 
@@ -251,8 +270,8 @@ class _Progress:
                    "BF16 or AMX; an error elsewhere). Other backends run the bundle's own precision.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default=None,
               help="ONNX Runtime execution provider; an explicit one never falls back.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op CPU threads.")
-@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True,
+@click.option("--threads", type=limits.option_type(limits.THREADS), default=None, help="Intra-op CPU threads.")
+@click.option("--top-k", type=limits.option_type(limits.TOP_K_SHOWN), default=5, show_default=True,
               help="Next tokens (decoder) or classes (encoder) to show.")
 @click.option("--state", "state_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Continue the sequence saved in FILE (if it exists), then save it there.")

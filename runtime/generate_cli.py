@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from . import limits
 from .bundle import Bundle
 from .cli import CliInputError, optional_tokenizer, run_guarded_cli, read_input
 from .cli_support import JsonCommand, exit_interrupted, fail, stop_requests
@@ -69,17 +70,18 @@ def _default_stops(bundle: Bundle) -> tuple[int, ...]:
 @click.option("--prompt-ids", default=None, metavar="FILE",
               help="Prompt token ids: a .npy integer array [N] or [1, N], or whitespace-separated integers "
                    "('-': stdin).")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--max-new-tokens", type=limits.option_type(limits.MAX_NEW_TOKENS), default=64, show_default=True)
+@click.option("--temperature", type=limits.option_type(limits.TEMPERATURE), default=0.0, show_default=True,
               help="0: greedy.")
-@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0: off.")
-@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True)
-@click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0,
+@click.option("--top-k", type=limits.option_type(limits.TOP_K), default=0, show_default=True, help="0: off.")
+@click.option("--top-p", type=limits.option_type(limits.TOP_P), default=1.0, show_default=True)
+@click.option("--repetition-penalty", type=limits.option_type(limits.REPETITION_PENALTY), default=1.0,
               show_default=True, help="1: off.")
-@click.option("--stop-token", "stop_tokens", type=int, multiple=True,
+@click.option("--stop-token", "stop_tokens", type=limits.option_type(limits.TOKEN_ID), multiple=True,
               help="Stop after this id (repeatable). Default: the backbone's eos_token_id, if any.")
 @click.option("--no-stop", is_flag=True, help="No stop tokens: always generate --max-new-tokens.")
-@click.option("--seed", type=int, default=None, help="Seed for sampling (same seed, same tokens).")
+@click.option("--seed", type=limits.option_type(limits.SEED), default=None,
+              help="Seed for sampling (same seed, same tokens).")
 @click.option("--no-rollover", is_flag=True,
               help="The reference's generation: memory is not written while generating and the context "
                    "grows up to the backbone's position limit (default: full segments roll into memory).")
@@ -90,7 +92,7 @@ def _default_stops(bundle: Bundle) -> tuple[int, ...]:
                    "BF16 or AMX; an error elsewhere). Other backends run the bundle's own precision.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default=None,
               help="Execution provider; an explicit one never falls back.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op CPU threads.")
+@click.option("--threads", type=limits.option_type(limits.THREADS), default=None, help="Intra-op CPU threads.")
 @click.option("--state", "state_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Continue the conversation saved in FILE (if it exists), then save it there.")
 @click.option("--json", "as_json", is_flag=True,

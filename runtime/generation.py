@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
+from . import limits
 from .errors import BackendError, RuntimeInputError
 from .segments import full_segment, pad_rows, rows_of
 from .spec import DECODE, INGEST, PREFILL
@@ -63,7 +64,8 @@ class GenerationConfig:
             return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
         def is_number(value) -> bool:
-            return isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and np.isfinite(value)
+            return isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and (
+                isinstance(value, (int, np.integer)) or np.isfinite(value))  # an int of any size is finite
 
         problems = []
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
@@ -78,6 +80,10 @@ class GenerationConfig:
             problems.append(f"repetition_penalty must be a finite number > 0 (1: off), got {self.repetition_penalty!r}")
         if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
             problems.append(f"seed must be None or an int >= 0, got {self.seed!r}")
+        for bound in (limits.MAX_NEW_TOKENS, limits.TOP_K, limits.TEMPERATURE, limits.REPETITION_PENALTY, limits.SEED):
+            value = getattr(self, bound.name)  # upper bounds (rmt_runtime.limits): the ranges above are open
+            if isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and value > bound.high:
+                problems.append(f"{bound.name} must be at most {bound.high} ({bound.why}), got {limits.shown(value)}")
         for name in ("rollover", "use_cache"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name} must be True or False, got {getattr(self, name)!r}")

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from . import limits
 from .backends import open_runner
 from .backends.base import Runner
 from .bundle import Bundle
@@ -98,6 +99,8 @@ class RMTRuntime:
         in ``fp32`` (default) or ``bf16`` (CPUs with AVX-512 BF16 or AMX); any other backend
         takes only the bundle's own precision.
         A runner built elsewhere (e.g. rmt_export's PyTorch reference) goes to the constructor."""
+        if threads is not None:  # bounded before the bundle is read (rmt_runtime.limits)
+            threads = limits.THREADS.check(threads)
         if not isinstance(bundle, Bundle):
             bundle = Bundle.load(bundle)
         runner, picked = open_runner(bundle, backend, provider, threads, cuda_graphs, engine_options, precision)
@@ -141,6 +144,9 @@ class RMTRuntime:
         (name -> [B, ...] float32; ``memory`` [B, M, D] is short for the RMT's ``{"memory": ...}``)."""
         if not isinstance(batch, (int, np.integer)) or isinstance(batch, bool) or batch < 1:
             raise RuntimeInputError(f"batch must be an int >= 1, got {batch!r}")
+        batch = limits.BATCH.check(batch)
+        limits.check_allocation(batch * sum(4 * int(np.prod(shape)) for shape in self.state_shapes.values()),
+                                f"a state of batch {batch}")  # float32 state, before any of it is allocated
         if state is not None and not isinstance(state, Mapping):
             raise RuntimeInputError(f"state must be a mapping of state name -> array, got {type(state).__name__}")
         given = dict(state or {})

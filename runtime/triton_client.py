@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import limits
 from .errors import BackendError, RuntimeInputError
 from .segments import rows_of
 from .schema import DocumentError, check_triton_parameters
@@ -105,6 +106,8 @@ class TritonRMTClient:
     """A gRPC client for one served RMT model (``rmt-triton`` writes its repository)."""
 
     def __init__(self, url: str = "127.0.0.1:8001", model: str = "rmt", timeout_s: float | None = 300.0) -> None:
+        if timeout_s is not None:  # bounded before anything connects (rmt_runtime.limits)
+            timeout_s = limits.TIMEOUT_S.check(timeout_s)
         try:
             import tritonclient.grpc as grpcclient
             from tritonclient.utils import InferenceServerException
@@ -213,6 +216,7 @@ class TritonRMTClient:
         size = self.segment_size if chunk_size is None else chunk_size
         if not isinstance(size, int) or size < 1:
             raise RuntimeInputError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+        limits.CHUNK_SIZE.check(size)
         sequence = self.sequence(sequence_id)
         starts = range(0, ids.size, size)
         result = None
@@ -240,6 +244,7 @@ class TritonSequence:
                  start_memory: np.ndarray | None = None, prefix: np.ndarray | None = None, tokens_before: int = 0):
         if not isinstance(sequence_id, (int, np.integer)) or isinstance(sequence_id, bool) or sequence_id < 1:
             raise RuntimeInputError(f"sequence_id must be an int >= 1 (Triton's correlation id), got {sequence_id!r}")
+        limits.SEQUENCE_ID.check(sequence_id)
         self.client, self.sequence_id, self.keep_state = client, int(sequence_id), keep_state
         self._start_memory = start_memory
         self._prefix = np.zeros(0, np.int64) if prefix is None else np.asarray(prefix, np.int64)

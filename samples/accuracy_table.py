@@ -28,6 +28,7 @@ from rmt_export.exporter import ExportOptions, export_bundle  # noqa: E402
 from rmt_model import ARMTDecoder, load_checkpoint  # noqa: E402
 from rmt_runtime import RMTRuntime, RuntimeInputError  # noqa: E402
 from rmt_runtime.errors import BackendError  # noqa: E402
+from rmt_runtime import limits  # noqa: E402
 from samples.task import CHANCE, make_batch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -164,11 +165,12 @@ def plot(result: dict, path: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--examples", type=int, default=200)
+    parser.add_argument("--examples", type=limits.argparse_type(limits.EXAMPLES, "--examples"), default=200)
     parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT)
     parser.add_argument("--out", type=Path, default=Path("out/sample"))
     parser.add_argument("--plot", type=Path, default=None, help="PNG path [default: <out>/accuracy.png]")
-    parser.add_argument("--segments", type=int, nargs="+", default=list(SEGMENTS), help="input lengths, in segments")
+    parser.add_argument("--segments", type=limits.argparse_type(limits.LENGTH_SEGMENTS, "--segments"),
+                        nargs="+", default=list(SEGMENTS), help="input lengths, in segments")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     result = measure(args.checkpoint, args.out, args.examples, tuple(args.segments))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rmt_runtime import BundleError, RMTRuntime, RuntimeInputError
+from rmt_runtime import BundleError, RMTRuntime, RuntimeInputError, limits
 
 CHECKPOINT = Path(__file__).resolve().parent / "keyclass" / "model.pt"
 DEFAULT_BUNDLE = Path("out") / "keyclass-fp32"
@@ -77,7 +77,11 @@ def load(bundle: Path, default: bool):
         from tokenizers import Tokenizer
     except ImportError:
         sys.exit('error: reading text needs the tokenizers library: pip install "rmt-edge[text]"')
-    return runtime, Tokenizer.from_file(str(bundle / "tokenizer.json"))
+    try:  # a regular file of bounded size (rmt_runtime.limits), like every file rmt-edge reads
+        return runtime, Tokenizer.from_str(limits.read_regular(bundle / "tokenizer.json", limits.TOKENIZER_BYTES,
+                                                               "a tokenizer.json").decode("utf-8"))
+    except (limits.LimitError, OSError, UnicodeDecodeError) as exc:
+        sys.exit(f"error: {exc}")
 
 
 def main() -> None:
@@ -87,8 +91,11 @@ def main() -> None:
     parser.add_argument("--file", type=Path, default=None, help="document [default: stdin]")
     args = parser.parse_args()
     runtime, tokenizer = load(args.bundle or DEFAULT_BUNDLE, default=args.bundle is None)
-    try:
-        text = args.file.read_text(encoding="utf-8") if args.file else sys.stdin.read()
+    try:  # at most limits.INPUT_BYTES, from a file, a pipe or stdin
+        text = limits.read_input(str(args.file) if args.file else "-", limits.INPUT_BYTES, "a document")[0].decode(
+            "utf-8")
+    except limits.LimitError as exc:
+        sys.exit(f"error: {exc}")
     except (OSError, UnicodeDecodeError) as exc:
         sys.exit(f"error: cannot read {args.file or 'stdin'} as UTF-8 text ({exc})")
     try:

@@ -24,6 +24,7 @@ from rmt_export.exporter import ExportOptions, export_bundle  # noqa: E402
 from rmt_export.validate import summary_lines  # noqa: E402
 from rmt_model import load_checkpoint  # noqa: E402
 from rmt_runtime import RMTRuntime  # noqa: E402
+from rmt_runtime import limits  # noqa: E402
 from samples.task import make_batch, make_example  # noqa: E402
 
 CHECKPOINT = Path(__file__).resolve().parent / "keyrecall" / "model.pt"
@@ -33,9 +34,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("out/demo"))
     parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT, help="the sample checkpoint (RMT or ARMT)")
-    parser.add_argument("--segments", type=int, default=32, help="segments of the long example")
-    parser.add_argument("--examples", type=int, default=100, help="examples for the accuracy line")
-    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--segments", type=limits.argparse_type(limits.LENGTH_SEGMENTS, "--segments"),
+                        default=32, help="segments of the long example")
+    parser.add_argument("--examples", type=limits.argparse_type(limits.EXAMPLES, "--examples"),
+                        default=100, help="examples for the accuracy line")
+    parser.add_argument("--seed", type=limits.argparse_type(limits.SEED, "--seed"), default=7)
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -50,7 +53,8 @@ def main() -> None:
     rt = RMTRuntime.load(result.path)
     from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_file(str(result.path / "tokenizer.json"))
+    tokenizer = Tokenizer.from_str(  # a regular file of bounded size (rmt_runtime.limits)
+        limits.read_regular(result.path / "tokenizer.json", limits.TOKENIZER_BYTES, "a tokenizer.json").decode("utf-8"))
     text, answer = make_example(np.random.default_rng(args.seed), args.segments, rt.segment_size)
     document = text.decode("ascii")
     print(f"\n2. a document of {len(document)} bytes ({args.segments} segments of {rt.segment_size}), "

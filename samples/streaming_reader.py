@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Iterable
 
-from rmt_runtime import RMTRuntime
+from rmt_runtime import RMTRuntime, limits
 
 
 def read_and_answer(runtime: RMTRuntime, tokenizer, chunks: Iterable[str]) -> tuple[str, int]:
@@ -42,7 +42,8 @@ def main() -> None:
     from tokenizers import Tokenizer
 
     runtime = RMTRuntime.load(args.bundle)
-    tokenizer = Tokenizer.from_file(str(args.bundle / "tokenizer.json"))
+    tokenizer = Tokenizer.from_str(  # a regular file of bounded size (rmt_runtime.limits)
+        limits.read_regular(args.bundle / "tokenizer.json", limits.TOKENIZER_BYTES, "a tokenizer.json").decode("utf-8"))
     stream = open(args.file, encoding="utf-8") if args.file else sys.stdin
     with stream:
         answer, tokens = read_and_answer(runtime, tokenizer, text_chunks(stream))

@@ -61,6 +61,7 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from rmt_model import (ARMTSettings, RMTConfig, build_armt_model, family_config_dict,  # noqa: E402
                        load_checkpoint, save_checkpoint)
+from rmt_runtime import limits  # noqa: E402
 from samples.byte_tokenizer import VOCAB_SIZE, save_tokenizer  # noqa: E402
 from samples.training import optimise, report, set_cosine_rate  # noqa: E402
 from samples.task import CHANCE, make_batch  # noqa: E402
@@ -169,13 +170,15 @@ def train(steps: int, seed: int, batch: int = 32, max_segments: int = 16, peak: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-segments", type=int, default=16, help="longest training input, in segments")
+    parser.add_argument("--steps", type=limits.argparse_type(limits.TRAINING_STEPS, "--steps"), default=2000)
+    parser.add_argument("--seed", type=limits.argparse_type(limits.SEED, "--seed"), default=0)
+    parser.add_argument("--max-segments", type=limits.argparse_type(limits.LENGTH_SEGMENTS, "--max-segments"),
+                        default=16, help="longest training input, in segments")
     parser.add_argument("--out", type=Path, default=ARMT_OUT)
     parser.add_argument("--evaluate", action="store_true",
                         help="only measure <out>/model.pt against the RMT sample (no training)")
-    parser.add_argument("--examples", type=int, default=200, help="examples per length for --evaluate")
+    parser.add_argument("--examples", type=limits.argparse_type(limits.EXAMPLES, "--examples"),
+                        default=200, help="examples per length for --evaluate")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if not args.evaluate:

@@ -22,6 +22,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from rmt_model import RMTConfig, build_model, family_config_dict, save_checkpoint  # noqa: E402
+from rmt_runtime import limits  # noqa: E402
 from samples.byte_tokenizer import VOCAB_SIZE, save_tokenizer  # noqa: E402
 from samples.training import optimise, report, set_cosine_rate  # noqa: E402
 from samples.task import FILLER, KEYS  # noqa: E402
@@ -85,9 +86,10 @@ def train(steps: int, seed: int, batch: int = 32, max_segments: int = 12, log=pr
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=1200)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-segments", type=int, default=12)
+    parser.add_argument("--steps", type=limits.argparse_type(limits.TRAINING_STEPS, "--steps"), default=1200)
+    parser.add_argument("--seed", type=limits.argparse_type(limits.SEED, "--seed"), default=0)
+    parser.add_argument("--max-segments", type=limits.argparse_type(limits.LENGTH_SEGMENTS, "--max-segments"),
+                        default=12)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "keyclass")
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))

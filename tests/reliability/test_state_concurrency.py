@@ -43,6 +43,42 @@ def _make_state(rt) -> SequenceState:
     return state
 
 
+class _Scripted:
+    """The runtime's own runner with one scripted event: a BackendError at the ``fail_at``-th
+    run, the ``nan_at``-th run's state outputs reading back as NaN (once), or ``pause`` called
+    once the ``pause_at``-th run has written its outputs (the segment not committed yet)."""
+
+    def __init__(self, runner, fail_at: int | None = None, nan_at: int | None = None,
+                 pause_at: int | None = None, pause=None) -> None:
+        self._runner, self.fail_at, self.nan_at, self.pause_at, self.pause = runner, fail_at, nan_at, pause_at, pause
+        self.calls, self._poisoned = 0, set()
+
+    def __getattr__(self, name):
+        return getattr(self._runner, name)
+
+    def run(self, graph, inputs, want=(), into=None, checked=False):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise BackendError(f"scripted failure of run {self.calls}")
+        result = self._runner.run(graph, inputs, want, into, checked=checked)
+        if self.calls == self.nan_at:
+            self._poisoned = {id(handle) for handle in (into or {}).values()}
+        if self.calls == self.pause_at:
+            self.pause()
+        return result
+
+    def to_host(self, handle):
+        array = self._runner.to_host(handle)
+        if id(handle) in self._poisoned:
+            self._poisoned.discard(id(handle))
+            array[...] = np.nan
+        return array
+
+
+def _scripted(rt, **faults) -> RMTRuntime:
+    return RMTRuntime(rt.bundle, _Scripted(rt.runner, **faults), "scripted")
+
+
 # ---- the operations that hold the state in another thread, each pausing once midway ----------
 def _pausing(pause, at: int):
     calls = []
@@ -59,6 +95,10 @@ def _feed(rt, state, pause):  # paused between its first and second segment: mem
     return rt.feed(state, _ids(3 * SEGMENT + 5, 2), stop=_pausing(pause, 2))
 
 
+def _feed_inside_a_segment(rt, state, pause):  # paused inside its second segment's run
+    return _scripted(rt, pause_at=2, pause=pause).feed(state, _ids(3 * SEGMENT + 5, 2))
+
+
 def _run(rt, state, pause):  # paused after the first of three segments
     return rt.run(_ids(3 * SEGMENT, 3), state=state, progress=_pausing(pause, 2))
 
@@ -70,7 +110,8 @@ def _generate_stream(rt, state, pause):  # paused between the first token and th
     return list(stream)
 
 
-MUTATORS = {"feed": _feed, "run": _run, "generate_stream": _generate_stream}
+MUTATORS = {"feed": _feed, "feed inside a segment": _feed_inside_a_segment, "run": _run,
+            "generate_stream": _generate_stream}
 
 
 # ---- every public RMTRuntime method that takes a state, as a call on one state ------------------
@@ -263,38 +304,6 @@ def test_repr_of_a_held_state_says_so_instead_of_reading_it(rt):
 
 
 # ---- an operation that fails midway leaves a consistent state ----------------------------------
-class _Scripted:
-    """The runtime's own runner with one scripted fault: a BackendError at the ``fail_at``-th
-    run, or the ``nan_at``-th run's state outputs reading back as NaN (once)."""
-
-    def __init__(self, runner, fail_at: int | None = None, nan_at: int | None = None) -> None:
-        self._runner, self.fail_at, self.nan_at = runner, fail_at, nan_at
-        self.calls, self._poisoned = 0, set()
-
-    def __getattr__(self, name):
-        return getattr(self._runner, name)
-
-    def run(self, graph, inputs, want=(), into=None, checked=False):
-        self.calls += 1
-        if self.calls == self.fail_at:
-            raise BackendError(f"scripted failure of run {self.calls}")
-        result = self._runner.run(graph, inputs, want, into, checked=checked)
-        if self.calls == self.nan_at:
-            self._poisoned = {id(handle) for handle in (into or {}).values()}
-        return result
-
-    def to_host(self, handle):
-        array = self._runner.to_host(handle)
-        if id(handle) in self._poisoned:
-            self._poisoned.discard(id(handle))
-            array[...] = np.nan
-        return array
-
-
-def _scripted(rt, **faults) -> RMTRuntime:
-    return RMTRuntime(rt.bundle, _Scripted(rt.runner, **faults), "scripted")
-
-
 def test_a_segment_whose_new_state_is_not_finite_leaves_the_state_as_it_was(rt):
     faulty, ids = _scripted(rt, nan_at=1), _ids(40, 16)
     state = faulty.new_state()

@@ -210,6 +210,9 @@ def generate_tokens(runtime: "RMTRuntime", state: SequenceState, prompts,
     """The generator behind ``RMTRuntime.generate_stream``; checks everything before any work.
     The caller holds ``state`` from this call until the generator is done (the runtime's
     ``_holding_states`` does)."""
+    if not state.in_use:
+        raise RuntimeInputError("generate_tokens reads and writes a state its caller holds for the whole "
+                                "generation: call RMTRuntime.generate_stream or RMTRuntime.generate")
     _check_can_generate(runtime)
     bundle, size = runtime.bundle, runtime.segment_size
     config.check(bundle.vocab_size)

@@ -7,6 +7,7 @@ buffers between segments; host copies happen only at read-outs (``memory``, ``sa
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
@@ -520,12 +521,14 @@ class RMTRuntime:
         check_token_container(prompts, "prompts")
         prompts = materialized(prompts)  # any iterable: counted here and read again by generate_tokens
         rows = len(prompts) if is_ragged(prompts) else 1
-        state = self.new_state(rows) if state is None else state
+        own = state is None  # a state of its own is held like a given one (the decorator holds that)
+        state = self.new_state(rows) if own else state
         generated: list[list[int]] = [[] for _ in range(state.batch)]
-        for tokens in generate_tokens(self, state, prompts, config):
-            for row, token in enumerate(tokens):
-                if token >= 0:
-                    generated[row].append(int(token))
+        with state.using() if own else contextlib.nullcontext():
+            for tokens in generate_tokens(self, state, prompts, config):
+                for row, token in enumerate(tokens):
+                    if token >= 0:
+                        generated[row].append(int(token))
         return Generation(tokens=generated, state=state)
 
     # ---- persistence ----------------------------------------------------------------------

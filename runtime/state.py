@@ -80,6 +80,11 @@ class SequenceState:
     def batch(self) -> int:
         return len(self.pending)
 
+    @property
+    def in_use(self) -> bool:
+        """Whether an operation holds the state now."""
+        return self._in_use.locked()
+
     def swap(self) -> None:
         """After a segment: the buffers just written become the state."""
         self.handles, self.scratch = self.scratch, self.handles

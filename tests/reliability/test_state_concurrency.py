@@ -17,6 +17,7 @@ import pytest
 from rmt_runtime import BackendError, Generation, GenerationConfig, Output, RMTRuntime, RuntimeInputError
 from rmt_runtime import SequenceState
 from rmt_runtime.errors import StateInUseError
+from rmt_runtime.generation import generate_tokens
 from rmt_runtime.spec import INGEST
 
 VOCAB = 97
@@ -293,6 +294,13 @@ def test_a_stream_holds_its_state_from_the_call_until_it_ends_fails_or_is_droppe
     with pytest.raises(RuntimeInputError, match="outside the vocabulary"):
         rt.generate_stream(state, [1, VOCAB], CONFIG)
     rt.memory(state)  # refused at the call: never taken
+
+
+def test_the_generation_layer_refuses_a_state_its_caller_does_not_hold(rt):
+    state = _make_state(rt)
+    with pytest.raises(RuntimeInputError, match="generate_tokens reads and writes a state its caller holds"):
+        generate_tokens(rt, state, _ids(5, 21), CONFIG)
+    assert not state.in_use and int(state.tokens_seen[0]) == 2 * SEGMENT
 
 
 def test_repr_of_a_held_state_says_so_instead_of_reading_it(rt):

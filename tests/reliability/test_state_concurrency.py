@@ -13,9 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from rmt_runtime import BackendError, Generation, GenerationConfig, Output, RMTRuntime, RuntimeInputError
-from rmt_runtime import SequenceState
+from rmt_runtime import (BackendError, Generation, GenerationConfig, Output, RMTRuntime, RuntimeInputError,
+                         SequenceState)
 from rmt_runtime.errors import StateInUseError
 from rmt_runtime.generation import generate_tokens
 from rmt_runtime.spec import INGEST
@@ -122,6 +124,16 @@ def _save_state(rt, state):
     return path
 
 
+def _tokens(state, n: int, seed: int):
+    """``n`` ids per row of ``state``: one sequence for batch 1, a list of rows otherwise."""
+    rows = [_ids(n, seed + 100 * row) for row in range(state.batch)]
+    return rows[0] if state.batch == 1 else rows
+
+
+def _block(state, n: int, seed: int) -> np.ndarray:
+    return np.stack([_ids(n, seed + 100 * row) for row in range(state.batch)])
+
+
 READERS = {
     "stack": lambda rt, s: rt.stack([s]),
     "unstack": lambda rt, s: rt.unstack(s),
@@ -129,16 +141,16 @@ READERS = {
     "memory": lambda rt, s: rt.memory(s),
     "peek": lambda rt, s: rt.peek(s),
     "flush": lambda rt, s: rt.flush(s),
-    "feed": lambda rt, s: rt.feed(s, _ids(SEGMENT, 5)),
-    "run": lambda rt, s: rt.run(_ids(SEGMENT, 6), state=s),
+    "feed": lambda rt, s: rt.feed(s, _tokens(s, SEGMENT, 5)),
+    "run": lambda rt, s: rt.run(_block(s, SEGMENT, 6), state=s),
     "commit_full_segments": lambda rt, s: rt.commit_full_segments(s),
-    "run_segment": lambda rt, s: rt.run_segment(s, _ids(SEGMENT, 7)[None], np.ones((1, SEGMENT), np.int64),
+    "run_segment": lambda rt, s: rt.run_segment(s, _block(s, SEGMENT, 7), np.ones((s.batch, SEGMENT), np.int64),
                                                 INGEST, ("last_logits",)),
     "save_state": _save_state,
-    "generate": lambda rt, s: rt.generate(_ids(5, 8), CONFIG, state=s),
+    "generate": lambda rt, s: rt.generate(_tokens(s, 5, 8), CONFIG, state=s),
     # Called while the state is held and read only afterwards: a stream that took its prompt
     # against the state at the call and held it only from its first token would read a stale state.
-    "generate_stream": lambda rt, s: rt.generate_stream(s, _ids(5, 9), CONFIG),
+    "generate_stream": lambda rt, s: rt.generate_stream(s, _tokens(s, 5, 9), CONFIG),
 }
 
 
@@ -174,10 +186,10 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def _contended(rt, mutate, read):
+def _contended(rt, make_state, mutate, read):
     """``read`` on a state while another thread's ``mutate`` holds it, paused midway. Returns
     what the read gave (IN_USE for StateInUseError) and the state once both are done."""
-    state = _make_state(rt)
+    state = make_state(rt)
     paused, resume, failures = threading.Event(), threading.Event(), []
 
     def pause() -> None:
@@ -206,12 +218,12 @@ def _contended(rt, mutate, read):
     return (got if got is IN_USE else _summary(rt, got)), _summary(rt, state)
 
 
-def _sequential(rt, mutate, read):
+def _sequential(rt, make_state, mutate, read):
     """(read's result, final state) for each order of the two that runs without error, and
     the state after ``mutate`` alone."""
     outcomes = []
     for read_first in (True, False):
-        state = _make_state(rt)
+        state = make_state(rt)
         try:
             if read_first:
                 result = _summary(rt, read(rt, state))
@@ -222,24 +234,48 @@ def _sequential(rt, mutate, read):
         except RuntimeInputError:  # e.g. run continuing a state that has pending tokens
             continue
         outcomes.append((result, _summary(rt, state)))
-    alone = _make_state(rt)
+    alone = make_state(rt)
     mutate(rt, alone, lambda: None)
     return outcomes, _summary(rt, alone)
+
+
+def _assert_refused_or_one_order(rt, make_state, mutate, read, what: str) -> None:
+    outcomes, mutated_alone = _sequential(rt, make_state, mutate, read)
+    assert outcomes, "no order of the two runs: the test would prove nothing"
+    got, final = _contended(rt, make_state, mutate, read)
+    if got is IN_USE:  # refused: the call changed nothing, the holder finished as if alone
+        assert _same(final, mutated_alone), f"{what}: the refused call changed the state"
+    else:
+        assert any(_same((got, final), outcome) for outcome in outcomes), (
+            f"{what} gave a result neither order gives")
 
 
 @pytest.mark.parametrize("mutator", sorted(MUTATORS))
 @pytest.mark.parametrize("reader", sorted(READERS))
 def test_a_state_held_midway_is_refused_or_read_as_one_order(rt, tmp_path, reader, mutator):
     _save_state.directory, _save_state.numbers = tmp_path, iter(range(1000))
-    mutate, read = MUTATORS[mutator], READERS[reader]
-    outcomes, mutated_alone = _sequential(rt, mutate, read)
-    assert outcomes, "no order of the two runs: the test would prove nothing"
-    got, final = _contended(rt, mutate, read)
-    if got is IN_USE:  # refused: the call changed nothing, the holder finished as if alone
-        assert _same(final, mutated_alone)
-    else:
-        assert any(_same((got, final), outcome) for outcome in outcomes), (
-            f"{reader} during {mutator} gave a result neither order gives")
+    _assert_refused_or_one_order(rt, _make_state, MUTATORS[mutator], READERS[reader], f"{reader} during {mutator}")
+
+
+@pytest.mark.parametrize("reader", sorted(READERS))
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(length=st.integers(min_value=SEGMENT, max_value=4 * SEGMENT + 15), batch=st.integers(min_value=1, max_value=3),
+       at=st.integers(min_value=1, max_value=4))
+def test_any_pause_inside_any_feed_is_refused_or_read_as_one_order(rt, tmp_path, reader, length, batch, at):
+    """Feeds of any length and batch, paused inside any of their segments' runs."""
+    at = min(at, length // SEGMENT)
+    _save_state.directory, _save_state.numbers = tmp_path, iter(range(1000))
+
+    def make_state(rt):
+        state = rt.new_state(batch)
+        rt.feed(state, _tokens(state, SEGMENT, 40))
+        return state
+
+    def mutate(rt, state, pause):  # rows of different lengths: some rows sit out some segments
+        rows = [_ids(max(1, length - 7 * row), 50 + row) for row in range(batch)]
+        return _scripted(rt, pause_at=at, pause=pause).feed(state, rows if batch > 1 else rows[0])
+    _assert_refused_or_one_order(rt, make_state, mutate, READERS[reader],
+                                 f"{reader} during a feed of {length} tokens x {batch} paused in segment {at}")
 
 
 def test_every_public_method_taking_a_state_holds_it_and_is_tested_here():

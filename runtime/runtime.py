@@ -128,7 +128,7 @@ class _HeldIterator:
             raise
 
     def close(self) -> None:
-        """Stop early: the generation's state keeps what was generated so far; the hold ends."""
+        """Stop early and give the states back (a generation's state keeps what it generated so far)."""
         iterator, self._iterator = self._iterator, None
         try:
             if iterator is not None and hasattr(iterator, "close"):

@@ -213,7 +213,12 @@ def _check_can_generate(runtime: "RMTRuntime") -> None:
 
 def generate_tokens(runtime: "RMTRuntime", state: SequenceState, prompts,
                     config: GenerationConfig) -> Iterator[np.ndarray]:
-    """The generator behind ``RMTRuntime.generate_stream``; checks everything before any work."""
+    """The generator behind ``RMTRuntime.generate_stream``; checks everything before any work.
+    The caller holds ``state`` from this call until the generator is done (the runtime's
+    ``_holding_states`` does)."""
+    if not state.in_use:
+        raise RuntimeInputError("generate_tokens reads and writes a state its caller holds for the whole "
+                                "generation: call RMTRuntime.generate_stream or RMTRuntime.generate")
     _check_can_generate(runtime)
     bundle, size = runtime.bundle, runtime.segment_size
     config.check(bundle.vocab_size)
@@ -236,23 +241,21 @@ def generate_tokens(runtime: "RMTRuntime", state: SequenceState, prompts,
     if not config.use_cache and not config.rollover:
         raise RuntimeInputError("use_cache=False recomputes the segment with the prefill graph, which takes at "
                                 "most segment_size tokens: it needs rollover")
-    return _holding(state, _generate(runtime, state, rows, contexts, commits, config))
-
-
-def _holding(state: SequenceState, tokens: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
-    """The generation holds its state from the first token to the last (or until it is closed)."""
-    with state.using():
-        yield from tokens
+    return _generate(runtime, state, rows, contexts, commits, config)
 
 
 def _generate(runtime: "RMTRuntime", state: SequenceState, rows: list[np.ndarray], contexts: list[np.ndarray],
               commits: list[int], config: GenerationConfig) -> Iterator[np.ndarray]:
     size, batch = runtime.segment_size, state.batch
-    # 1. Every full segment but the last into memory (the ingest graph, as feed does).
+    # 1. Every full segment but the last into memory (the ingest graph, as feed does). A failure
+    #    there leaves the prompt fed: what did not go into memory stays pending.
     state.pending = [context[:commit] for context, commit in zip(contexts, commits)]
     state.tokens_seen += np.array([len(row) for row in rows], np.int64)
-    runtime.commit_full_segments(state)
-    state.pending = [context[commit:] for context, commit in zip(contexts, commits)]
+    try:
+        runtime._commit_full_segments(state)
+    finally:
+        state.pending = [np.concatenate([left, context[commit:]])
+                         for left, context, commit in zip(state.pending, contexts, commits)]
     # 2. Prefill the last segment.
     cache = _Cache(runtime, state)
     logits = cache.prefill()
@@ -276,7 +279,7 @@ def _generate(runtime: "RMTRuntime", state: SequenceState, rows: list[np.ndarray
         full = np.array([len(p) > size for p in state.pending]) & active
         if config.rollover and full.any():
             ids, mask = full_segment([p if f else p[:0] for p, f in zip(state.pending, full)], size)
-            runtime.run_segment(state, ids, mask, INGEST, ())
+            runtime._run_segment(state, ids, mask, INGEST, ())
             state.pending = [p[size:] if f else p for p, f in zip(state.pending, full)]
             logits = cache.prefill()
         elif not config.use_cache:

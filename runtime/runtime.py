@@ -7,6 +7,7 @@ buffers between segments; host copies happen only at read-outs (``memory``, ``sa
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
@@ -52,22 +53,93 @@ class Output:
 
 
 
-def _holding_state(method):
-    """Check ``method``'s ``state`` argument (a SequenceState of this runtime's bundle; None where
-    the method makes its own) and run it holding that state: a second thread using the same
-    state meanwhile gets StateInUseError."""
+def _state_parameters(signature: inspect.Signature) -> dict[str, str]:
+    """The parameters that take states, by their annotation: ``state`` (one SequenceState, or
+    None where the method then makes its own) or ``states`` (a sequence of them)."""
+    kinds = {}
+    for name, parameter in signature.parameters.items():
+        annotation = str(parameter.annotation)
+        if "SequenceState" in annotation:
+            kinds[name] = "several" if annotation.startswith("Sequence[") else (
+                "optional" if parameter.default is None else "one")
+    return kinds
+
+
+def _holding_states(method):
+    """Check ``method``'s state arguments (SequenceStates of this runtime's bundle) and run it
+    holding all of them, for as long as its result depends on them: a second thread using one
+    meanwhile gets StateInUseError. A method returning an Iterator hands the hold to the
+    iterator, which keeps it from the call until it is exhausted, closed or collected.
+
+    Every public RMTRuntime method with a SequenceState parameter goes through here (a test
+    enumerates them); inside, the runtime calls only its private, unheld helpers."""
     signature = inspect.signature(method)
-    optional = signature.parameters["state"].default is None
+    parameters = _state_parameters(signature)
+    streams = "Iterator" in str(signature.return_annotation)
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        state = signature.bind(self, *args, **kwargs).arguments.get("state")
-        if state is None and optional:
-            return method(self, *args, **kwargs)
-        self.check_state(state)
-        with state.using():
-            return method(self, *args, **kwargs)
+        arguments = signature.bind(self, *args, **kwargs).arguments
+        states = []
+        for name, kind in parameters.items():
+            value = arguments.get(name)
+            if kind == "several":
+                if isinstance(value, SequenceState) or not isinstance(value, Sequence) or not value:
+                    raise RuntimeInputError(f"{method.__name__} needs a non-empty sequence of states ({name}), "
+                                            f"got {value!r}")
+                for index, state in enumerate(value):
+                    self.check_state(state, f"{name}[{index}]")
+                states.extend(value)
+            elif value is not None or kind == "one":
+                self.check_state(value, name)
+                states.append(value)
+        release = SequenceState.hold_all(states)
+        if not streams:
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                release()
+        try:
+            iterator = method(self, *args, **kwargs)
+        except BaseException:
+            release()
+            raise
+        return _HeldIterator(iterator, release)
+    wrapper.holds_states = tuple(parameters)
     return wrapper
+
+
+class _HeldIterator:
+    """An iterator that holds its states from its making until it is exhausted, fails, is
+    closed or is collected; made by ``_holding_states``."""
+
+    def __init__(self, iterator: Iterator, release: Callable[[], None]) -> None:
+        self._iterator, self._release = iterator, release
+
+    def __iter__(self) -> "_HeldIterator":
+        return self
+
+    def __next__(self):
+        if self._iterator is None:
+            raise StopIteration
+        try:
+            return next(self._iterator)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Stop early and give the states back (a generation's state keeps what it generated so far)."""
+        iterator, self._iterator = self._iterator, None
+        try:
+            if iterator is not None and hasattr(iterator, "close"):
+                iterator.close()
+        finally:
+            if iterator is not None:
+                self._release()
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def _check_callable(value, name: str) -> None:
@@ -186,40 +258,41 @@ class RMTRuntime:
     def _empty_like(self, handles: Mapping[str, Any]) -> dict[str, Any]:
         return {name: self.runner.empty(self.runner.shape_of(handle), "float32") for name, handle in handles.items()}
 
+    @_holding_states
     def state_tensors(self, state: SequenceState) -> dict[str, np.ndarray]:
         """Every state tensor [B, ...] on the host (copies)."""
-        self.check_state(state)
+        return self._state_tensors(state)
+
+    def _state_tensors(self, state: SequenceState) -> dict[str, np.ndarray]:
         return {name: self.runner.to_host(handle) for name, handle in state.handles.items()}
 
+    @_holding_states
     def memory(self, state: SequenceState) -> np.ndarray:
         """The RMT's current memory [B, M, D] on the host (a copy)."""
-        self.check_state(state)
         if MEMORY not in state.handles:
             raise RuntimeInputError(f"this bundle's state is {sorted(state.handles)}, not an RMT memory: "
                                     "use state_tensors()")
         return self.runner.to_host(state.handles[MEMORY])
 
+    @_holding_states
     def stack(self, states: Sequence[SequenceState]) -> SequenceState:
-        """One state running the rows of ``states`` together (copies state through the host)."""
-        if isinstance(states, SequenceState) or not isinstance(states, Sequence) or not states:
-            raise RuntimeInputError(f"stack needs a non-empty sequence of states, got {states!r}")
-        for index, state in enumerate(states):
-            self.check_state(state, f"states[{index}]")
+        """One state running the rows of ``states`` together (copies state through the host);
+        holds every one of them while it reads them."""
         logits = [s.last_logits for s in states]
         width = next((x.shape[1] for x in logits if x is not None), None)
         stacked_logits = None if width is None else np.concatenate(
             [x if x is not None else np.zeros((s.batch, width), np.float32) for s, x in zip(states, logits)])
-        tensors = [self.state_tensors(s) for s in states]
+        tensors = [self._state_tensors(s) for s in states]
         return self._state_from_host({name: np.concatenate([t[name] for t in tensors]) for name in self.state_pairs},
                                      [p for s in states for p in s.pending],
                                      np.concatenate([s.tokens_seen for s in states]),
                                      np.concatenate([s.segments_done for s in states]),
                                      stacked_logits, np.concatenate([s.has_logits for s in states]))
 
-    @_holding_state
+    @_holding_states
     def unstack(self, state: SequenceState) -> list[SequenceState]:
         """One state per row of ``state``."""
-        tensors = self.state_tensors(state)
+        tensors = self._state_tensors(state)
         return [self._state_from_host({name: value[r:r + 1] for name, value in tensors.items()}, [state.pending[r]],
                                       state.tokens_seen[r:r + 1], state.segments_done[r:r + 1],
                                       None if state.last_logits is None else state.last_logits[r:r + 1],
@@ -240,17 +313,25 @@ class RMTRuntime:
     def _graph_inputs(self, ids: np.ndarray, mask: np.ndarray, handles: Mapping[str, Any]) -> dict[str, Any]:
         return {"input_ids": ids, "attention_mask": mask, **handles}
 
+    @_holding_states
     def run_segment(self, state: SequenceState, ids: np.ndarray, mask: np.ndarray, graph: str,
                     want: tuple[str, ...]) -> dict[str, np.ndarray]:
         """Run one segment for all rows (ids and mask already checked: callers check whole inputs
         before any work), commit the new state, record the logits of rows with tokens."""
+        return self._run_segment(state, ids, mask, graph, want)
+
+    def _run_segment(self, state: SequenceState, ids: np.ndarray, mask: np.ndarray, graph: str,
+                     want: tuple[str, ...]) -> dict[str, np.ndarray]:
+        # The caller holds the state. It changes only once the segment ran and its state is
+        # known finite: a failure leaves it as it was (its tokens still pending).
         into = {self.state_pairs[name]: buffer for name, buffer in state.scratch.items()}
         result = self.runner.run(graph, self._graph_inputs(ids, mask, state.handles), want, into, checked=True)
-        state.swap()
         rows = mask.any(axis=1)
-        state.segments_done += rows
         if self.runner.state_on_host:  # free on the host; device state is checked at read-out
-            self._check_finite(self.state_tensors(state), lambda: f"segment {int(state.segments_done.max())}")
+            self._check_finite({name: self.runner.to_host(buffer) for name, buffer in state.scratch.items()},
+                               lambda: f"segment {int((state.segments_done + rows).max())}")
+        state.swap()
+        state.segments_done += rows
         key = "last_logits" if "last_logits" in result.host else "logits" if self.kind == "encoder" else None
         if key and key in result.host:
             self._record_logits(state, result.host[key], rows)
@@ -266,7 +347,7 @@ class RMTRuntime:
         # Encoders: the step graph (class logits are cheap); decoders: ingest (no per-token LM head).
         return (STEP, ("logits",)) if self.kind == "encoder" else (INGEST, ("last_logits",))
 
-    @_holding_state
+    @_holding_states
     def feed(self, state: SequenceState, tokens, progress: Progress | None = None,
              stop: Callable[[], bool] | None = None) -> bool:
         """Append tokens (batch 1: one id sequence; batch B: B sequences) and run every full
@@ -285,11 +366,18 @@ class RMTRuntime:
         for row, chunk in enumerate(chunks):
             state.pending[row] = np.concatenate([state.pending[row], chunk])
             state.tokens_seen[row] += len(chunk)
-        return self.commit_full_segments(state, progress, stop)
+        return self._commit_full_segments(state, progress, stop)
 
+    @_holding_states
     def commit_full_segments(self, state: SequenceState, progress: Progress | None = None,
                              stop: Callable[[], bool] | None = None) -> bool:
         """Run every full segment of the rows' pending tokens into memory (see ``feed``)."""
+        _check_callable(progress, "progress")
+        _check_callable(stop, "stop")
+        return self._commit_full_segments(state, progress, stop)
+
+    def _commit_full_segments(self, state: SequenceState, progress: Progress | None = None,
+                              stop: Callable[[], bool] | None = None) -> bool:
         size = self.segment_size
         total = max(len(p) // size for p in state.pending)
         graph, want = self._graph_for_feed()
@@ -299,7 +387,7 @@ class RMTRuntime:
             if stop is not None and stop():
                 return False
             ids, mask = full_segment(state.pending, size)
-            self.run_segment(state, ids, mask, graph, want)
+            self._run_segment(state, ids, mask, graph, want)
             # Tokens leave pending only once their segment is in memory.
             state.pending = [p[size:] if m else p for p, m in zip(state.pending, mask.any(axis=1))]
             if progress:
@@ -309,18 +397,18 @@ class RMTRuntime:
     def _pending_batch(self, state: SequenceState) -> tuple[np.ndarray, np.ndarray] | None:
         return pad_rows(state.pending) if any(len(p) for p in state.pending) else None
 
-    @_holding_state
+    @_holding_states
     def peek(self, state: SequenceState) -> Output:
         """The output as if the input ended now, without committing the partial segment:
         the state continues as if nothing happened (feed more later, then flush)."""
         if any(len(p) >= self.segment_size for p in state.pending):
             # A feed stopped before its full segments ran: run them on a copy, never on the state.
-            state = self._state_from_host(self.state_tensors(state), state.pending, state.tokens_seen,
+            state = self._state_from_host(self._state_tensors(state), state.pending, state.tokens_seen,
                                           state.segments_done, state.last_logits, state.has_logits)
-            self.commit_full_segments(state)
+            self._commit_full_segments(state)
         batch = self._pending_batch(state)
         if batch is None:
-            return Output(state=self.state_tensors(state), last_logits=self._logits_or_none(state))
+            return Output(state=self._state_tensors(state), last_logits=self._logits_or_none(state))
         graph, want = self._graph_for_feed()
         # The state is only read; the results go to buffers of their own.
         into = {self.state_pairs[name]: buffer for name, buffer in self._empty_like(state.handles).items()}
@@ -334,23 +422,23 @@ class RMTRuntime:
         self._check_finite(tensors, "the partial segment")
         return Output(state=tensors, last_logits=logits)
 
-    @_holding_state
+    @_holding_states
     def flush(self, state: SequenceState) -> Output:
         """Run each row's partial segment into memory (the end of the input) and return the output."""
-        self.commit_full_segments(state)  # left over by a feed that was stopped
+        self._commit_full_segments(state)  # left over by a feed that was stopped
         batch = self._pending_batch(state)
         if batch is not None:
             graph, want = self._graph_for_feed()
-            self.run_segment(state, *batch, graph, want)
+            self._run_segment(state, *batch, graph, want)
             state.pending = [np.zeros(0, np.int64) for _ in state.pending]
-        tensors = self.state_tensors(state)
+        tensors = self._state_tensors(state)
         self._check_finite(tensors, f"segment {int(state.segments_done.max())}")
         return Output(state=tensors, last_logits=self._logits_or_none(state))
 
     def _logits_or_none(self, state: SequenceState) -> np.ndarray | None:
         return None if state.last_logits is None else state.last_logits.copy()
 
-    @_holding_state
+    @_holding_states
     def run(self, input_ids, attention_mask=None, return_logits: bool = False,
             progress: Progress | None = None, state: SequenceState | None = None) -> Output:
         """Run a whole input: ids [B, T] (or 1-D), right-padded rows marked by attention_mask.
@@ -397,7 +485,8 @@ class RMTRuntime:
                 graph, want = STEP, ("logits",)
             else:
                 graph, want = INGEST, ("last_logits",)
-            outputs = self.run_segment(state, seg_ids, seg_mask, graph, want)
+            outputs = self._run_segment(state, seg_ids, seg_mask, graph, want)
+            state.tokens_seen += seg_mask.sum(axis=1)  # with its segment: a failure later leaves counters that agree
             if logits is not None:
                 logits[:, start:start + seg_ids.shape[1]] = outputs["logits"]
                 start += seg_ids.shape[1]
@@ -406,23 +495,27 @@ class RMTRuntime:
                 self._record_logits(state, outputs["logits"][np.arange(len(rows)), last_index], rows)
             if progress:
                 progress(index + 1, len(segments))
-        state.tokens_seen += mask.sum(axis=1)
-        tensors = self.state_tensors(state)
+        tensors = self._state_tensors(state)
         self._check_finite(tensors, f"segment {len(segments)}")
         return Output(state=tensors, last_logits=self._logits_or_none(state), logits=logits)
 
     # ---- generation ---------------------------------------------------------------------------
+    @_holding_states
     def generate_stream(self, state: SequenceState, prompts, config: GenerationConfig | None = None
                         ) -> Iterator[np.ndarray]:
         """Read ``prompts`` (one id sequence per row; 1-D for batch 1) after what ``state``
         holds and generate; yields the next token of every row, [B] int64, -1 for a row that
         has stopped. The state follows along: generated tokens become its pending context, and
-        with ``config.rollover`` a filled segment is written into memory. See generation.py."""
-        self.check_state(state)
+        with ``config.rollover`` a filled segment is written into memory. See generation.py.
+
+        The stream holds ``state`` from this call (its prompt is read against the state as it
+        is now) until it is exhausted, closed (``close()``) or dropped; meanwhile any other use
+        of the state is a StateInUseError."""
         if config is not None and not isinstance(config, GenerationConfig):
             raise RuntimeInputError(f"config must be a GenerationConfig, got {type(config).__name__}")
         return generate_tokens(self, state, prompts, config or GenerationConfig())
 
+    @_holding_states
     def generate(self, prompts, config: GenerationConfig | None = None,
                  state: SequenceState | None = None) -> Generation:
         """Generate for every row at once; returns the tokens per row and the state to continue.
@@ -433,22 +526,22 @@ class RMTRuntime:
             raise RuntimeInputError(f"config must be a GenerationConfig, got {type(config).__name__}")
         check_token_container(prompts, "prompts")
         prompts = materialized(prompts)  # any iterable: counted here and read again by generate_tokens
-        if state is not None:
-            self.check_state(state)
         rows = len(prompts) if is_ragged(prompts) else 1
-        state = self.new_state(rows) if state is None else state
+        own = state is None  # a state of its own is held like a given one (the decorator holds that)
+        state = self.new_state(rows) if own else state
         generated: list[list[int]] = [[] for _ in range(state.batch)]
-        for tokens in generate_tokens(self, state, prompts, config):
-            for row, token in enumerate(tokens):
-                if token >= 0:
-                    generated[row].append(int(token))
+        with state.using() if own else contextlib.nullcontext():
+            for tokens in generate_tokens(self, state, prompts, config):
+                for row, token in enumerate(tokens):
+                    if token >= 0:
+                        generated[row].append(int(token))
         return Generation(tokens=generated, state=state)
 
     # ---- persistence ----------------------------------------------------------------------
-    @_holding_state
+    @_holding_states
     def save_state(self, state: SequenceState, path: str | os.PathLike):
         """Write the state (every state tensor, pending tokens, counters, bundle identity) atomically."""
-        return save_state_file(path, self.bundle.identity, str(self.bundle.path), self.state_tensors(state), state)
+        return save_state_file(path, self.bundle.identity, str(self.bundle.path), self._state_tensors(state), state)
 
     def restore_state(self, path: str | os.PathLike) -> SequenceState:
         """A state saved by ``save_state`` from this same bundle; any other is refused."""

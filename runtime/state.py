@@ -16,7 +16,7 @@ import threading
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -29,9 +29,10 @@ READABLE_VERSIONS = READABLE_STATE_VERSIONS
 STATE_PREFIX = "state."
 
 
-@dataclass
+@dataclass(repr=False)
 class SequenceState:
-    """The state of B sequences run together. Use from one thread at a time."""
+    """The state of B sequences run together. One user at a time: every RMTRuntime call that
+    reads or writes it holds it (``using``) for as long as its result depends on it."""
 
     handles: dict[str, Any]   # state input name -> backend handle [B, ...]: the current state
     scratch: dict[str, Any]   # state input name -> backend handle: where the next segment writes
@@ -41,28 +42,63 @@ class SequenceState:
     last_logits: np.ndarray | None = None  # [B, V] decoder / [B, labels] encoder, after the last segment
     has_logits: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     bundle_identity: str = ""   # the bundle whose runtime made it: another bundle's runtime refuses it
-    _in_use: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _in_use: threading.Lock = field(default_factory=threading.Lock, compare=False)
 
     @contextlib.contextmanager
     def using(self) -> Iterator["SequenceState"]:
         """Hold the state for one operation. A state is one thread's at a time: a second
         thread using it meanwhile gets an error instead of silently mixing two streams."""
-        if not self._in_use.acquire(blocking=False):
-            raise StateInUseError("this SequenceState is being used by another thread (or by a generation that "
-                                  "has not finished); a state belongs to one thread at a time: give each thread "
-                                  "its own state (RMTRuntime.new_state, or unstack)")
+        release = SequenceState.hold_all([self])
         try:
             yield self
         finally:
-            self._in_use.release()
+            release()
+
+    @staticmethod
+    def hold_all(states: Iterable["SequenceState"]) -> Callable[[], None]:
+        """Take every distinct state of ``states`` (the same state twice is taken once), without
+        waiting: when one is in use, the ones taken are given back and StateInUseError is raised.
+        Returns the release, which gives all of them back (a second call does nothing), so that
+        a hold can outlive the call that took it (an iterator's)."""
+        distinct = list({id(state): state for state in states}.values())
+        taken: list[SequenceState] = []
+        for state in distinct:
+            if not state._in_use.acquire(blocking=False):
+                for held in reversed(taken):
+                    held._in_use.release()
+                raise StateInUseError("this SequenceState is being used by another thread (or by a generation "
+                                      "that has not finished); a state belongs to one thread at a time: give each "
+                                      "thread its own state (RMTRuntime.new_state, or unstack)")
+            taken.append(state)
+
+        def release() -> None:
+            while taken:
+                taken.pop()._in_use.release()
+        return release
 
     @property
     def batch(self) -> int:
         return len(self.pending)
 
+    @property
+    def in_use(self) -> bool:
+        """Whether an operation holds the state now."""
+        return self._in_use.locked()
+
     def swap(self) -> None:
         """After a segment: the buffers just written become the state."""
         self.handles, self.scratch = self.scratch, self.handles
+
+    def __repr__(self) -> str:
+        # Read only while held: a repr taken meanwhile says so instead of showing a torn state.
+        if not self._in_use.acquire(blocking=False):
+            return f"SequenceState(batch={self.batch}, in use)"
+        try:
+            return (f"SequenceState(batch={self.batch}, state={sorted(self.handles)}, "
+                    f"tokens_seen={self.tokens_seen.tolist()}, segments_done={self.segments_done.tolist()}, "
+                    f"pending={[len(p) for p in self.pending]}, bundle={self.bundle_identity[:12] or '?'})")
+        finally:
+            self._in_use.release()
 
 
 @contextlib.contextmanager

@@ -29,6 +29,8 @@ MANIFEST_NAME = "manifest.json"
 MEMORY_INIT_NAME = "memory_init.npy"
 # Written into a bundle after export by rmt-build (engines/<graph>-<key>.plan|.json, timing-*.cache).
 ENGINE_DIR = "engines"
+# Manifest fields that report on a bundle rather than define it: not part of its identity.
+REPORT_FIELDS = ("created", "producer", "validation")
 # The largest initial-state file: far above any real memory (M x D float32).
 STATE_INIT_LIMIT = 1 << 30
 
@@ -376,7 +378,11 @@ class Bundle:
 
     @property
     def identity(self) -> str:
-        """A short id of this exact bundle: the sha256 of its manifest's file hashes (every file
-        the runtime reads is among them: Bundle.check_references)."""
-        text = json.dumps(dict(self.doc.files), sort_keys=True)
+        """A short id of this exact bundle: the sha256 of its checked manifest, less what is a
+        report about it (when it was made, by which versions, the validation figures). The
+        manifest holds every file's hash (and every file the runtime reads is among them:
+        Bundle.check_references) and every field the runtime interprets (segment size, state
+        pairs, tokens, labels), so a state saved on it continues only on this very bundle."""
+        identified = {k: v for k, v in self.manifest.items() if k not in REPORT_FIELDS}
+        text = json.dumps(identified, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]

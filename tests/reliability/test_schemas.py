@@ -55,17 +55,21 @@ def replaced(document, path, value):
 
 
 def geometry(bundle: Bundle):
-    """What the runtime takes from a manifest: if a change leaves this equal, nothing read changed."""
+    """What the runtime takes from a manifest (but the identity, and whether bf16 was validated,
+    which only adds a note): if a change leaves this equal, nothing read changed."""
     return (bundle.kind, bundle.architecture, bundle.num_mem_tokens, bundle.segment_size, bundle.hidden_size,
             bundle.vocab_size, bundle.precision, bundle.max_positions, bundle.tokenizer_files, bundle.id2label,
-            bundle.eos_token_ids, bundle.validated_bf16, bundle.identity, bundle.cache_prefix,
+            bundle.eos_token_ids, bundle.cache_prefix,
             {g: bundle.graph_spec(g) for g in bundle.graph_names}, {g: str(bundle.graph_path(g)) for g in
                                                                       bundle.graph_names},
             bundle.state_pairs, bundle.state_shapes(), bundle.extra_positions, bundle.sink)
 
 
-# Fields written for people and reports that the runtime never interprets.
+# Fields written for people and reports, and the model config (the parts the runtime reads: eos,
+# labels, the ARMT's sink, are typed by RMTConfigDoc; the rest rebuilds the PyTorch model): changed
+# at the top level only.
 NOT_READ = ("created", "producer", "validation", "rmt_config")
+REPORTS = ("created", "producer", "validation")
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +94,33 @@ def test_any_manifest_field_changed_is_refused_or_not_read(manifests, family, da
         doc = check_manifest(changed, "m")
     except BundleError:
         return
-    # accepted: then the runtime reads exactly what it read before (or the value was the same)
-    assert geometry(Bundle(path=path, manifest=changed, doc=doc)) == geometry(original) or changed == manifest, where
+    # accepted: the runtime reads what it read before, or the bundle is another one (its identity
+    # differs, so no state or Triton config of the original continues on it); a report changes neither
+    edited = Bundle(path=path, manifest=changed, doc=doc)
+    if where[0] in REPORTS:
+        assert geometry(edited) == geometry(original) and edited.identity == original.identity, where
+    else:
+        assert geometry(edited) == geometry(original) or edited.identity != original.identity, where
+        assert edited.identity != original.identity or changed == manifest, where
+
+
+def test_the_identity_covers_every_field_the_runtime_reads(bundle_factory, tmp_path):
+    """A manifest edited to run other segments (a dynamic 'seq' axis takes any segment_size the
+    positions allow) is another bundle: a state saved on the original does not continue on it."""
+    copy_ = tmp_path / "b"
+    shutil.copytree(bundle_factory("gpt2", "fp32")[1].path, copy_)
+    original = RMTRuntime.load(copy_)
+    state = original.new_state()
+    original.feed(state, np.arange(40) % 97)
+    original.save_state(state, tmp_path / "s.npz")
+    manifest = json.loads((copy_ / "manifest.json").read_text())
+    (copy_ / "manifest.json").write_text(json.dumps({**manifest, "segment_size": 8}))
+    edited = RMTRuntime.load(copy_)
+    assert edited.segment_size == 8 and edited.identity != original.identity
+    with pytest.raises(StateError, match="a state only continues on its own bundle"):
+        edited.restore_state(tmp_path / "s.npz")
+    (copy_ / "manifest.json").write_text(json.dumps({**manifest, "created": "another day", "producer": {}}))
+    assert RMTRuntime.load(copy_).identity == original.identity  # reports are not the bundle
 
 
 def test_a_decoder_labelled_an_encoder_is_refused_at_load(bundle_factory, tmp_path):

@@ -23,7 +23,7 @@ from hypothesis import given, settings, strategies as st
 from rmt_runtime import Bundle, RMTRuntime
 from rmt_runtime.engines import (BuildOptions, BuildSettings, EngineError, RecentErrors, build_bundle_engines,
                                  build_engine, parse_and_build, profile_shapes, stderr_logger)
-from rmt_runtime.errors import BackendError
+from rmt_runtime.errors import BackendError, one_line
 from tests import fakes
 
 
@@ -86,6 +86,22 @@ def test_the_logger_keeps_errors_and_prints_warnings_and_errors(monkeypatch, cap
     assert printed.out == ""
     assert printed.err.splitlines() == ["[TRT] [W] WARNING message", "[TRT] [E] ERROR message",
                                         "[TRT] [F] INTERNAL_ERROR message"]
+
+
+REASON = st.text(st.characters(min_codepoint=32, max_codepoint=126), min_size=1, max_size=40).filter(
+    lambda s: s.strip() == s and "In " not in s and not s.startswith("[") and not s.endswith((":", ",")))
+
+
+@settings(max_examples=200, deadline=None)
+@given(reason=REASON, function=st.from_regex(r"[A-Za-z_][A-Za-z0-9_:]{0,20}", fullmatch=True),
+       source=st.from_regex(r"/_src/[a-z/]{1,20}\.cpp", fullmatch=True), line=st.integers(1, 99999),
+       prefixed=st.booleans())
+def test_tensorrts_source_locations_are_dropped_and_its_reason_kept(reason, function, source, line, prefixed):
+    """TensorRT's "(reason In f at /_src/file.cpp:N)" and "[file.cpp::f::N] " prefix say where in
+    TensorRT, never why: one_line drops them and keeps every character of the reason."""
+    prefix = f"[checkMacros.cpp::{function.replace(':', '')}::{line}] " if prefixed else ""
+    message = f"{prefix}IBuilder::build: Error Code 4: API Usage Error ({reason} In {function} at {source}:{line})"
+    assert one_line(message) == f"IBuilder::build: Error Code 4: API Usage Error ({reason})"
 
 
 # ---- every failing call, against the fake ---------------------------------------------------------

@@ -17,6 +17,7 @@ import torch
 from rmt_export.exporter import ExportOptions, export_model
 from rmt_export.validate import ValidationPlan
 from rmt_model import RMTConfig, build_model, family_config_dict
+from rmt_runtime import Bundle
 
 
 def gpt2_small_rmt() -> torch.nn.Module:
@@ -47,9 +48,9 @@ def main() -> None:
                                                         plan=ValidationPlan(segments=args.segments)))
         total = time.perf_counter() - started
         sizes = {p.name: p.stat().st_size for p in out.iterdir()}
-        worst = {name: g["worst"] for name, g in result.manifest["validation"]["graphs"].items()}
-        rows.append((precision, result.seconds, total, sizes, worst,
-                     result.manifest["validation"]["graphs"]["step"]["argmax_agreement"]))
+        report = Bundle.load(out).validation
+        worst = {name: g["worst"] for name, g in report["graphs"].items()}
+        rows.append((precision, result.seconds, total, sizes, worst, report["graphs"]["step"]["argmax_agreement"]))
     print(f"\n| precision | trace s | validate s ({args.segments} seg) | save s | total s | "
           "step.onnx MB | ingest.onnx MB | bundle MB |")
     print("|---|---|---|---|---|---|---|---|")

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import statistics
 import time
 from pathlib import Path
@@ -47,16 +46,16 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from rmt_runtime import Bundle
 from rmt_runtime.cpuinfo import cpu_info, describe, usable_cores
 
 GRAPH = "ingest"
 
 
 def ingest_geometry(bundle: Path) -> tuple[int, int, np.ndarray]:
-    """(segment size, vocabulary size, initial memory [M, hidden]) of a bundle, from its manifest."""
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    memory = np.load(bundle / manifest["memory_init"]).astype(np.float32)
-    return int(manifest["segment_size"]), int(manifest["vocab_size"]), memory
+    """(segment size, vocabulary size, initial memory [M, hidden]) of a bundle, from its checked manifest."""
+    loaded = Bundle.load(bundle)
+    return loaded.segment_size, loaded.vocab_size, loaded.initial_state()["memory"]
 
 
 def feeds(ids: np.ndarray, memory: np.ndarray) -> dict[str, np.ndarray]:

@@ -72,7 +72,7 @@ def main() -> None:
     args = parser.parse_args()
     bundle = Bundle.load(args.bundle)
     cores = usable_cores()
-    print(f"# ORT CPU profile: {bundle.path} ({bundle.manifest['family']}, M={bundle.num_mem_tokens}, segment "
+    print(f"# ORT CPU profile: {bundle.path} ({bundle.family}, M={bundle.num_mem_tokens}, segment "
           f"{bundle.segment_size}, {bundle.precision}), {cores} cores, onnxruntime {ort.__version__}\n")
     ops = profile(bundle, cores)
     total = sum(ms for _, ms in ops)

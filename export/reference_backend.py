@@ -56,7 +56,7 @@ class PyTorchRunner(Runner):
         if self.threads:
             torch.set_num_threads(self.threads)
         model = load_checkpoint(self.checkpoint)
-        if model.config.to_dict() != self.bundle.manifest.get("rmt_config"):
+        if model.config.to_dict() != self.bundle.rmt_config:
             raise BackendError(f"checkpoint {self.checkpoint} does not hold the model of bundle "
                                f"{self.bundle.path} (their RMT configs differ)")
         armt = isinstance(model, ARMTDecoder)  # its config's kind "armt" matched the bundle's rmt_config

@@ -243,11 +243,25 @@ class Bundle:
         return {int(key): value for key, value in ((backbone.id2label or {}) if backbone else {}).items()}
 
     @property
+    def rmt_config(self) -> dict[str, Any] | None:
+        """The model config the bundle was exported from, as written (rmt_model's ``to_dict``;
+        None when the manifest has none): what a checkpoint's config is compared with."""
+        config = self.doc.rmt_config
+        return None if config is None else config.model_dump(exclude_unset=True)
+
+    @property
     def eos_token_ids(self) -> list[int]:
         """The backbone's end-of-sequence token ids ([] when it has none)."""
         backbone = self.doc.rmt_config.backbone if self.doc.rmt_config is not None else None
         eos = backbone.eos_token_id if backbone is not None else None
         return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+    @property
+    def validation(self) -> dict[str, Any]:
+        """The export's validation report, as written ({} when the manifest has none): for
+        reports (``rmt_export.validate.summary_lines``); the runtime itself reads only ``validated_bf16``."""
+        report = self.doc.validation
+        return {} if report is None else report.model_dump(exclude_unset=True)
 
     @property
     def validated_bf16(self) -> bool:

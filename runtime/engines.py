@@ -31,7 +31,9 @@ import json
 import os
 import re
 import sys
+import threading
 import time
+from collections import deque
 from datetime import datetime, timezone
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +41,7 @@ from typing import Any, Callable, Sequence
 
 from .atomic import write_atomically
 from .bundle import ENGINE_DIR, Bundle, sha256_file
-from .errors import EngineError
+from .errors import EngineError, one_line
 from .schema import (ENGINE_METADATA_LIMIT, DocumentError, EngineMetadataDoc, check_engine_metadata, parse_json,
                      read_document)
 from .spec import GraphSpec
@@ -73,26 +75,84 @@ class DeviceInfo:
     compute_capability: str       # "8.7" for Orin; "aot" for a GPU-less ahead-of-time build
 
 
+class RecentErrors:
+    """The last error messages a TensorRT logger was given, kept per thread.
+
+    TensorRT reports a failed call by returning None, False or -1, and says why only to its
+    logger, on the thread that made the call. So a caller marks (``mark``) before the call and,
+    when it failed, takes what its own thread was told since (``since``, ``reason_since``):
+    never another thread's messages, and at most the last ``limit`` of them."""
+
+    def __init__(self, limit: int = 16) -> None:
+        self.limit = limit
+        self._local = threading.local()  # per thread: count of messages so far, deque of (number, message)
+
+    def _kept(self) -> deque:
+        kept = getattr(self._local, "kept", None)
+        if kept is None:
+            kept = self._local.kept = deque(maxlen=self.limit)
+            self._local.count = 0
+        return kept
+
+    def add(self, message: str) -> None:
+        kept = self._kept()
+        self._local.count += 1
+        kept.append((self._local.count, str(message)))
+
+    def mark(self) -> int:
+        """A point in this thread's messages: ``since`` takes those after it."""
+        self._kept()
+        return self._local.count
+
+    def since(self, mark: int) -> list[str]:
+        """This thread's messages after ``mark`` (the last ``limit`` of them), repeats left out."""
+        found: list[str] = []
+        for number, message in self._kept():
+            if number > mark and message not in found:
+                found.append(message)
+        return found
+
+    def reason_since(self, mark: int) -> str:
+        """What TensorRT said since ``mark``, on one line; says so when it said nothing."""
+        said = one_line("\n".join(self.since(mark)))
+        return f"TensorRT said: {said}" if said else "TensorRT logged no reason"
+
+
 @functools.lru_cache(maxsize=None)
 def stderr_logger(trt):
     """The process's one TensorRT logger for module ``trt`` (tensorrt or tensorrt_rtx): warnings
-    and errors as ``[TRT] [W] message`` lines on stderr. TensorRT's own ``trt.Logger`` prints to
-    stdout, where it would corrupt a command's ``--json`` document. One instance per module,
-    kept alive here: TensorRT holds on to the logger and keeps the first one a builder got."""
+    and errors as ``[TRT] [W] message`` lines on stderr, and errors kept in ``recent`` (a
+    ``RecentErrors``) for the error that a failed call raises. TensorRT's own ``trt.Logger``
+    prints to stdout, where it would corrupt a command's ``--json`` document. One instance per
+    module, kept alive here: TensorRT holds on to the logger and keeps the first one a builder got."""
     severity = trt.ILogger.Severity
     letters = {int(severity.INTERNAL_ERROR): "F", int(severity.ERROR): "E", int(severity.WARNING): "W",
                int(severity.INFO): "I", int(severity.VERBOSE): "V"}
-    shown = int(severity.WARNING)
+    shown, kept = int(severity.WARNING), int(severity.ERROR)
 
     class StderrLogger(trt.ILogger):
         def __init__(self) -> None:
             trt.ILogger.__init__(self)
+            self.recent = RecentErrors()
 
         def log(self, sev, msg):  # called by TensorRT for every message, verbose included
+            if int(sev) <= kept:
+                self.recent.add(msg)
             if int(sev) <= shown:
                 print(f"[TRT] [{letters.get(int(sev), '?')}] {msg}", file=sys.stderr, flush=True)
 
     return StderrLogger()
+
+
+def checked(recent: RecentErrors, call: Callable[[], Any], failure: str, hint: str = "",
+            error: type[Exception] = EngineError) -> Any:
+    """``call()``'s result; when TensorRT returned None or False, ``error`` saying ``failure``,
+    what TensorRT logged on this thread meanwhile, then ``hint``."""
+    mark = recent.mark()
+    result = call()
+    if result is None or result is False:
+        raise error(f"{failure}: {recent.reason_since(mark)}" + (f"; {hint}" if hint else ""))
+    return result
 
 
 def import_builder(name: str):
@@ -221,39 +281,71 @@ def _parser_errors(parser, outcome: BuildOutcome) -> None:
             outcome.errors.append(f"parse: {reason}")
 
 
+class _Said:
+    """What the logger said since the last step began (nothing for a logger that keeps nothing:
+    the CPU gate's, which files its messages by phase itself)."""
+
+    def __init__(self, logger) -> None:
+        self.recent: RecentErrors | None = getattr(logger, "recent", None)
+        self.mark = 0
+        self.step()
+
+    def step(self) -> None:
+        if self.recent is not None:
+            self.mark = self.recent.mark()
+
+    def __call__(self, failure: str) -> str:
+        """``failure``, then what TensorRT said about it."""
+        return failure if self.recent is None else f"{failure}: {self.recent.reason_since(self.mark)}"
+
+    def aside(self) -> str:
+        """" (TensorRT said: ...)" for a note, or "" when it said nothing."""
+        return f" ({self.recent.reason_since(self.mark)})" if self.recent and self.recent.since(self.mark) else ""
+
+
 def parse_and_build(trt, logger, onnx_path: str | os.PathLike, spec: GraphSpec, profile: Profile,
                     settings: BuildSettings = BuildSettings(), after_parse: Callable[[], None] | None = None
                     ) -> BuildOutcome:
     """Parse ``onnx_path``, check it against ``spec``, set one optimisation profile and build.
 
     Failures are recorded in the outcome, never raised: the CPU gate reports every one,
-    ``build_engine`` turns them into an EngineError. ``after_parse`` runs between parsing and
-    building (the gate files the logger's messages by phase).
+    ``build_engine`` turns them into an EngineError. A call TensorRT failed (None, False, -1)
+    is recorded with what the logger was told meanwhile, when the logger keeps it
+    (``stderr_logger``). ``after_parse`` runs between parsing and building (the gate files the
+    logger's messages by phase).
     """
     outcome = BuildOutcome()
+    said = _Said(logger)
     builder = trt.Builder(logger)
     if builder is None:
-        outcome.errors.append("could not create a TensorRT builder")
+        outcome.errors.append(said("could not create a TensorRT builder"))
         return outcome
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if settings.strongly_typed else 0
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger) if network is not None else None
     if parser is None:
-        outcome.errors.append("could not create a TensorRT network and ONNX parser")
+        outcome.errors.append(said("could not create a TensorRT network and ONNX parser"))
         return outcome
+    said.step()
     parsed = parser.parse_from_file(os.fspath(onnx_path))
     if after_parse is not None:
         after_parse()
     _parser_errors(parser, outcome)
     if not parsed:
-        if not outcome.errors:
+        if outcome.unsupported_nodes and not outcome.errors:  # each with the parser's reason; its log repeats them
             outcome.errors.append(f"parse failed: {len(outcome.unsupported_nodes)} node(s) TensorRT cannot take")
+        elif not outcome.errors:
+            outcome.errors.append(said("parse failed"))
         return outcome
     outcome.io_problems, fatal = check_network_io(network, spec)
     if fatal:
         outcome.errors.append("build skipped: no optimisation profile fits this graph")
         return outcome
+    said.step()
     config = builder.create_builder_config()
+    if config is None:
+        outcome.errors.append(said("could not create a TensorRT builder config"))
+        return outcome
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings.workspace_mb) << 20)
     if settings.fp16_flag:
         config.set_flag(trt.BuilderFlag.FP16)
@@ -268,14 +360,22 @@ def parse_and_build(trt, logger, onnx_path: str | os.PathLike, spec: GraphSpec, 
             return outcome
         config.num_compute_capabilities = len(targets)
         for i, target in enumerate(targets):
-            config.set_compute_capability(target, i)
+            said.step()
+            if config.set_compute_capability(target, i) is False:
+                outcome.errors.append(said(f"compute capability {settings.compute_capabilities[i]} refused"))
+                return outcome
     if settings.timing_cache is not None:
         # A cache from another GPU or TensorRT version is rejected (False): build with a new one.
+        said.step()
         if not config.set_timing_cache(config.create_timing_cache(settings.timing_cache), ignore_mismatch=False):
-            outcome.notes.append("the timing cache was made for another GPU or TensorRT version: "
+            outcome.notes.append(f"the timing cache was made for another GPU or TensorRT version{said.aside()}: "
                                  "starting a new one")
             config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+    said.step()
     optimisation = builder.create_optimization_profile()
+    if optimisation is None:
+        outcome.errors.append(said("could not create an optimisation profile"))
+        return outcome
     try:
         for name, (low, opt, high) in profile.items():
             optimisation.set_shape(name, low, opt, high)
@@ -283,15 +383,16 @@ def parse_and_build(trt, logger, onnx_path: str | os.PathLike, spec: GraphSpec, 
         outcome.errors.append(f"optimisation profile rejected: {exc}")
         return outcome
     if config.add_optimization_profile(optimisation) < 0:
-        outcome.errors.append("optimisation profile rejected by the builder config")
+        outcome.errors.append(said("optimisation profile rejected by the builder config"))
         return outcome
+    said.step()
     started = time.perf_counter()
     outcome.serialized = builder.build_serialized_network(network, config)
     outcome.build_seconds = time.perf_counter() - started
     if outcome.serialized is None:
-        outcome.errors.append("build_serialized_network returned no engine")
+        outcome.errors.append(said("build_serialized_network returned no engine"))
     elif not outcome.built:
-        outcome.errors.append("build_serialized_network returned an empty engine")
+        outcome.errors.append(said("build_serialized_network returned an empty engine"))
     if settings.timing_cache is not None and outcome.built:
         cache = config.get_timing_cache()  # None when the cache did not fit this GPU/version
         outcome.timing_cache = bytes(cache.serialize()) if cache is not None else None
@@ -635,7 +736,8 @@ def build_bundle_engines(bundle_dir: str | os.PathLike, options: BuildOptions,
     return {graph: str(build_engine(bundle, graph, options, progress)) for graph in bundle.segment_graph_names}
 
 
-__all__ = ["BuildOptions", "BuildOutcome", "BuildSettings", "DeviceInfo", "EngineError", "EngineSet",
-           "build_bundle_engines", "build_engine", "check_network_io", "cuda_error_name", "current_device",
-           "engine_directory", "engine_fields", "engine_key", "find_engines", "read_engine_metadata", "read_plan", "import_cudart", "parse_and_build", "profile_shapes",
+__all__ = ["BuildOptions", "BuildOutcome", "BuildSettings", "DeviceInfo", "EngineError", "EngineSet", "RecentErrors",
+           "build_bundle_engines", "build_engine", "check_network_io", "checked", "cuda_error_name", "current_device",
+           "engine_directory", "engine_fields", "engine_key", "find_engines", "read_engine_metadata", "read_plan",
+           "import_cudart", "parse_and_build", "profile_shapes",
            "stale_engines", "stderr_logger", "timing_cache_path"]

@@ -32,13 +32,19 @@ _ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : (\w+) : ")
 MESSAGE_LIMIT = 1000
 
 
-def library_message(exc: BaseException) -> str:
-    """What a third-party library's exception says went wrong, on one line: OpenVINO's source
-    locations and ONNX Runtime's status-code prefix dropped, the lines of the reason joined.
-    (The first line alone is often only a location, which never says what went wrong.)"""
+# TensorRT puts the C++ function and source file inside its messages: "(... In validate at
+# /_src/optimizer/api/network.cpp:4023)", and "[checkMacros.cpp::catchCudaError::250] " ahead of some.
+_INLINE_LOCATION = re.compile(r"(\(|\s*)\bIn [\w:~<>]+ at /\S+:\d+\s*")
+_TRT_PREFIX = re.compile(r"^\[[\w.]+::\w+::\d+\] ")
+
+
+def one_line(text: str) -> str:
+    """A library's message on one line: OpenVINO's and TensorRT's source locations and ONNX
+    Runtime's status-code prefix dropped, the lines of the reason joined, at most
+    MESSAGE_LIMIT characters ("" when nothing is left)."""
     lines = []
-    for line in str(exc).splitlines():
-        line = line.strip()
+    for line in str(text).splitlines():
+        line = _TRT_PREFIX.sub("", _INLINE_LOCATION.sub(lambda m: m.group(1).strip(), line.strip())).strip()
         while True:  # a line can hold a location and the reason after it
             location = _SOURCE_LOCATION.match(line)
             if not location:
@@ -49,9 +55,15 @@ def library_message(exc: BaseException) -> str:
     message = ""
     for line in lines:  # a line ending in ':' introduces the next; others are separate statements
         message += (" " if message.endswith((":", ",")) else "; " if message else "") + line
-    message = message or type(exc).__name__
     return message if len(message) <= MESSAGE_LIMIT else message[:MESSAGE_LIMIT] + "..."
 
 
+def library_message(exc: BaseException) -> str:
+    """What a third-party library's exception says went wrong, on one line (``one_line``; the
+    exception's type when it says nothing). The first line alone is often only a location,
+    which never says what went wrong."""
+    return one_line(str(exc)) or type(exc).__name__
+
+
 __all__ = ["BundleError", "RuntimeInputError", "BackendError", "EngineError", "StateError", "StateInUseError",
-           "library_message"]
+           "library_message", "one_line"]

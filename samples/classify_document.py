@@ -31,9 +31,8 @@ def classify(runtime: RMTRuntime, tokenizer, text: str) -> tuple[str, np.ndarray
     """(label, class logits) of ``text``; labels from the bundle's id2label."""
     ids = np.asarray(tokenizer.encode(text).ids, dtype=np.int64)
     logits = runtime.run(ids).last_logits[0]
-    id2label = runtime.bundle.manifest["rmt_config"]["backbone"].get("id2label") or {}
     best = int(logits.argmax())
-    return str(id2label.get(str(best), best)), logits
+    return str(runtime.bundle.id2label.get(best, best)), logits
 
 
 def export_command(bundle: Path) -> str:
@@ -70,7 +69,7 @@ def load(bundle: Path, default: bool):
         sys.exit(f"error: {exc} (the sample's bundle: {export_command(bundle)} --force)")
     if runtime.kind != "encoder":
         sys.exit(f"error: {bundle} is a {runtime.kind} bundle; this sample needs an encoder (classifier)")
-    if "tokenizer.json" not in (runtime.bundle.manifest.get("tokenizer") or []):
+    if "tokenizer.json" not in runtime.bundle.tokenizer_files:
         sys.exit(f"error: {bundle} ships no tokenizer.json to read text with; re-export it with tokenizer.json "
                  "beside the checkpoint or rmt-export --tokenizer DIR")
     try:

@@ -47,10 +47,10 @@ def main() -> None:
     result = export_bundle(checkpoint, args.out / f"{checkpoint.parent.name}-fp32",
                            ExportOptions(force=True, tokenizer_dir=checkpoint.parent),
                            progress=lambda stage, detail: print(f"   [{stage}] {detail}"))
-    for line in summary_lines(result.manifest["validation"]):
+    rt = RMTRuntime.load(result.path)
+    for line in summary_lines(rt.bundle.validation):
         print(f"   {line}")
 
-    rt = RMTRuntime.load(result.path)
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_str(  # a regular file of bounded size (rmt_runtime.limits)

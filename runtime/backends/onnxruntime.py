@@ -102,7 +102,7 @@ class OnnxRuntimeRunner(Runner):
         spec = self.bundle.graph_spec(graph)
         segment, prefix = self.bundle.segment_size, self.bundle.cache_prefix
         profile = profile_shapes(spec, segment, self.max_batch, 1, prefix)
-        limit = self.bundle.manifest.get("max_positions")
+        limit = self.bundle.max_positions
         if graph == DECODE and limit and limit - 1 > prefix + segment - 1:
             profile = {t.name: (low, opt, t.shape(self.max_batch, segment, limit - 1))
                        for t, (low, opt, _) in zip(spec.inputs, profile.values())}
@@ -128,7 +128,7 @@ class OnnxRuntimeRunner(Runner):
         }
 
     def _graph_sha256(self, graph: str) -> str:
-        return self.bundle.manifest["files"][self.bundle.manifest["graphs"][graph]["file"]]
+        return self.bundle.graph_sha256(graph)
 
     def _provider_list(self, graph: str) -> list:
         if self.provider == "tensorrt":

@@ -112,8 +112,7 @@ class OpenVinoRunner(Runner):
     @property
     def notes(self) -> list[str]:
         """bf16 on a bundle whose export did not validate it (rmt-export --bf16 does)."""
-        validation = self.bundle.manifest.get("validation") or {}
-        if self.precision == "bf16" and "bf16" not in validation:
+        if self.precision == "bf16" and not self.bundle.validated_bf16:
             return ["bf16 was not validated when this bundle was exported (rmt-export --bf16 validates it)"]
         return []
 

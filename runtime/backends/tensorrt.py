@@ -3,7 +3,8 @@
 TensorRT 10/11 name-based API (``set_input_shape``, ``set_tensor_address``,
 ``execute_async_v3``); device memory and one non-blocking stream through cuda-python (no
 PyTorch). Every CUDA and TensorRT call is checked; a failure is a BackendError naming the
-call and the CUDA error (``cudaErrorInsufficientDriver``).
+call and the CUDA error (``cudaErrorInsufficientDriver``), or what TensorRT logged on the
+calling thread while the call failed (it returns None or False and says why only there).
 
 Engines: loading never builds (minutes on an Orin; that is rmt-build's job). It takes the
 engines valid for this machine, with the build options their metadata records (max batch,
@@ -43,8 +44,8 @@ from typing import Any
 import numpy as np
 
 from ..bundle import Bundle
-from ..engines import (TRT_DTYPES, BuildOptions, EngineSet, cuda_error_name, find_engines, import_builder, read_plan,
-                       import_cudart, stderr_logger)
+from ..engines import (TRT_DTYPES, BuildOptions, EngineSet, checked, cuda_error_name, find_engines, import_builder,
+                       import_cudart, read_plan, stderr_logger)
 from ..errors import BackendError
 from ..spec import BATCH, SEQ, TensorSpec, bind_symbols
 from .base import Runner, RunResult
@@ -149,6 +150,7 @@ class TensorRTRunner(Runner):
                  cuda_graphs: bool = False) -> None:
         super().__init__(bundle)
         self._trt = import_builder(builder)
+        self._logger = stderr_logger(self._trt)
         self._device = _Device(import_cudart())
         self.builder, self.engine_options, self.cuda_graphs = builder, engine_options, cuda_graphs
         self.engines: EngineSet | None = None
@@ -186,12 +188,15 @@ class TensorRTRunner(Runner):
     def _activate(self) -> None:
         cuda = self._device.cudart
         engines = find_engines(self.bundle, self.builder, self.engine_options)
-        self._runtime = self._trt.Runtime(stderr_logger(self._trt))  # kept: engines need their runtime
+        recent = self._logger.recent
+        # kept: engines need their runtime
+        self._runtime = checked(recent, lambda: self._trt.Runtime(self._logger), "TensorRT could not create a runtime",
+                                error=BackendError)
         for graph, path in engines.paths.items():
-            engine = self._runtime.deserialize_cuda_engine(read_plan(path))
-            if engine is None:
-                raise BackendError(f"TensorRT could not deserialize {path} (see the [TRT] lines above); rebuild it "
-                                   f"with rmt-build --bundle {self.bundle.path}")
+            plan = read_plan(path)
+            engine = checked(recent, lambda: self._runtime.deserialize_cuda_engine(plan),
+                             f"TensorRT could not deserialize {path}", f"rebuild it with rmt-build --bundle "
+                             f"{self.bundle.path}", error=BackendError)
             self._check_engine_io(graph, engine, path)
             self._engines[graph] = engine
         with self._stream_lock:
@@ -249,10 +254,9 @@ class TensorRTRunner(Runner):
     def _new_context(self, graph: str):
         """A context of ``graph`` using the runner's one activation buffer (user-managed memory)."""
         strategy = self._trt.ExecutionContextAllocationStrategy.USER_MANAGED
-        context = self._engines[graph].create_execution_context(strategy)
-        if context is None:
-            raise BackendError(f"TensorRT could not create an execution context for the {graph} engine "
-                               "(out of device memory?)")
+        context = checked(self._logger.recent, lambda: self._engines[graph].create_execution_context(strategy),
+                          f"TensorRT could not create an execution context for the {graph} engine",
+                          error=BackendError)
         if hasattr(context, "set_device_memory"):  # TensorRT 10.1+
             context.set_device_memory(int(self._scratch.ptr), self._scratch.capacity)
         else:
@@ -319,17 +323,18 @@ class TensorRTRunner(Runner):
         return tuple((name, b.shape, int(b.ptr)) for name, b in [*inputs.items(), *outputs.items()])
 
     def _bind(self, context, inputs: dict[str, DeviceBuffer], outputs: dict[str, DeviceBuffer]) -> None:
+        recent = self._logger.recent
         for name, buffer in inputs.items():
-            if not context.set_input_shape(name, buffer.shape):
-                raise BackendError(f"TensorRT refused shape {buffer.shape} for {name} (outside the engine's profile: "
-                                   f"batch 1..{self.max_batch}, length 1..{self.bundle.segment_size})")
+            checked(recent, lambda: context.set_input_shape(name, buffer.shape),
+                    f"TensorRT refused shape {buffer.shape} for {name}", f"the engine's profile takes batch "
+                    f"1..{self.max_batch}, length 1..{self.bundle.segment_size}", error=BackendError)
         for name, buffer in [*inputs.items(), *outputs.items()]:
-            if not context.set_tensor_address(name, int(buffer.ptr)):
-                raise BackendError(f"TensorRT refused the device address of {name}")
+            checked(recent, lambda: context.set_tensor_address(name, int(buffer.ptr)),
+                    f"TensorRT refused the device address of {name}", error=BackendError)
 
     def _execute(self, graph: str, context) -> None:
-        if not context.execute_async_v3(int(self._stream)):
-            raise BackendError(f"TensorRT execute_async_v3 of the {graph} graph failed (see the [TRT] lines above)")
+        checked(self._logger.recent, lambda: context.execute_async_v3(int(self._stream)),
+                f"TensorRT execute_async_v3 of the {graph} graph failed", error=BackendError)
 
     def _run(self, graph, spec, inputs, want, into):
         with self._stream_lock:
@@ -385,13 +390,14 @@ class TensorRTRunner(Runner):
         (error,) = _errors(cuda.cudaStreamBeginCapture(self._stream, mode))
         if not device.succeeded(error):
             return self._not_capturable(graph, f"cudaStreamBeginCapture: {cuda_error_name(cuda, error)}")
+        mark = self._logger.recent.mark()
         launched = context.execute_async_v3(int(self._stream))
         error, captured = cuda.cudaStreamEndCapture(self._stream)  # always ended, whatever happened inside
         ended = device.succeeded(error)
         if not ended:
             problem = f"cudaStreamEndCapture: {cuda_error_name(cuda, error)}"
         elif not launched:
-            problem = "execute_async_v3 failed while capturing"
+            problem = f"execute_async_v3 failed while capturing: {self._logger.recent.reason_since(mark)}"
         else:
             error, executable = cuda.cudaGraphInstantiate(captured, 0)
             if device.succeeded(error):

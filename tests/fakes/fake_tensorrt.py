@@ -7,8 +7,9 @@ tests/fakes/fake_cudart.py, at the addresses and shapes bound on its execution c
 a runner that binds the wrong buffer, shape or context gives wrong numbers here, and what
 TensorRT forbids (changing a context after it was captured, running without device memory,
 a shape outside the profile) is recorded in ``state.violations``. Knobs on ``state`` make
-calls fail (a rejected timing cache, no timing cache back, an uncapturable engine). It pins
-logic; it never stands in for a GPU result.
+calls fail (a rejected timing cache, no timing cache back, an uncapturable engine), and
+``state.fail`` makes a call fail as TensorRT does: its logger is given an error message,
+then it returns None, False or -1. It pins logic; it never stands in for a GPU result.
 
 Only the API surface rmt_runtime.engines and runtime/backends/tensorrt.py use.
 """
@@ -38,7 +39,28 @@ def reset(cudart, version: str = "10.3.0") -> None:
         uncapturable=False,             # every engine holds a loop (CumSum before 10.8)
         engine_dtype_override={},       # tensor name -> DataType the engine reports instead
         refuse_address=set(),           # tensor names set_tensor_address refuses
+        fail={},                        # call name (see _failed) -> the error its logger is given
+        logger=None,                    # the last logger a Builder, Runtime or OnnxParser got
     )
+
+
+def _failed(call: str) -> bool:
+    """Whether ``call`` is to fail: if so, its error goes to the logger first, as TensorRT's does.
+    Calls: Runtime, Builder, create_network, OnnxParser, parse_from_file, create_builder_config,
+    set_timing_cache, create_optimization_profile, add_optimization_profile, build_serialized_network,
+    deserialize_cuda_engine, create_execution_context, set_input_shape, set_tensor_address, execute_async_v3,
+    and "execute_async_v3 while capturing" (on a capturing stream only)."""
+    if call not in state.fail:
+        return False
+    if state.logger is not None:
+        state.logger.log(ILogger.Severity.INFO, f"{call}: an info line that is not the reason")
+        state.logger.log(ILogger.Severity.ERROR, state.fail[call])
+    return True
+
+
+def _logger_of(logger):
+    state.logger = logger
+    return logger
 
 
 class ILogger:
@@ -119,12 +141,19 @@ class _Network:
 
 
 class OnnxParser:
+    def __new__(cls, network: _Network, logger):
+        _logger_of(logger)
+        return None if _failed("OnnxParser") else super().__new__(cls)
+
     def __init__(self, network: _Network, logger) -> None:
         self.network = network
         self.num_errors = 0
 
     def parse_from_file(self, path: str) -> bool:
         import onnx
+
+        if _failed("parse_from_file"):
+            return False
 
         model = onnx.load(path, load_external_data=False)
 
@@ -177,6 +206,8 @@ class _Config:
         return _TimingCache(bytes(data))
 
     def set_timing_cache(self, cache: _TimingCache, ignore_mismatch: bool) -> bool:
+        if cache.data and _failed("set_timing_cache"):
+            return False
         if cache.data and state.reject_timing_cache:
             return False
         self.timing_cache = cache
@@ -186,6 +217,8 @@ class _Config:
         return None if state.no_timing_cache_back else self.timing_cache
 
     def add_optimization_profile(self, profile: _Profile) -> int:
+        if _failed("add_optimization_profile"):
+            return -1
         self.profiles.append(profile)
         return len(self.profiles) - 1
 
@@ -197,19 +230,25 @@ class _HostMemory(bytes):
 
 
 class Builder:
+    def __new__(cls, logger):
+        _logger_of(logger)
+        return None if _failed("Builder") else super().__new__(cls)
+
     def __init__(self, logger) -> None:
         self.logger = logger
 
-    def create_network(self, flags: int) -> _Network:
-        return _Network(flags)
+    def create_network(self, flags: int) -> _Network | None:
+        return None if _failed("create_network") else _Network(flags)
 
-    def create_builder_config(self) -> _Config:
-        return _Config()
+    def create_builder_config(self) -> _Config | None:
+        return None if _failed("create_builder_config") else _Config()
 
-    def create_optimization_profile(self) -> _Profile:
-        return _Profile()
+    def create_optimization_profile(self) -> _Profile | None:
+        return None if _failed("create_optimization_profile") else _Profile()
 
-    def build_serialized_network(self, network: _Network, config: _Config) -> _HostMemory:
+    def build_serialized_network(self, network: _Network, config: _Config) -> _HostMemory | None:
+        if _failed("build_serialized_network"):
+            return None
         plan = {"onnx": network.path, "tf32": BuilderFlag.TF32 in config.flags,
                 "fp16": BuilderFlag.FP16 in config.flags, "profile": config.profiles[0].shapes,
                 "loop": "CumSum" in network.op_types and tuple(map(int, __version__.split(".")[:2])) < (10, 8)}
@@ -245,7 +284,9 @@ class _Engine:
     def get_tensor_dtype(self, name: str) -> DataType:
         return state.engine_dtype_override.get(name, self.io[name][1])
 
-    def create_execution_context(self, strategy=ExecutionContextAllocationStrategy.STATIC) -> "_Context":
+    def create_execution_context(self, strategy=ExecutionContextAllocationStrategy.STATIC) -> "_Context | None":
+        if _failed("create_execution_context"):
+            return None
         context = _Context(self, strategy)
         state.contexts.append(context)
         return context
@@ -285,6 +326,8 @@ class _Context:
 
     def set_input_shape(self, name: str, shape) -> bool:
         self._changed(f"set_input_shape({name})")
+        if _failed("set_input_shape"):
+            return False
         low, _, high = self.engine.plan["profile"][name]
         shape = tuple(shape)
         if len(shape) != len(low) or any(not lo <= s <= hi for s, lo, hi in zip(shape, low, high)):
@@ -294,6 +337,8 @@ class _Context:
 
     def set_tensor_address(self, name: str, ptr: int) -> bool:
         self._changed(f"set_tensor_address({name})")
+        if _failed("set_tensor_address"):
+            return False
         if name not in self.engine.io or name in state.refuse_address:
             return False
         self.addresses[name] = int(ptr)
@@ -306,6 +351,9 @@ class _Context:
         self.device_memory_ptr = int(ptr)
 
     def execute_async_v3(self, stream: int) -> bool:
+        capturing = int(stream) in state.cudart.capturing
+        if _failed("execute_async_v3") or (capturing and _failed("execute_async_v3 while capturing")):
+            return False
         if self.strategy is ExecutionContextAllocationStrategy.USER_MANAGED and self.device_memory_ptr is None:
             state.violations.append("execute without device memory on a user-managed context")
             return False
@@ -323,10 +371,16 @@ class _Context:
 
 
 class Runtime:
+    def __new__(cls, logger):
+        _logger_of(logger)
+        return None if _failed("Runtime") else super().__new__(cls)
+
     def __init__(self, logger) -> None:
         self.logger = logger
 
     def deserialize_cuda_engine(self, data: bytes):
+        if _failed("deserialize_cuda_engine"):
+            return None
         plan = json.loads(bytes(data))
         plan["profile"] = {k: tuple(tuple(s) for s in v) for k, v in plan["profile"].items()}
         return _Engine(plan)

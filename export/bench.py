@@ -145,9 +145,7 @@ def segment_gflop(bundle: Bundle, graph: str, batch: int) -> float | None:
                 flops += 2 * positions * dims[0] * dims[1]
     if bundle.kind == "decoder":  # the LM head, whether its weight is stored or tied to the embeddings
         flops += 2 * lm_rows * bundle.vocab_size * bundle.hidden_size
-    backbone = (bundle.manifest.get("rmt_config") or {}).get("backbone") or {}
-    layers = backbone.get("n_layer") or backbone.get("num_hidden_layers") or 0
-    flops += 4 * layers * positions ** 2 * bundle.hidden_size
+    flops += 4 * bundle.num_layers * positions ** 2 * bundle.hidden_size
     return batch * flops / 1e9
 
 

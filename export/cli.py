@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from rmt_runtime import limits
-from rmt_runtime.bundle import BundleError
+from rmt_runtime.bundle import Bundle, BundleError
 from rmt_runtime.errors import EngineError
 from rmt_runtime.cli_support import JsonCommand, fail, raise_if_interrupted, run_guarded, terminate_as_interrupt
 
@@ -188,11 +188,12 @@ def main(ckpt, out, fp16, int8, bf16, opset, force, no_validate, segments, valid
         engines = _run_guarded(verbose, as_json, build,
                                lambda: f"interrupted while building engines: the bundle {result.path} is complete; "
                                        "rmt-build builds its engines")
-    report = result.manifest["validation"]
+    written = Bundle(path=result.path, manifest=result.manifest)  # the manifest, read through its schema
+    report = written.validation or None
     if as_json:
         click.echo(json.dumps({
             "ok": True, "bundle": str(result.path), "precision": precision, "seconds": result.seconds,
-            "files": result.manifest["files"], "tokenizer": result.manifest.get("tokenizer"),
+            "files": written.file_hashes, "tokenizer": written.tokenizer_files or None,
             "validated": report is not None, "engines": engines,
             "validation": None if report is None else {
                 name: {"worst": g["worst"], "argmax_agreement": g.get("argmax_agreement")}

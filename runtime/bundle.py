@@ -250,6 +250,17 @@ class Bundle:
         return None if config is None else config.model_dump(exclude_unset=True)
 
     @property
+    def num_layers(self) -> int:
+        """The backbone's layer count from its config (0 when the manifest does not say)."""
+        backbone = self.doc.rmt_config.backbone if self.doc.rmt_config is not None else None
+        return (backbone.n_layer or backbone.num_hidden_layers or 0) if backbone is not None else 0
+
+    @property
+    def file_hashes(self) -> dict[str, str]:
+        """Each file of the bundle and its sha256, as the manifest lists them."""
+        return dict(self.doc.files)
+
+    @property
     def eos_token_ids(self) -> list[int]:
         """The backbone's end-of-sequence token ids ([] when it has none)."""
         backbone = self.doc.rmt_config.backbone if self.doc.rmt_config is not None else None

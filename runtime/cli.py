@@ -124,7 +124,7 @@ TEXT_INSTALL = 'pip install "rmt-edge[text]"'
 
 def load_tokenizer(bundle: Bundle, ids_option: str = "--ids"):
     """The bundle's tokenizer.json through the ``tokenizers`` library; CliInputError if it cannot."""
-    shipped = bundle.manifest.get("tokenizer") or []
+    shipped = bundle.tokenizer_files
     if "tokenizer.json" not in shipped:
         what = f"ships {shipped} but no tokenizer.json" if shipped else "has no tokenizer"
         raise CliInputError(f"bundle {bundle.path} {what}: pass token ids with {ids_option}, or re-export "
@@ -164,7 +164,7 @@ def read_input(bundle: Bundle, text, text_file, ids_file,
     if not given:
         if sys.stdin is None or sys.stdin.isatty():
             raise CliInputError(f"no input: give {options[0]}, {options[1]} or {options[2]}, or pipe input on stdin")
-        if bundle.manifest.get("tokenizer") and "tokenizer.json" in bundle.manifest["tokenizer"]:
+        if "tokenizer.json" in bundle.tokenizer_files:
             text_file = "-"
         else:
             ids_file = "-"
@@ -183,11 +183,7 @@ def read_input(bundle: Bundle, text, text_file, ids_file,
 
 # ---- output -----------------------------------------------------------------------------------
 def _labels(bundle: Bundle) -> dict[int, str]:
-    id2label = ((bundle.manifest.get("rmt_config") or {}).get("backbone") or {}).get("id2label") or {}
-    try:
-        return {int(key): str(value) for key, value in id2label.items()}
-    except (AttributeError, ValueError):
-        return {}
+    return bundle.id2label
 
 
 def summarize(bundle: Bundle, logits: np.ndarray | None, top_k: int, tokenizer) -> dict:

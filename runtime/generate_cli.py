@@ -57,9 +57,7 @@ class _TextStream:
 
 def _default_stops(bundle: Bundle) -> tuple[int, ...]:
     """The backbone's eos_token_id(s), when they are inside the vocabulary."""
-    eos = ((bundle.manifest.get("rmt_config") or {}).get("backbone") or {}).get("eos_token_id")
-    values = eos if isinstance(eos, list) else [eos]
-    return tuple(int(v) for v in values if isinstance(v, int) and 0 <= v < bundle.vocab_size)
+    return tuple(v for v in bundle.eos_token_ids if v < bundle.vocab_size)
 
 
 @click.command(cls=JsonCommand, context_settings={"help_option_names": ["-h", "--help"]})

@@ -230,7 +230,7 @@ def generate_tokens(runtime: "RMTRuntime", state: SequenceState, prompts,
                                 "least one token (or pending tokens in its state)")
     commits = [((len(c) - 1) // size) * size for c in contexts]
     longest = max(len(c) - k for c, k in zip(contexts, commits))
-    limit = bundle.manifest.get("max_positions")
+    limit = bundle.max_positions
     prefix = bundle.cache_prefix
     if not config.rollover and limit and prefix + longest + config.max_new_tokens > limit:
         raise RuntimeInputError(

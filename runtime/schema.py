@@ -221,6 +221,8 @@ class BackboneDoc(BaseModel):
                                  Field(max_length=1 << 16)]] = None
     eos_token_id: Optional[Union[Annotated[int, Field(ge=0, le=MAX_SIZE)],
                                  Annotated[list[Annotated[int, Field(ge=0, le=MAX_SIZE)]], Field(max_length=64)]]] = None
+    n_layer: Optional[Annotated[int, Field(ge=1, le=4096)]] = None             # GPT-2's name
+    num_hidden_layers: Optional[Annotated[int, Field(ge=1, le=4096)]] = None   # the others'
 
 
 class ARMTSettings(BaseModel):

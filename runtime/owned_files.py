@@ -163,6 +163,20 @@ def remove_file(path: Path) -> None:
     os.unlink(path)
 
 
+def remove_owned_file(path: Path, kind: str, error: type[Exception]) -> bool:
+    """Remove ``path`` when it is a regular file holding ``kind`` (``file_format``: 'npz', 'json',
+    ...), what rmt-edge writes there; ``error`` otherwise. Whether there was one to remove."""
+    if not path.is_symlink() and not path.exists():
+        return False
+    reason = replace_reason(path, kind)
+    if reason is None and file_format(path) != kind:
+        reason = f"holds {file_format(path)}, not {kind}"
+    if reason:
+        raise error(f"{path} {reason}; nothing was removed")
+    remove_file(path)
+    return True
+
+
 # ---- directories ------------------------------------------------------------------------------------
 def links_under(directory: Path) -> list[str]:
     """Symbolic links at or under ``directory`` (relative names), without following any."""
@@ -244,6 +258,6 @@ def remove_owned_tree(directory: Path, not_ours: Callable[[Path], str | None], e
 
 
 __all__ = ["NAME_MAX", "NotOwnedError", "check_name", "create_temporary", "directory_reason", "file_format",
-           "links_under", "new_sibling_directory", "remove_file", "remove_owned_tree", "remove_stale_temporaries",
+           "links_under", "new_sibling_directory", "remove_file", "remove_owned_file", "remove_owned_tree", "remove_stale_temporaries",
            "remove_tree", "replace_directory", "replace_file", "replace_reason", "temporary_name",
            "temporary_pattern"]

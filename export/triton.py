@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -269,14 +270,16 @@ def write_marker(model_dir: Path) -> None:
                                                      indent=2, sort_keys=True) + "\n")
 
 
-def _made_from_ours(name: str) -> bool:
-    """Files the server makes from what rmt-triton wrote: Python's bytecode of model.py, and the
-    bundle copy's engines/ (ONNX Runtime TensorRT caches, as ``not_a_bundle`` allows)."""
-    parts = name.split("/")
+def _made_from_ours(name: str, path: Path) -> bool:
+    """Files the server makes from what rmt-triton wrote: the bytecode Python writes when the
+    Python backend imports 1/model.py, and the bundle copy's engines/ (ONNX Runtime TensorRT
+    caches, as ``not_a_bundle`` allows)."""
     engines = f"1/{BUNDLE_FOLDER}/engines"
     if name == engines or name.startswith(engines + "/"):
         return True
-    return "__pycache__" in parts[:-1] and name.endswith(".pyc") or parts[-1] == "__pycache__"
+    if name == "1/__pycache__":
+        return path.is_dir()
+    return re.fullmatch(r"1/__pycache__/model\.[A-Za-z0-9_.-]+\.pyc", name) is not None and path.is_file()
 
 
 def not_our_model(model_dir: Path) -> str | None:
@@ -297,7 +300,7 @@ def not_our_model(model_dir: Path) -> str | None:
     foreign, changed = [], []
     for path in sorted(model_dir.rglob("*")):
         name = path.relative_to(model_dir).as_posix()
-        if _made_from_ours(name) and not path.is_symlink():
+        if _made_from_ours(name, path) and not path.is_symlink():
             continue
         if path.is_dir() and not path.is_symlink():
             if not any(k.startswith(f"{name}/") for k in files):

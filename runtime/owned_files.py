@@ -93,8 +93,9 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
 # ---- replacing a file -------------------------------------------------------------------------------
 def file_format(path: Path) -> str:
     """What ``path`` holds, as far as replacing it is concerned: 'empty', 'npz' (a zip of .npy
-    members: state files, --save-outputs), 'torch checkpoint', 'zip', 'json', or 'data <first
-    bytes>' for anything else (an engine, a timing cache: replaced only by the same kind)."""
+    members: state files, --save-outputs), 'torch checkpoint', 'zip', 'json', or 'data' for
+    anything else (what rmt-edge writes as raw bytes, only into its own engines/ folder: an
+    engine, a timing cache, which a rebuild replaces whatever TensorRT wrote before)."""
     with open(path, "rb") as handle:
         head = handle.read(8)
     if not head:
@@ -104,7 +105,7 @@ def file_format(path: Path) -> str:
             with zipfile.ZipFile(path) as archive:
                 names = archive.namelist()
         except (zipfile.BadZipFile, OSError):
-            return "data " + repr(head[:4])
+            return "data"
         if names and all(name.endswith(".npy") for name in names):
             return "npz"
         if any(name == "data.pkl" or name.endswith("/data.pkl") for name in names):
@@ -112,7 +113,7 @@ def file_format(path: Path) -> str:
         return "zip"
     if head.lstrip()[:1] in (b"{", b"["):
         return "json"
-    return "data " + repr(head[:4])
+    return "data"
 
 
 def replace_reason(path: Path, new_format: str | None = None) -> str | None:

@@ -8,7 +8,6 @@ the published RMT-on-GPT-2 checkpoints. Prints one table; every figure comes fro
 from __future__ import annotations
 
 import argparse
-import shutil
 import time
 from pathlib import Path
 
@@ -42,7 +41,6 @@ def main() -> None:
     rows = []
     for precision in args.precisions.split(","):
         out = args.out / precision
-        shutil.rmtree(out, ignore_errors=True)
         started = time.perf_counter()
         result = export_model(model, out, ExportOptions(precision=precision, force=True,
                                                         plan=ValidationPlan(segments=args.segments)))

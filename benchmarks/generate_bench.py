@@ -41,7 +41,6 @@ import collections
 import copy
 import json
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -67,7 +66,6 @@ def bundle_for(model: torch.nn.Module, out: Path, precision: str, reexport: bool
     """The bundle in ``out`` (exported unless one is there): step, ingest, prefill and decode graphs."""
     if (out / "manifest.json").is_file() and not reexport:
         return f"{precision} reused {out}"
-    shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
     export_model(model, out, ExportOptions(precision=precision, validate=False, force=True))
     return f"{precision} exported to {out} in {time.perf_counter() - started:.1f}s (validation off)"

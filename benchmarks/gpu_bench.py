@@ -10,7 +10,6 @@ are listed as skipped with the reason, never replaced. Run by scripts/gpu_checks
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import sys
 import time
@@ -51,7 +50,6 @@ def main() -> None:
         from rmt_export.exporter import ExportOptions, export_model
 
         if not (out / "manifest.json").is_file():
-            shutil.rmtree(out, ignore_errors=True)
             export_model(model, out, ExportOptions(precision="fp16", validate=False, force=True))
         note = str(out)
     else:

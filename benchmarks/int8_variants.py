@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import statistics
 import time
 from pathlib import Path
@@ -48,6 +49,7 @@ import onnxruntime as ort
 
 from rmt_runtime import Bundle
 from rmt_runtime.cpuinfo import cpu_info, describe, usable_cores
+from rmt_runtime.owned_files import create_temporary, remove_file, remove_owned_file
 
 GRAPH = "ingest"
 
@@ -156,7 +158,7 @@ def build_static(fp32_graph: Path, out_dir: Path, reader: ChainedReader, rebuild
     cache = out_dir / "calibration.json"
     paths = {name: out_dir / f"{GRAPH}.{name}.onnx" for name in ("qdq-all", "qdq-w")}
     if rebuild:
-        cache.unlink(missing_ok=True)
+        remove_owned_file(cache, "json", SystemExit)  # ONNX Runtime's JSON ranges, or refused
     elif all(path.exists() for path in paths.values()):
         print(f"reusing {', '.join(map(str, paths.values()))}", flush=True)
         return paths
@@ -164,24 +166,28 @@ def build_static(fp32_graph: Path, out_dir: Path, reader: ChainedReader, rebuild
 
     model = untied(fp32_graph)
     attention = activation_matmuls(model)
-    source = out_dir / f".{GRAPH}.untied.onnx"
-    onnx.save(model, str(source))
-    del model
-    for name, excluded in (("qdq-all", []), ("qdq-w", attention)):
-        started = time.perf_counter()
-        reader.rewind()
-        # quantize_static's MatMulConstBOnly is not honoured in QDQ format (1.32): exclude by name.
-        # Outputs stay float32, as in the dynamic int8: a QDQ pair on each output would round the
-        # residual stream, the attention scores and the logits to 8 bits as well, and would keep
-        # ONNX Runtime from fusing GELU (it runs QGemm / MatMulIntegerToFloat with float outputs).
-        quantize_static(source, paths[name], reader, quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=excluded, per_channel=True,
-                        reduce_range=False, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=cache,
-                        extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]})
-        print(f"{name}: built {paths[name]} ({paths[name].stat().st_size / 2**20:.0f} MiB; "
-              f"{len(excluded)} activation matmuls left float32) in {time.perf_counter() - started:.0f}s", flush=True)
-    source.unlink()
+    descriptor, source = create_temporary(out_dir / f"{GRAPH}.untied.onnx")  # a fresh name, removed below
+    os.close(descriptor)
+    try:
+        onnx.save(model, str(source))
+        del model
+        for name, excluded in (("qdq-all", []), ("qdq-w", attention)):
+            started = time.perf_counter()
+            reader.rewind()
+            # quantize_static's MatMulConstBOnly is not honoured in QDQ format (1.32): exclude by name.
+            # Outputs stay float32, as in the dynamic int8: a QDQ pair on each output would round the
+            # residual stream, the attention scores and the logits to 8 bits as well, and would keep
+            # ONNX Runtime from fusing GELU (it runs QGemm / MatMulIntegerToFloat with float outputs).
+            quantize_static(source, paths[name], reader, quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=excluded, per_channel=True,
+                            reduce_range=False, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=cache,
+                            extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]})
+            print(f"{name}: built {paths[name]} ({paths[name].stat().st_size / 2**20:.0f} MiB; "
+                  f"{len(excluded)} activation matmuls left float32) in {time.perf_counter() - started:.0f}s",
+                  flush=True)
+    finally:
+        remove_file(source)
     return paths
 
 

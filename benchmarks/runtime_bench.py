@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shutil
 import statistics
 import time
 import timeit
@@ -63,7 +62,6 @@ def build(name: str) -> torch.nn.Module:
 def bundle_for(model: torch.nn.Module, out: Path, reexport: bool) -> str:
     if (out / "manifest.json").is_file() and not reexport:
         return f"reused {out}"
-    shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
     export_model(model, out, ExportOptions(validate=False, force=True))
     return f"exported to {out} in {time.perf_counter() - started:.1f}s (validation off)"

@@ -204,7 +204,10 @@ def main() -> None:
         if "error" in row or row["seconds"] > args.full_limit:
             break
     result = {"model": args.model, "threads": threads, "bundle": bundle, "rows": rows}
-    (args.out / f"scaling-{args.model}.json").write_text(json.dumps(result, indent=2))
+    from rmt_runtime.atomic import write_atomically
+
+    text = json.dumps(result, indent=2)  # replaces only an earlier JSON result, never a link
+    write_atomically(args.out / f"scaling-{args.model}.json", lambda handle: handle.write(text.encode()))
     print("| model | kind | tokens | seconds | µs/token | peak RSS MB | RSS growth MB |\n|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shutil
 import tempfile
 import threading
 import time
@@ -43,6 +42,7 @@ from rmt_export.exporter import ExportOptions, export_bundle
 from rmt_export.triton import TritonOptions, write_triton_repository
 from rmt_export.triton_server import LocalTritonServer, TritonInstall
 from rmt_runtime import RMTRuntime
+from rmt_runtime.atomic import write_atomically
 from rmt_runtime.cpuinfo import cpu_info, describe
 from rmt_runtime.triton_client import TritonRMTClient
 from rmt_runtime.triton_model import LAST_LOGITS, SequenceTable
@@ -188,11 +188,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     bundle = args.bundle or sample_bundle(args.out / "keyrecall-fp32")
     repo = args.out / "repo"
-    shutil.rmtree(repo, ignore_errors=True)
     options = TritonOptions(name="rmt", repository_kind="python", max_batch_size=args.max_batch,
                             max_sequences=max(max(levels), args.max_batch), instances=args.instances,
                             threads=args.threads, max_queue_delay_us=args.queue_delay_us)
-    write_triton_repository(bundle, repo, options)
+    write_triton_repository(bundle, repo, options, force=True)  # replaces only a model folder it wrote
     facts = machine()
     print("# Triton load: python-kind repository, loopback gRPC\n")
     cpu = cpu_info()
@@ -254,8 +253,9 @@ def main() -> None:
               f"{r['server_compute_output_ms']:.2f} | {r['model_ms_per_execution']:.2f} | "
               f"{r['in_process_ms_per_batch']:.2f} |")
     if args.json:
-        args.json.write_text(json.dumps({"cpu": cpu, "machine": facts, "args": {k: str(v) for k, v in vars(args).items()},
-                                         "rows": rows}, indent=2))
+        text = json.dumps({"cpu": cpu, "machine": facts, "args": {k: str(v) for k, v in vars(args).items()},
+                           "rows": rows}, indent=2)  # replaces only an earlier JSON result, never a link
+        write_atomically(args.json, lambda handle: handle.write(text.encode()))
 
 
 if __name__ == "__main__":

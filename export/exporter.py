@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -28,6 +27,7 @@ from rmt_model.step import model_in_precision
 from rmt_runtime.bundle import (MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, MEMORY_INIT_NAME, PRECISIONS, not_a_bundle,
                                 write_manifest)
 from rmt_runtime import limits
+from rmt_runtime.owned_files import directory_reason, new_sibling_directory, remove_tree, replace_directory
 from rmt_runtime.spec import SPEC_VERSION, step_specs
 
 from .armt_graphs import armt_specs, export_armt_generation_graphs, export_armt_graph
@@ -224,10 +224,17 @@ def check_destination(out: Path, force: bool, inputs: tuple[Path, ...] = ()) -> 
         if source == resolved or resolved in source.parents:
             raise ExportError(f"--out {out} holds {source}, an input of this export; refusing to replace it "
                               "even with --force (write the bundle elsewhere)")
-    reason = not_a_bundle(out) if any(out.iterdir()) else None
+    reason = directory_reason(out, not_our_bundle)
     if reason:
-        raise ExportError(f"--out {out} is not an rmt-edge bundle ({reason}); --force replaces only a bundle "
-                          "that rmt-export wrote, so nothing was deleted")
+        raise ExportError(f"--out {out} {reason}; --force replaces only a bundle that rmt-export wrote, so nothing "
+                          "was deleted")
+
+
+def not_our_bundle(directory: Path) -> str | None:
+    """Why ``directory`` is not one rmt-export may replace (None: an empty folder, or a bundle
+    whose manifest lists every file in it: ``not_a_bundle``)."""
+    reason = not_a_bundle(directory) if any(directory.iterdir()) else None
+    return f"is not an rmt-edge bundle ({reason})" if reason else None
 
 
 def _bundle_path(out: str | os.PathLike) -> Path:
@@ -346,10 +353,10 @@ def export_model(model: RMTBase | ARMTDecoder, out: str | os.PathLike, options: 
         raise ExportError(str(exc)) from None
     _check_memory(model, options, progress)
     model = model.eval()
-    parent = out.parent if str(out.parent) else Path(".")
+    parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+        staging = new_sibling_directory(out, "partial")
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700; a bundle is shared like any directory
@@ -445,7 +452,7 @@ def export_model(model: RMTBase | ARMTDecoder, out: str | os.PathLike, options: 
         for path in staging.iterdir():
             _fsync(path)
         write_manifest(staging, manifest)
-        _replace_directory(staging, out)
+        replace_directory(staging, out, not_our_bundle, ExportError)  # checked again: it may have changed
         seconds["save"] = time.perf_counter() - started
         if progress:
             size = sum(p.stat().st_size for p in out.iterdir())
@@ -453,24 +460,13 @@ def export_model(model: RMTBase | ARMTDecoder, out: str | os.PathLike, options: 
         manifest = _read_manifest(out)
         return ExportResult(path=out, manifest=manifest, seconds=seconds)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_tree(staging)
         raise
 
 
 def _fsync(path: Path) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
-
-
-def _replace_directory(staging: Path, out: Path) -> None:
-    """Move the finished staging directory to ``out``; an old bundle is removed only after."""
-    if out.exists():
-        retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, retired / out.name)
-        os.replace(staging, out)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.replace(staging, out)
 
 
 def _read_manifest(out: Path) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from transformers import DynamicCache
 
 from rmt_model import RMTBase, RMTDecoder
 from rmt_model.step import PRECISION_DTYPES, StepModule
+from rmt_runtime.owned_files import create_temporary, remove_file
 from rmt_runtime.spec import (DECODE, INGEST, PREFILL, SPEC_VERSION, CacheLayer, GraphSpec, cache_names,
                               generation_specs)
 
@@ -115,10 +116,11 @@ def quantize_graph(path: Path, float_modules: tuple[str, ...] = ()) -> None:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantized = path.with_name(f".{path.name}.int8")
     excluded = nodes_of_modules(path, float_modules)
     if float_modules and not excluded:
         raise ExportError(f"int8: no MatMul of {list(float_modules)} found in {path.name} to keep in float32")
+    descriptor, quantized = create_temporary(path)  # a fresh name: never a file that was there
+    os.close(descriptor)
     try:
         with warnings.catch_warnings(), _quiet_exporter_logs("root", "onnxruntime"):
             warnings.simplefilter("ignore")
@@ -131,7 +133,7 @@ def quantize_graph(path: Path, float_modules: tuple[str, ...] = ()) -> None:
                                  value="dynamic int8 MatMul/Gemm weights (onnxruntime.quantization)")
         onnx.save(model, str(path))
     finally:
-        quantized.unlink(missing_ok=True)
+        remove_file(quantized)
 
 
 def export_graph(model: RMTBase, spec: GraphSpec, precision: str, opset: int,

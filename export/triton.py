@@ -21,20 +21,26 @@ correlation id (the Python backend does not carry implicit state; see
     REPO/<name>/1/model.py                      (imports rmt_runtime.triton_model)
     REPO/<name>/1/bundle/                       (a copy of the bundle)
 
+Every model folder also holds ``.rmt-edge-model.json``: the sha256 of each file written.
+``--force`` replaces only a folder whose files are exactly those, unchanged (``not_our_model``).
+
 Either kind is streamed by ``rmt_runtime.triton_client``. Torch-free: reads a bundle,
 writes files.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from rmt_runtime.bundle import Bundle, manifest_paths
+from rmt_runtime.bundle import Bundle, manifest_paths, sha256_file
+from rmt_runtime.owned_files import (check_name, directory_reason, new_sibling_directory, remove_tree,
+                                     replace_directory)
 from rmt_runtime.spec import BATCH, INGEST, SEQ, STEP, GraphSpec
 from rmt_runtime.triton_model import (BUNDLE_FOLDER, INPUT_IDS, LAST_LOGITS, MEMORY_OUT, RESUME_MEMORY,
                                       START_MEMORY, TOKENS_SEEN)
@@ -44,6 +50,8 @@ from .errors import ExportError
 TRITON_TYPES = {"int64": "TYPE_INT64", "float32": "TYPE_FP32", "float16": "TYPE_FP16"}
 INITIAL_STATE_FILE = "memory_init.bin"
 REPOSITORY_KINDS = ("onnxruntime", "python")
+MODEL_MARKER = ".rmt-edge-model.json"
+MARKER_FORMAT = "rmt-edge/triton-model"
 MODEL_PY = '''"""Triton Python-backend model for an rmt-edge bundle (written by rmt-triton --kind python).
 
 The bundle is in bundle/ beside this file; the server's Python environment needs rmt-edge,
@@ -87,8 +95,7 @@ class TritonOptions:
         return self.max_sequences if self.max_sequences is not None else self.max_batch_size * 4
 
     def check(self) -> None:
-        if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
-            raise ExportError(f"model name {self.name!r}: use letters, digits, '-', '_' and '.'")
+        check_name(self.name, "model name (--name)", ExportError)  # one folder of the repository
         if self.repository_kind not in REPOSITORY_KINDS:
             raise ExportError(f"repository kind must be one of {REPOSITORY_KINDS}, got {self.repository_kind!r}")
         if self.graph not in (INGEST, STEP):
@@ -255,36 +262,91 @@ def _fill_python(staging: Path, bundle: Bundle) -> None:
     Bundle.load(copy)  # the copy verifies (hashes) as the server will load it
 
 
+def write_marker(model_dir: Path) -> None:
+    """List every file under ``model_dir`` with its sha256 in MODEL_MARKER (written last)."""
+    files = {path.relative_to(model_dir).as_posix(): sha256_file(path)
+             for path in sorted(model_dir.rglob("*")) if path.is_file()}
+    (model_dir / MODEL_MARKER).write_text(json.dumps({"format": MARKER_FORMAT, "version": 1, "files": files},
+                                                     indent=2, sort_keys=True) + "\n")
+
+
+def _made_from_ours(name: str, path: Path) -> bool:
+    """Files the server makes from what rmt-triton wrote: the bytecode Python writes when the
+    Python backend imports 1/model.py, and the bundle copy's engines/ (ONNX Runtime TensorRT
+    caches, as ``not_a_bundle`` allows)."""
+    engines = f"1/{BUNDLE_FOLDER}/engines"
+    if name == engines or name.startswith(engines + "/"):
+        return True
+    if name == "1/__pycache__":
+        return path.is_dir()
+    return re.fullmatch(r"1/__pycache__/model\.[A-Za-z0-9_.-]+\.pyc", name) is not None and path.is_file()
+
+
+def not_our_model(model_dir: Path) -> str | None:
+    """Why ``model_dir`` is not a model folder rmt-triton wrote and nobody changed since (None: it
+    is): its MODEL_MARKER lists every file in it with the sha256 each still has (besides the
+    bytecode and engine caches the server makes from them). What ``--force`` checks before it
+    replaces a folder."""
+    marker = model_dir / MODEL_MARKER
+    if not marker.is_file():
+        return f"is not a model folder rmt-triton wrote (no {MODEL_MARKER})"
+    try:
+        listed = json.loads(marker.read_text(encoding="utf-8"))
+        if listed.get("format") != MARKER_FORMAT or not isinstance(listed.get("files"), dict):
+            raise ValueError(f"format {listed.get('format')!r}, expected {MARKER_FORMAT!r} with 'files'")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as exc:
+        return f"is not a model folder rmt-triton wrote (its {MODEL_MARKER} is unreadable: {exc})"
+    files = listed["files"]
+    foreign, changed = [], []
+    for path in sorted(model_dir.rglob("*")):
+        name = path.relative_to(model_dir).as_posix()
+        if _made_from_ours(name, path) and not path.is_symlink():
+            continue
+        if path.is_dir() and not path.is_symlink():
+            if not any(k.startswith(f"{name}/") for k in files):
+                foreign.append(name + "/")
+        elif name != MODEL_MARKER and name not in files:
+            foreign.append(name)
+        elif name != MODEL_MARKER and (not path.is_file() or sha256_file(path) != files[name]):
+            changed.append(name)
+    if foreign:
+        return f"holds files rmt-triton did not write: {', '.join(foreign[:5])}" + (
+            f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+    if changed:
+        return f"holds files changed since rmt-triton wrote them: {', '.join(changed[:5])}"
+    return None
+
+
 def write_triton_repository(bundle_dir: str | os.PathLike, repository: str | os.PathLike,
                             options: TritonOptions = TritonOptions(), force: bool = False) -> Path:
-    """Write ``repository/<name>/`` for the bundle, atomically; return the model directory."""
+    """Write ``repository/<name>/`` for the bundle, atomically; return the model directory.
+    ``force`` replaces only a model folder rmt-triton wrote (``not_our_model``), never a link."""
     options.check()
     bundle = Bundle.load(bundle_dir)
     repository = Path(repository)
     model_dir = repository / options.name
-    if model_dir.exists() and not force:
+    if (model_dir.exists() or model_dir.is_symlink()) and not force:
         raise ExportError(f"{model_dir} already exists; pass --force to replace it")
+    reason = directory_reason(model_dir, not_our_model)
+    if reason:
+        raise ExportError(f"{model_dir} {reason}; --force replaces only a model folder that rmt-triton wrote, "
+                          "so nothing was deleted")
     if options.repository_kind == "python":
         _check_python_kind(bundle)
     elif bundle.graph_path(options.graph).with_name(bundle.graph_path(options.graph).name + ".data").exists():
         raise ExportError("graphs with external weights (.onnx.data) are not supported here yet")
     repository.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{options.name}.partial-", dir=repository))
+    staging = new_sibling_directory(model_dir, "partial")
     try:
         if options.repository_kind == "python":
             _fill_python(staging, bundle)
         else:
             _fill_onnxruntime(staging, bundle, options)
         (staging / "config.pbtxt").write_text(config_text(bundle, options))
+        write_marker(staging)
         os.chmod(staging, 0o755)
-        if model_dir.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{options.name}.old-", dir=repository))
-            os.replace(model_dir, retired / options.name)
-            os.replace(staging, model_dir)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, model_dir)
+        replace_directory(staging, model_dir, not_our_model, ExportError)  # checked again: it may have changed
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_tree(staging)
         raise
     return model_dir

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -33,6 +32,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from rmt_runtime.owned_files import remove_tree
 
 from .errors import ExportError
 
@@ -275,9 +276,9 @@ class LocalTritonServer:
             os.killpg(process.pid, signal.SIGKILL)  # stubs left behind by the parent
         except ProcessLookupError:
             pass
-        shutil.rmtree(self._workdir / "backends", ignore_errors=True)
+        remove_tree(self._workdir / "backends")  # its own mkdtemp folder; the links in it, not their targets
         if self._workdir not in self.log_path.parents:
-            shutil.rmtree(self._workdir, ignore_errors=True)
+            remove_tree(self._workdir)
         return process.returncode
 
     def stop(self) -> int | None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import stat
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -138,8 +138,13 @@ def _refuse_decompression_bomb(path: Path) -> None:
 
 
 def save_checkpoint(model: RMTBase, path: str | os.PathLike) -> Path:
-    """Write ``model`` (config + weights) to ``path`` atomically; return the path."""
+    """Write ``model`` (config + weights) to ``path`` atomically; return the path. An existing
+    ``path`` is replaced only when it is a regular file that is empty or a torch checkpoint
+    (never a link, a folder or a file of another kind): CheckpointError, checked first."""
     path = Path(path)
+    reason = _replace_reason(path)
+    if reason:
+        raise CheckpointError(f"{path} {reason}")
     payload = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -165,22 +170,53 @@ def _mode_for(path: Path) -> int:
     return 0o666 & ~umask
 
 
-def _save_atomically(payload: dict, path: Path) -> None:
-    """torch.save into a temporary file beside ``path``, fsynced, then renamed over it: a reader
-    (or a crash) sees the old checkpoint or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+def _replace_reason(path: Path) -> str | None:
+    """Why a checkpoint may not replace ``path`` (None: it may). The rule of
+    ``rmt_runtime.owned_files.replace_reason`` for a torch checkpoint, restated here because
+    rmt_model imports nothing of rmt-edge's other packages (docs/ARCHITECTURE.md)."""
     try:
-        with handle:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(info.st_mode):
+        return "is a symbolic link; rmt-edge replaces only a regular file, never a link (give the file itself)"
+    if stat.S_ISDIR(info.st_mode):
+        return "is a directory; give the path of a file"
+    if not stat.S_ISREG(info.st_mode):
+        return "is not a regular file (a device, a FIFO or a socket); rmt-edge replaces only regular files"
+    if info.st_size == 0:
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if any(name == "data.pkl" or name.endswith("/data.pkl") for name in archive.namelist()):
+                return None
+    except (zipfile.BadZipFile, OSError):
+        pass
+    return ("exists and is not a torch checkpoint: rmt-edge replaces only a file of the kind it writes, so "
+            "nothing was changed (remove it or give another path)")
+
+
+def _save_atomically(payload: dict, path: Path) -> None:
+    """torch.save into a temporary file beside ``path`` (named as ``owned_files.temporary_name``
+    names them), fsynced, then renamed over it: a reader (or a crash) sees the old checkpoint or
+    the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    descriptor = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
             torch.save(payload, handle)
             handle.flush()
             # The temporary file is 0600: give the checkpoint the mode open() would (or the
             # mode of the file it replaces), so that others the directory allows can read it.
             os.fchmod(handle.fileno(), _mode_for(path))
             os.fsync(handle.fileno())
-        os.replace(handle.name, path)
+        reason = _replace_reason(path)  # again: it may have changed while torch.save ran
+        if reason:
+            raise CheckpointError(f"{path} {reason}")
+        os.replace(temporary, path)
     except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)  # the file created above (O_EXCL): ours
         raise
 
 

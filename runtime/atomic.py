@@ -1,11 +1,13 @@
 """Atomic file writes: a temporary file in the same directory, fsynced, then renamed over the
-target. A reader sees the old file or the new one, never a half-written one."""
+target. A reader sees the old file or the new one, never a half-written one; the target is
+replaced only under the rules of ``owned_files`` (a regular file of the kind being written)."""
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
+
+from .owned_files import NotOwnedError, create_temporary, remove_file, replace_file, replace_reason
 
 
 def as_path(value, what: str, error: type[Exception]) -> Path:
@@ -15,15 +17,19 @@ def as_path(value, what: str, error: type[Exception]) -> Path:
     return Path(value)
 
 
-def unwritable_reason(path: Path) -> str | None:
-    """Why ``path`` cannot be written as a file, for the cases an OSError words badly: a
-    directory at the path, or a regular file where a parent directory should be."""
-    if path.is_dir():
+def unwritable_reason(path: Path, writes: str | None = "npz") -> str | None:
+    """Why ``path`` cannot be written as a file, checked before any work: a directory at the
+    path, a regular file where a parent directory should be, or an existing path that
+    ``write_atomically`` would refuse to replace with a file of the format ``writes`` (a link,
+    a device, a file of another kind; every caller today writes .npz archives)."""
+    if path.is_dir() and not path.is_symlink():
         return "is a directory; give the path of a file"
     for parent in path.parents:
         if parent.exists():
-            return None if parent.is_dir() else f"{parent} is not a directory"
-    return None
+            if not parent.is_dir():
+                return f"{parent} is not a directory"
+            break
+    return replace_reason(path, writes)
 
 
 def current_umask() -> int:
@@ -52,11 +58,16 @@ def file_mode_for(path: Path) -> int:
 
 def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
     """Call ``write(handle)`` on a temporary file beside ``path``, then move it into place
-    (with the mode ``file_mode_for`` gives)."""
+    (with the mode ``file_mode_for`` gives). An existing ``path`` is replaced only when it is a
+    regular file, empty or of the kind just written (``owned_files.replace_reason``); else
+    NotOwnedError, and nothing is left behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    reason = replace_reason(path)  # a link, a folder, a device: refused before writing anything
+    if reason:
+        raise NotOwnedError(f"{path} {reason}")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = create_temporary(path)
     except OSError as exc:  # named by the file asked for, not by the temporary's random name
         raise type(exc)(exc.errno, f"cannot create a file in {path.parent} ({exc.strerror})", str(path)) from None
     try:
@@ -65,8 +76,8 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None])
             handle.flush()
             os.fchmod(handle.fileno(), file_mode_for(path))
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        replace_file(tmp, path)  # only over nothing, an empty file or one of the same kind
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        remove_file(tmp)
         raise
     return path

@@ -24,6 +24,7 @@ from .atomic import as_path, unwritable_reason, write_atomically
 from .errors import RuntimeInputError, StateError, StateInUseError
 from .schema import (READABLE_STATE_VERSIONS, STATE_FORMAT, STATE_HEADER_LIMIT, STATE_VERSION, DocumentError,
                      check_state_counters, check_state_header, parse_json)
+from .owned_files import remove_stale_temporaries
 
 READABLE_VERSIONS = READABLE_STATE_VERSIONS
 STATE_PREFIX = "state."
@@ -123,8 +124,7 @@ def locked_state_file(path: str | os.PathLike, waiting: Callable[[str], None] | 
             if waiting is not None:
                 waiting(f"{path} is in use by another process; waiting for it to finish")
             fcntl.flock(descriptor, fcntl.LOCK_EX)
-        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # write_atomically's, from a killed save
-            stale.unlink(missing_ok=True)
+        remove_stale_temporaries(path)  # write_atomically's, from a killed save: its exact names only
         yield
     finally:
         os.close(descriptor)

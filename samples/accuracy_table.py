@@ -27,6 +27,7 @@ from rmt_export.errors import ExportError, ValidationError  # noqa: E402
 from rmt_export.exporter import ExportOptions, export_bundle  # noqa: E402
 from rmt_model import ARMTDecoder, load_checkpoint  # noqa: E402
 from rmt_runtime import RMTRuntime, RuntimeInputError  # noqa: E402
+from rmt_runtime.atomic import write_atomically  # noqa: E402
 from rmt_runtime.errors import BackendError  # noqa: E402
 from rmt_runtime import limits  # noqa: E402
 from samples.task import CHANCE, make_batch  # noqa: E402
@@ -175,7 +176,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     result = measure(args.checkpoint, args.out, args.examples, tuple(args.segments))
     print(table(result))
-    (args.out / "accuracy.json").write_text(json.dumps(result, indent=2))
+    text = json.dumps(result, indent=2)  # replaces only an earlier JSON result, never a link
+    write_atomically(args.out / "accuracy.json", lambda handle: handle.write(text.encode()))
     print("plot:", plot(result, args.plot or args.out / "accuracy.png"))
 
 

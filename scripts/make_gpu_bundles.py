@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -41,10 +40,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from real_scale import SHAPES  # noqa: E402
 
-from rmt_export.exporter import ExportOptions, export_model  # noqa: E402
+from rmt_export.exporter import ExportOptions, export_model, not_our_bundle  # noqa: E402
 from rmt_export.validate import ValidationPlan  # noqa: E402
 from rmt_model import ARMTSettings, RMTConfig, build_armt_model, build_model, family_config_dict  # noqa: E402
 from rmt_model.tiny import tiny_config  # noqa: E402
+from rmt_runtime.atomic import write_atomically  # noqa: E402
+from rmt_runtime.owned_files import check_name, remove_owned_file, remove_owned_tree  # noqa: E402
 
 INDEX = "index.json"
 FORMAT = 1
@@ -124,7 +125,7 @@ def export_bundles(model, arrays: dict[str, np.ndarray], out: Path, stem: str, p
                                 plan=ValidationPlan(segments=validation))
         export_model(model, bundle, options)
         # Every bundle gets its own copy: each is complete alone (copy one to a device, run it).
-        np.savez(out / f"{name}.npz", **arrays)
+        write_atomically(out / f"{name}.npz", lambda handle: np.savez(handle, **arrays))
         entries[precision] = {"bundle": name, "reference": f"{name}.npz"}
         print(f"{bundle}: exported and validated ({time.perf_counter() - started:.1f}s)")
     return entries
@@ -140,6 +141,21 @@ def check_out(out: Path, model: str) -> None:
     previous = json.loads(index.read_text()).get("model")
     if previous != model:
         sys.exit(f"make_gpu_bundles: {out} holds the {previous} bundles; give another directory for {model}")
+
+
+def remove_earlier(out: Path, entry: dict) -> None:
+    """Remove an earlier run's bundle and reference that this run did not make, when they are
+    what this script wrote: names of one path component (the index may have been edited), a
+    bundle whose manifest lists all of it, an .npz reference. Anything else is left, and said."""
+    try:
+        bundle = check_name(entry.get("bundle"), f"{INDEX} bundle", ValueError)
+        reference = check_name(entry.get("reference"), f"{INDEX} reference", ValueError)
+        if reference != f"{bundle}.npz":
+            raise ValueError(f"{INDEX} reference {reference!r} is not the bundle's ({bundle}.npz)")
+        remove_owned_tree(out / bundle, not_our_bundle, ValueError)
+        remove_owned_file(out / reference, "npz", ValueError)
+    except (ValueError, AttributeError) as exc:
+        print(f"make_gpu_bundles: left an earlier entry in place: {exc}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,9 +215,9 @@ def main(argv: list[str] | None = None) -> int:
                              (armt_entries, dict(earlier.get("armt") or {}).get("bundles", {}))):
             for precision, entry in before.items():
                 if precision not in made:
-                    shutil.rmtree(args.out / entry["bundle"], ignore_errors=True)
-                    (args.out / entry["reference"]).unlink(missing_ok=True)
-    previous.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+                    remove_earlier(args.out, entry)
+    text = json.dumps(index, indent=2, sort_keys=True) + "\n"
+    write_atomically(previous, lambda handle: handle.write(text.encode()))
     print(f"{args.out / INDEX}: {args.model}, {', '.join(sorted(index['bundles']))}; {ARMT}, "
           f"{', '.join(sorted(armt_entries))}")
     return 0

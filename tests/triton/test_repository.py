@@ -14,7 +14,7 @@ from tritonclient.grpc import model_config_pb2
 
 from rmt_export.cli import triton_main
 from rmt_export.errors import ExportError
-from rmt_export.triton import INITIAL_STATE_FILE, TritonOptions, write_triton_repository
+from rmt_export.triton import INITIAL_STATE_FILE, MODEL_MARKER, TritonOptions, write_triton_repository
 from rmt_runtime import BackendError, Bundle, RMTRuntime
 from rmt_runtime.triton_client import TritonRMTClient, repository_kind, segment_requests
 
@@ -183,7 +183,7 @@ def test_python_kind_holds_a_model_py_importing_only_rmt_runtime_and_a_verified_
     assert imports == ["rmt_runtime.triton_model"]
     copy = Bundle.load(model_dir / "1" / "bundle")
     assert copy.identity == bundle.identity
-    assert sorted(p.name for p in model_dir.iterdir()) == ["1", "config.pbtxt"]
+    assert sorted(p.name for p in model_dir.iterdir()) == [MODEL_MARKER, "1", "config.pbtxt"]
 
 
 def test_the_client_tells_the_repository_kinds_apart(served, python_served):
@@ -261,7 +261,7 @@ def test_armt_config_has_one_zero_initialised_state_per_named_pair_matching_the_
         assert initial.data_type == model_config_pb2.TYPE_FP32 and list(initial.dims) == list(state.dims), name
         assert initial.name == f"{name}_init"
     assert all(not bundle.initial_state()[name].any() for name in states)
-    assert sorted(p.name for p in model_dir.iterdir()) == ["1", "config.pbtxt"]  # no initial_state/ files
+    assert sorted(p.name for p in model_dir.iterdir()) == [MODEL_MARKER, "1", "config.pbtxt"]  # no initial_state/ files
 
     graph = onnx.load(str(model_dir / "1" / "model.onnx")).graph
     initializers = {i.name for i in graph.initializer}

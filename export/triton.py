@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rmt_runtime.bundle import Bundle, manifest_paths, sha256_file
+from rmt_runtime.bundle import Bundle, sha256_file
 from rmt_runtime.owned_files import (check_name, directory_reason, new_sibling_directory, remove_tree,
                                      replace_directory)
 from rmt_runtime.spec import BATCH, INGEST, SEQ, STEP, GraphSpec
@@ -165,7 +165,7 @@ def _initial_state_files(bundle: Bundle) -> dict[str, tuple[str | None, np.ndarr
     non-zero values gets ``<name>_init.bin``."""
     files: dict[str, tuple[str | None, np.ndarray]] = {}
     for name, initial in bundle.initial_state().items():
-        if name == "memory" and "memory_init" in bundle.manifest:
+        if name == "memory" and bundle.has_memory_init:
             files[name] = (INITIAL_STATE_FILE, initial)
         else:
             files[name] = (f"{name}_init.bin" if initial.any() else None, initial)
@@ -256,7 +256,7 @@ def _fill_python(staging: Path, bundle: Bundle) -> None:
     (staging / "1" / "model.py").write_text(MODEL_PY)
     copy = staging / "1" / BUNDLE_FOLDER
     copy.mkdir()
-    for name in sorted({"manifest.json", *manifest_paths(bundle.manifest)}):
+    for name in sorted({"manifest.json", *bundle.file_names}):
         (copy / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(bundle.path / name, copy / name)
     Bundle.load(copy)  # the copy verifies (hashes) as the server will load it

@@ -39,13 +39,9 @@ class BundleError(Exception):
     """A bundle that cannot be used: missing, malformed, from a newer schema, or altered."""
 
 
-def manifest_paths(manifest: dict[str, Any]) -> list[str]:
-    """Every file path a (checked) manifest names: hashed files, graphs, initial state, tokenizer files."""
-    names = list(manifest.get("files", {}))
-    names += [g.get("file") for g in manifest.get("graphs", {}).values() if isinstance(g, dict)]
-    names += [manifest.get("memory_init")] + list(dict(manifest.get("state_init") or {}).values())
-    names += list(manifest.get("tokenizer") or [])
-    return sorted({n for n in names if n is not None})
+def manifest_paths(doc: ManifestDoc) -> list[str]:
+    """Every file path a checked manifest names: hashed files, graphs, initial state, tokenizer files."""
+    return sorted({*doc.files, *doc.referenced_files()})
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -100,10 +96,10 @@ def not_a_bundle(directory: str | os.PathLike) -> str | None:
     if not manifest_path.is_file():
         return f"no {MANIFEST_NAME}"
     try:
-        manifest, _ = read_manifest(directory)
+        _, doc = read_manifest(directory)
     except BundleError as exc:
         return f"its {MANIFEST_NAME} is not an rmt-edge manifest ({exc})"
-    known = {MANIFEST_NAME, *manifest_paths(manifest)}
+    known = {MANIFEST_NAME, *manifest_paths(doc)}
     unknown = []
     for entry in sorted(directory.rglob("*")):
         name = entry.relative_to(directory).as_posix()
@@ -149,7 +145,7 @@ class Bundle:
                               "(an interrupted export leaves none)")
         manifest, doc = read_manifest(path)
         root = path.resolve()
-        for name in manifest_paths(manifest):  # symlinks included: nothing is read from outside
+        for name in manifest_paths(doc):  # symlinks included: nothing is read from outside
             target = (path / name).resolve()
             if target != root and root not in target.parents:
                 raise BundleError(f"{path}: {name} resolves to {target}, outside the bundle directory; refusing "
@@ -254,6 +250,16 @@ class Bundle:
         """The backbone's layer count from its config (0 when the manifest does not say)."""
         backbone = self.doc.rmt_config.backbone if self.doc.rmt_config is not None else None
         return (backbone.n_layer or backbone.num_hidden_layers or 0) if backbone is not None else 0
+
+    @property
+    def file_names(self) -> list[str]:
+        """Every file of the bundle but manifest.json: those hashed and those the manifest names."""
+        return manifest_paths(self.doc)
+
+    @property
+    def has_memory_init(self) -> bool:
+        """Whether the RMT's initial memory comes from a file (memory_init.npy) rather than zeros."""
+        return self.doc.memory_init is not None
 
     @property
     def file_hashes(self) -> dict[str, str]:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..bundle import ENGINE_DIR, Bundle
-from ..engines import profile_shapes
+from ..engines import engine_directory, profile_shapes
 from ..errors import BackendError, library_message
 from ..spec import DECODE
 from .base import Runner, RunResult, check_declared_io
@@ -79,8 +79,16 @@ class OnnxRuntimeRunner(Runner):
 
     @property
     def tensorrt_cache(self) -> Path:
-        """The TensorRT provider's cache root: ``engine_cache`` or ``<bundle>/engines/onnxruntime-trt``."""
-        return Path(self.engine_cache) if self.engine_cache is not None else self.bundle.path / TENSORRT_CACHE_DIR
+        """The TensorRT provider's cache root: ``engine_cache`` or ``<bundle>/engines/onnxruntime-trt``
+        (the bundle's engines/ must be a real folder inside it: ``engine_directory``)."""
+        if self.engine_cache is not None:
+            return Path(self.engine_cache)
+        engine_directory(self.bundle)
+        cache = self.bundle.path / TENSORRT_CACHE_DIR
+        if cache.is_symlink():
+            raise BackendError(f"{cache} is a symlink; the TensorRT provider's cache lives in a real folder inside "
+                               "the bundle (remove it, or pass engine_cache=DIR)")
+        return cache
 
     def _writable_directory(self, directory: Path) -> str:
         try:

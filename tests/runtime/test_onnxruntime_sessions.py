@@ -266,3 +266,20 @@ def test_a_read_only_bundle_is_one_clear_error_naming_the_cache_and_the_way_out(
     assert tensorrt_stand_in.asked == []
     options = OnnxRuntimeRunner(bundle, "tensorrt", engine_cache=tmp_path / "cache").tensorrt_options("step")
     assert options["trt_timing_cache_path"] == str((tmp_path / "cache").resolve())
+
+
+def test_the_tensorrt_providers_cache_is_never_written_through_a_link(bundle_factory, tmp_path, tensorrt_stand_in):
+    """engines/ (or its onnxruntime-trt folder) linked elsewhere: refused before any folder is made
+    there, as rmt-build refuses it (issue 29, class 5)."""
+    bundle = _bundle_copy(bundle_factory, tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (bundle.path / "engines").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(BackendError, match="engines is a symlink"):
+        OnnxRuntimeRunner(bundle, "tensorrt").tensorrt_options("step")
+    (bundle.path / "engines").unlink()
+    (bundle.path / "engines").mkdir()
+    (bundle.path / "engines" / "onnxruntime-trt").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(BackendError, match="onnxruntime-trt is a symlink"):
+        OnnxRuntimeRunner(bundle, "tensorrt").tensorrt_options("step")
+    assert list(outside.iterdir()) == []

@@ -152,9 +152,10 @@ def make_app(store: SessionStore, tokenizer, idle_timeout: float = IDLE_TIMEOUT)
             if state is None:
                 raise SessionError(404, f"no session {session!r}; POST text to /sessions/{session}/feed")
             output = runtime.peek(state)
+            seen = int(state.tokens_seen[0])  # read under the session's lock, as the peek was
         if action == "memory":
             return {"session": session, "memory": output.memory.tolist()}
-        if output.last_logits is None or not int(state.tokens_seen[0]):
+        if output.last_logits is None or not seen:
             raise SessionError(409, "nothing read yet in this session")
         best = int(np.argmax(output.last_logits[0]))
         return {"session": session, "answer": tokenizer.decode([best]), "token_id": best}

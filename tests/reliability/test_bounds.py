@@ -463,7 +463,7 @@ def test_a_tokenizer_that_is_not_a_bounded_regular_file_is_refused_unread(tmp_pa
             folder.mkdir()
             os.symlink(path, folder / "tokenizer.json")
             try:
-                load_tokenizer(types.SimpleNamespace(path=folder, manifest={{"tokenizer": ["tokenizer.json"]}}))
+                load_tokenizer(types.SimpleNamespace(path=folder, tokenizer_files=["tokenizer.json"]))
             except CliInputError as exc:
                 print(exc)
         folder = Path({str(tmp_path)!r}) / "big"
@@ -471,7 +471,7 @@ def test_a_tokenizer_that_is_not_a_bounded_regular_file_is_refused_unread(tmp_pa
         with open(folder / "tokenizer.json", "wb") as handle:
             handle.truncate(limits.TOKENIZER_BYTES + 1)
         try:
-            load_tokenizer(types.SimpleNamespace(path=folder, manifest={{"tokenizer": ["tokenizer.json"]}}))
+            load_tokenizer(types.SimpleNamespace(path=folder, tokenizer_files=["tokenizer.json"]))
         except CliInputError as exc:
             print(exc)
     """

@@ -173,7 +173,7 @@ def test_uint64_ids_past_int64_are_named_not_wrapped_to_negative(gpt2, tmp_path)
     path = tmp_path / "ids.npy"
     np.save(path, np.array([1, 2 ** 64 - 1], np.uint64))
     line = one_line_error(_run("--bundle", gpt2.path, "--ids", path), f"{path}: token id {2 ** 64 - 1} is past int64")
-    assert "-1" not in line
+    assert "token id -1" not in line  # not wrapped (the path may hold "-1": pytest-190)
 
 
 def test_out_of_memory_is_one_line_not_unexpected(gpt2, tmp_path, monkeypatch):

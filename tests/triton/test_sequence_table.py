@@ -3,6 +3,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from rmt_runtime import RMTRuntime, RuntimeInputError
 from rmt_runtime.triton_model import (LAST_LOGITS, MEMORY_OUT, RESUME_MEMORY, TOKENS_SEEN, SequenceRequestError,
@@ -353,3 +355,46 @@ def test_a_request_without_CORRID_names_no_sequence_and_changes_no_state(runtime
     assert 1 in table and len(table) == 1
     for name, value in runtime.state_tensors(table._states[1]).items():
         np.testing.assert_array_equal(value, kept[name])
+
+
+# ---- any interleaving of served, refused and failed requests: the table against a model of it -------
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(1, 2), st.sampled_from(["runs", "no ids", "ids of int32", "a failed backend run"]),
+                          st.booleans(), st.booleans(), st.integers(1, 20)), min_size=1, max_size=8))
+# Always tried: a refused END and a refused START on a live sequence, then a request continuing it.
+@example(operations=[(1, "runs", True, False, 5), (1, "no ids", False, True, 1), (1, "runs", False, False, 3)])
+@example(operations=[(1, "runs", True, False, 5), (1, "a failed backend run", True, False, 4),
+                     (1, "runs", False, True, 3)])
+def test_any_interleaving_of_refused_and_served_requests_leaves_the_table_its_model_says(runtime, operations):
+    """The table's live sequences and their memory follow a model of Triton's sequences: a served
+    request continues (or, with START, begins) its sequence; any refused one acts on its START
+    and END only (SequenceTable._refused); END always frees the sequence."""
+    failing = FailsOnce(runtime)
+    table = SequenceTable(failing, idle_seconds=60)
+    model = served(table)
+    vocab = runtime.bundle.vocab_size
+    live: dict[int, np.ndarray] = {}  # the model: sequence id -> every token it was served
+    for step, (sid, kind, start, end, length) in enumerate(operations):
+        chunk = (np.arange(length) * 7 + step) % vocab
+        failing.failed = kind != "a failed backend run"
+        made = {"runs": request, "a failed backend run": request}.get(kind) or REFUSALS[kind]
+        (response,) = model.execute([made(sid, chunk, start, end)])
+        failing.failed = True
+        runs = kind == "runs" and (start or sid in live)
+        if runs:
+            assert response.error is None, response.error.message
+            history = chunk if start else np.concatenate([live[sid], chunk])
+            np.testing.assert_array_equal(response.output_tensors[1].array[0], runtime.run(history).memory[0])
+            live[sid] = history
+            if end:
+                del live[sid]
+        else:
+            assert response.error is not None
+            if start or end:
+                live.pop(sid, None)
+        assert set(table._states) == set(live), f"after {operations[:step + 1]}"
+    for sid, history in live.items():  # every live sequence holds exactly its own tokens' memory
+        alone = runtime.new_state()
+        runtime.feed(alone, history)
+        np.testing.assert_array_equal(runtime.memory(table._states[sid]), runtime.memory(alone))
+        assert list(table._states[sid].pending[0]) == list(alone.pending[0])

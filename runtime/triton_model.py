@@ -198,14 +198,28 @@ class SequenceTable:
             now = self.clock()
             for (index, request), outcome in zip(rows, outcomes):
                 results[index] = outcome if isinstance(outcome, Exception) else outcome[0]
-                if request.end:
-                    continue
-                if not isinstance(outcome, Exception):
+                if not isinstance(outcome, Exception) and not request.end:
                     self._states[request.sequence_id] = outcome[1]
                     self._last_used[request.sequence_id] = now
-        for request in requests:  # END: Triton forgets the sequence, so does the model (even on an error)
-            if request.end:
+        for index, request in zip(indices, requests):
+            if isinstance(results[index], Exception):
+                self._refused(request.sequence_id, request.start, request.end)
+            elif request.end:  # Triton forgets the sequence, so does the model
                 self.forget(request.sequence_id)
+
+    def refused(self, sequence_id: int, start: bool, end: bool) -> None:
+        """What a request refused before it reached ``execute`` (its input failed ``check``) does
+        to the table: the same as any refused request (``_refused``)."""
+        with self._lock:
+            self._refused(sequence_id, start, end)
+
+    def _refused(self, sequence_id: int, start: bool, end: bool) -> None:
+        """The one place a refused request changes the table. Triton acts on its controls whether or
+        not the model refused it: END ends the sequence (its state is freed); START began a new
+        sequence of that id, which has no state yet (an earlier one's state must not be continued).
+        Any other refused request leaves its sequence as it was, as if it was never sent."""
+        if start or end:
+            self.forget(sequence_id)
 
     def _run_rows(self, requests: list[ChunkRequest], states: list[SequenceState]
                   ) -> list[tuple[ChunkResult, SequenceState]]:
@@ -369,6 +383,18 @@ class TritonPythonModel:
                                        "batcher with a sequence id")
         return int(tensor.as_numpy().reshape(-1)[0])
 
+    def _refused(self, request) -> None:
+        """A request refused by its checks still carries its controls (SequenceTable.refused); one
+        without a CORRID names no sequence and changes nothing."""
+        controls = {}
+        for name in ("CORRID", "START", "END"):
+            try:
+                controls[name] = self._control(request, name)
+            except (SequenceRequestError, ValueError, TypeError, IndexError):
+                controls[name] = None
+        if controls["CORRID"] is not None:
+            self.table.refused(controls["CORRID"], bool(controls["START"]), bool(controls["END"]))
+
     def _parse(self, request) -> ChunkRequest | None:
         """The checked request; None for a not-ready slot (READY=0: nothing to run)."""
         if not self._control(request, "READY"):
@@ -392,11 +418,7 @@ class TritonPythonModel:
                 parsed = self._parse(request)
             except SequenceRequestError as exc:
                 responses[index] = pb.InferenceResponse(error=pb.TritonError(str(exc), pb.TritonError.INVALID_ARG))
-                try:  # an END that was refused still ends the sequence (Triton has forgotten it)
-                    if self._control(request, "END"):
-                        self.table.forget(self._control(request, "CORRID"))
-                except SequenceRequestError:
-                    pass
+                self._refused(request)
                 continue
             if parsed is None:
                 responses[index] = pb.InferenceResponse(error=pb.TritonError("not ready (READY=0): nothing was run"))

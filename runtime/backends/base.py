@@ -88,7 +88,8 @@ class Runner(ABC):
     # ---- handles -----------------------------------------------------------------------------
     @abstractmethod
     def to_device(self, array: np.ndarray) -> Any:
-        """A backend handle holding a copy of a host array (float32 state)."""
+        """A backend handle holding a copy of a host array (float32 state): never a view of it,
+        since the array stays the caller's to overwrite (tests/runtime/test_caller_arrays.py)."""
 
     @abstractmethod
     def to_host(self, handle: Any) -> np.ndarray:

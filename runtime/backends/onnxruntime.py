@@ -187,7 +187,9 @@ class OnnxRuntimeRunner(Runner):
 
     # ---- handles: OrtValues on the provider's device ----------------------------------------
     def to_device(self, array: np.ndarray) -> Any:
-        return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
+        # On the CPU an OrtValue made from an array is a view of it: give it a copy of its own, or
+        # the caller's array would be the state (and the ping-pong would write into it).
+        return self._ort.OrtValue.ortvalue_from_numpy(np.array(array, order="C", copy=True), self.device, 0)
 
     def to_host(self, handle: Any) -> np.ndarray:
         # A CPU OrtValue's numpy() can be a view of its buffer, which dies with the OrtValue.

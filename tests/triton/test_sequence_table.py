@@ -3,6 +3,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from rmt_runtime import RMTRuntime, RuntimeInputError
 from rmt_runtime.triton_model import (LAST_LOGITS, MEMORY_OUT, RESUME_MEMORY, TOKENS_SEEN, SequenceRequestError,
@@ -222,3 +224,177 @@ def test_numpy_2_is_refused_in_the_server_unless_allowed():
         check_numpy_for_python_backend("2.1.0", allowed=False)
     check_numpy_for_python_backend("2.1.0", allowed=True)
     check_numpy_for_python_backend("1.26.4", allowed=False)
+
+
+# ---- every refused request kind, with and without START and END: what the table holds after ----------
+class FakeTensor:
+    def __init__(self, array):
+        self.array = np.asarray(array)
+
+    def as_numpy(self):
+        return self.array
+
+
+class FakeTritonError:
+    INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
+
+    def __init__(self, message, code=None):
+        self.message, self.code = message, code
+
+
+# The few names of triton_python_backend_utils that TritonPythonModel.execute uses.
+FAKE_PB = SimpleNamespace(
+    get_input_tensor_by_name=lambda request, name: request.inputs.get(name),
+    InferenceResponse=lambda output_tensors=None, error=None: SimpleNamespace(output_tensors=output_tensors,
+                                                                              error=error),
+    TritonError=FakeTritonError, Tensor=lambda name, array: SimpleNamespace(name=name, array=array))
+
+
+class FakeRequest:
+    def __init__(self, inputs, outputs=(LAST_LOGITS, MEMORY_OUT)):
+        self.inputs = {name: value if isinstance(value, FakeTensor) else FakeTensor(value)
+                       for name, value in inputs.items()}
+        self.outputs = list(outputs)
+
+    def requested_output_names(self):
+        return self.outputs
+
+
+def served(table):
+    """The Python backend's model over ``table``, without a server (initialize needs Triton)."""
+    from rmt_runtime.triton_model import TritonPythonModel
+
+    model = TritonPythonModel.__new__(TritonPythonModel)
+    model.pb, model.table, model.live = FAKE_PB, table, SimpleNamespace(set=lambda value: None)
+    return model
+
+
+def request(sid, ids, start=False, end=False, **inputs):
+    controls = {"START": [[int(start)]], "END": [[int(end)]], "READY": [[1]], "CORRID": [[sid]]}
+    return FakeRequest({"input_ids": np.asarray(ids, np.int64)[None], **controls, **inputs})
+
+
+def without(name):
+    def make(sid, ids, start, end):
+        made = request(sid, ids, start, end)
+        del made.inputs[name]
+        return made
+    return make
+
+
+# Every way the model refuses a request: (sid, ids, start, end) -> the request. The sequence-table
+# kinds (unknown sequence, a failed backend run) reach execute; the others fail the checks first.
+REFUSALS = {
+    "ids of int32": lambda sid, ids, start, end: FakeRequest({**request(sid, ids, start, end).inputs,
+                                                             "input_ids": FakeTensor(np.int32(ids)[None])}),
+    "two rows of ids": lambda sid, ids, start, end: FakeRequest({**request(sid, ids, start, end).inputs,
+                                                                "input_ids": FakeTensor(np.zeros((2, 3), np.int64))}),
+    "no ids": lambda sid, ids, start, end: request(sid, np.zeros(0, np.int64), start, end),
+    "an id outside the vocabulary": lambda sid, ids, start, end: request(sid, [1, 10 ** 6], start, end),
+    "input_ids missing": without("input_ids"),
+    "READY missing": without("READY"),
+    "start_memory of another shape": lambda sid, ids, start, end: request(
+        sid, ids, start, end, start_memory=np.zeros((1, 4, 31), np.float32)),
+    "start_memory of NaN": lambda sid, ids, start, end: request(
+        sid, ids, start, end, start_memory=np.full((1, 4, 32), np.nan, np.float32)),
+    "an unknown output": lambda sid, ids, start, end: FakeRequest(request(sid, ids, start, end).inputs,
+                                                                  outputs=(LAST_LOGITS, "logits")),
+    "a sequence the table does not hold": lambda sid, ids, start, end: request(sid + 100, ids, start, end),
+    "a failed backend run": lambda sid, ids, start, end: request(sid, ids, start, end),
+}
+
+
+@pytest.mark.parametrize("end", [False, True], ids=["no END", "END"])
+@pytest.mark.parametrize("start", [False, True], ids=["no START", "START"])
+@pytest.mark.parametrize("kind", sorted(REFUSALS))
+def test_a_refused_request_ends_its_sequence_with_END_restarts_it_with_START_and_otherwise_changes_nothing(
+        runtime, kind, start, end):
+    """Triton acts on a request's controls whether the model refused it or not: END ends the
+    sequence (the table frees its state), START began a new one (no earlier state is continued);
+    without either the sequence goes on as if the refused request was never sent. Every other
+    sequence is untouched."""
+    if kind == "a sequence the table does not hold" and start:
+        pytest.skip("a START for an unknown sequence starts it: not a refusal")
+    failing = FailsOnce(runtime)
+    failing.failed = True  # runs until the backend-failure kind arms it
+    table = SequenceTable(failing, idle_seconds=60)
+    model = served(table)
+    ids = np.arange(40) % runtime.bundle.vocab_size
+    first = model.execute([request(1, ids[:10], start=True), request(2, ids[:5], start=True)])
+    assert [r.error for r in first] == [None, None]
+    before = {sid: runtime.state_tensors(table._states[sid]) for sid in (1, 2)}
+    failing.failed = kind != "a failed backend run"
+    (response,) = model.execute([REFUSALS[kind](1, ids[10:20], start, end)])
+    assert response.error is not None, f"{kind} was not refused"
+    unknown = kind == "a sequence the table does not hold"  # the refused request was for sequence 101
+    assert 101 not in table
+    if not unknown and (start or end):
+        assert 1 not in table, f"{kind} carrying {'END' if end else 'START'} left the sequence's state behind"
+        (later,) = model.execute([request(1, ids[10:20])])
+        assert "sequence 1 has no state in this model instance" in later.error.message
+    else:
+        assert 1 in table
+        for name, value in runtime.state_tensors(table._states[1]).items():
+            np.testing.assert_array_equal(value, before[1][name])
+        (later,) = model.execute([request(1, ids[10:20], end=True)])
+        assert later.error is None
+        np.testing.assert_array_equal(later.output_tensors[1].array[0], runtime.run(ids[:20]).memory[0])
+    for name, value in runtime.state_tensors(table._states[2]).items():  # the other sequence: untouched
+        np.testing.assert_array_equal(value, before[2][name])
+    assert len(table) == 1 + (1 in table)
+
+
+def test_a_request_without_CORRID_names_no_sequence_and_changes_no_state(runtime):
+    table = SequenceTable(runtime, idle_seconds=60)
+    model = served(table)
+    ids = np.arange(10)
+    model.execute([request(1, ids, start=True)])
+    kept = runtime.state_tensors(table._states[1])
+    (response,) = model.execute([without("CORRID")(1, ids, True, True)])
+    assert "control input CORRID is missing" in response.error.message
+    assert 1 in table and len(table) == 1
+    for name, value in runtime.state_tensors(table._states[1]).items():
+        np.testing.assert_array_equal(value, kept[name])
+
+
+# ---- any interleaving of served, refused and failed requests: the table against a model of it -------
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(1, 2), st.sampled_from(["runs", "no ids", "ids of int32", "a failed backend run"]),
+                          st.booleans(), st.booleans(), st.integers(1, 20)), min_size=1, max_size=8))
+# Always tried: a refused END and a refused START on a live sequence, then a request continuing it.
+@example(operations=[(1, "runs", True, False, 5), (1, "no ids", False, True, 1), (1, "runs", False, False, 3)])
+@example(operations=[(1, "runs", True, False, 5), (1, "a failed backend run", True, False, 4),
+                     (1, "runs", False, True, 3)])
+def test_any_interleaving_of_refused_and_served_requests_leaves_the_table_its_model_says(runtime, operations):
+    """The table's live sequences and their memory follow a model of Triton's sequences: a served
+    request continues (or, with START, begins) its sequence; any refused one acts on its START
+    and END only (SequenceTable._refused); END always frees the sequence."""
+    failing = FailsOnce(runtime)
+    table = SequenceTable(failing, idle_seconds=60)
+    model = served(table)
+    vocab = runtime.bundle.vocab_size
+    live: dict[int, np.ndarray] = {}  # the model: sequence id -> every token it was served
+    for step, (sid, kind, start, end, length) in enumerate(operations):
+        chunk = (np.arange(length) * 7 + step) % vocab
+        failing.failed = kind != "a failed backend run"
+        made = {"runs": request, "a failed backend run": request}.get(kind) or REFUSALS[kind]
+        (response,) = model.execute([made(sid, chunk, start, end)])
+        failing.failed = True
+        runs = kind == "runs" and (start or sid in live)
+        if runs:
+            assert response.error is None, response.error.message
+            history = chunk if start else np.concatenate([live[sid], chunk])
+            np.testing.assert_array_equal(response.output_tensors[1].array[0], runtime.run(history).memory[0])
+            live[sid] = history
+            if end:
+                del live[sid]
+        else:
+            assert response.error is not None
+            if start or end:
+                live.pop(sid, None)
+        assert set(table._states) == set(live), f"after {operations[:step + 1]}"
+    for sid, history in live.items():  # every live sequence holds exactly its own tokens' memory
+        alone = runtime.new_state()
+        runtime.feed(alone, history)
+        np.testing.assert_array_equal(runtime.memory(table._states[sid]), runtime.memory(alone))
+        assert list(table._states[sid].pending[0]) == list(alone.pending[0])

@@ -40,8 +40,12 @@ MAX_TENSORS = 4096           # inputs or outputs of one graph
 MAX_DIMS = 8
 MAX_NAME = 256               # a tensor's, a file's name
 MAX_FILES = 4096
-MAX_BATCH = 1 << 20
-MAX_THREADS = 256              # a backend's intra-op threads: beyond any CPU a bundle runs on
+# These three are rmt_runtime.limits' BATCH, THREADS and MAX_BATCH (limits imports the errors,
+# which import the bundle, which imports this module: the numbers are restated, and a test
+# checks that they agree).
+MAX_BATCH = 65536             # sequences in one state
+MAX_THREADS = 1024            # a backend's intra-op threads
+MAX_ENGINE_BATCH = 4096       # the largest batch of an engine's profile
 # Tokens one sequence may be fed over its life: far beyond any stream (2^53 tokens at 10^6
 # tokens/s is 285 years), and every sum of counters stays exact in int64 and in float64.
 MAX_TOKENS = 1 << 53
@@ -511,8 +515,8 @@ class EngineMetadataDoc(BaseModel):
     fp16_flag: bool
     tf32: bool
     graph: Literal[SEGMENT_GRAPHS]  # type: ignore[valid-type]
-    max_batch: Annotated[int, Field(ge=1, le=4096)]
-    opt_batch: Annotated[int, Field(ge=1, le=4096)]
+    max_batch: Annotated[int, Field(ge=1, le=MAX_ENGINE_BATCH)]
+    opt_batch: Annotated[int, Field(ge=1, le=MAX_ENGINE_BATCH)]
     graph_sha256: SHA256
     data_sha256: Annotated[dict[REL_PATH, SHA256], Field(max_length=MAX_FILES)]
     profile: Annotated[dict[TENSOR_NAME, Annotated[list[Annotated[list[Annotated[int, Field(ge=0, le=MAX_SIZE)]],

@@ -337,9 +337,9 @@ def triton_config(**parameters):
 
 
 @pytest.mark.parametrize("parameters, message", [
-    (dict(threads="100000"), "'rmt.threads': expected an integer from 1 to 256"),
-    (dict(threads="-1"), "'rmt.threads': expected an integer from 1 to 256"),
-    (dict(threads="1e3"), "'rmt.threads': expected an integer from 1 to 256"),
+    (dict(threads="100000"), "'rmt.threads': expected an integer from 1 to 1024"),
+    (dict(threads="-1"), "'rmt.threads': expected an integer from 1 to 1024"),
+    (dict(threads="1e3"), "'rmt.threads': expected an integer from 1 to 1024"),
     (dict(provider="gpu"), "unknown provider 'gpu'"),
     (dict(allow_numpy2="yes"), "unknown allow_numpy2 'yes'"),
     (dict(segment_size="0"), "'rmt.segment_size': expected an integer"),
@@ -350,6 +350,15 @@ def test_triton_parameters_are_typed_and_bounded(parameters, message):
 
     with pytest.raises(RuntimeError, match=message):
         model_settings(triton_config(**parameters))
+
+
+def test_the_schemas_bounds_are_the_limits_bounds():
+    """One bound per number: the schema restates three of rmt_runtime.limits' (an import cycle
+    keeps it from importing them); they must agree."""
+    from rmt_runtime import limits, schema
+
+    assert (schema.MAX_BATCH, schema.MAX_THREADS, schema.MAX_ENGINE_BATCH) == (
+        limits.BATCH.high, limits.THREADS.high, limits.MAX_BATCH.high)
 
 
 def test_triton_settings_refuse_a_swapped_bundle_and_odd_idle_times(bundle_factory):

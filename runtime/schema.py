@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import stat
 from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -93,35 +92,17 @@ REL_PATH = Annotated[str, AfterValidator(_relative)]
 
 # ---- reading ------------------------------------------------------------------------------------
 def read_document(path: str | os.PathLike, limit: int, what: str) -> bytes:
-    """The bytes of a regular file of at most ``limit`` bytes. A FIFO, device or directory is
-    refused without blocking (opened non-blocking, checked with fstat); a file larger than
-    ``limit`` is refused before it is read. Raises DocumentError naming the file."""
+    """The bytes of a regular file of at most ``limit`` bytes, through rmt_runtime.limits'
+    one reader (a FIFO, device or directory refused without blocking, a larger file refused
+    before it is read). Raises DocumentError naming the file."""
+    from .limits import LimitError, read_regular  # limits -> errors -> bundle -> this module: at call time
+
     try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        return read_regular(path, limit, f"the {what}")
+    except LimitError as exc:
+        raise DocumentError(str(exc)) from None
     except OSError as exc:
         raise DocumentError(f"{path}: cannot read the {what} ({exc.strerror})") from None
-    try:
-        info = os.fstat(descriptor)
-        if not stat.S_ISREG(info.st_mode):
-            raise DocumentError(f"{path}: the {what} is not a regular file")
-        if info.st_size > limit:
-            raise DocumentError(f"{path}: the {what} is {info.st_size} bytes, more than the {limit} an rmt-edge "
-                                f"{what} can be")
-        chunks, left = [], limit + 1
-        while left > 0:
-            chunk = os.read(descriptor, min(left, 1 << 20))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-        data = b"".join(chunks)
-        if len(data) > limit:
-            raise DocumentError(f"{path}: the {what} grew past {limit} bytes while it was read")
-        return data
-    except OSError as exc:
-        raise DocumentError(f"{path}: cannot read the {what} ({exc.strerror})") from None
-    finally:
-        os.close(descriptor)
 
 
 def _no_constant(name: str) -> None:

@@ -159,11 +159,13 @@ def test_read_document_bounds_what_it_reads(tmp_path):
     small = tmp_path / "s"
     small.write_bytes(b"x" * 10)
     assert read_document(small, 10, "thing") == b"x" * 10
-    with pytest.raises(DocumentError, match="11 bytes, more than the 10"):
+    with pytest.raises(DocumentError, match="is 11 bytes; the thing is limited to 10 bytes"):
         small.write_bytes(b"x" * 11)
         read_document(small, 10, "thing")
-    with pytest.raises(DocumentError, match="not a regular file"):
+    with pytest.raises(DocumentError, match="is a character device, expected the thing"):
         read_document("/dev/zero", 10, "thing")
+    with pytest.raises(DocumentError, match="is a directory, expected the thing"):
+        read_document(tmp_path, 10, "thing")
 
 
 # ---- class 3: every file a graph reads is hashed -------------------------------------------------------

@@ -38,7 +38,11 @@ def test_a_boolean_mask_is_a_mask(rt):
     mask = np.ones((2, 40), bool)
     mask[1, 25:] = False
     out = rt.run(ids, mask)
-    np.testing.assert_array_equal(out.memory[1], rt.run(ids[1, :25]).memory[0])
+    # The same graph, batch shape and threads as the integer mask: equal bit for bit.
+    np.testing.assert_array_equal(out.memory, rt.run(ids, mask.astype(np.int64)).memory)
+    # The padded row against the row alone: another batch shape can take another kernel (on an
+    # AVX2-only CPU 1 element of 128 differed), so within the batch-composition bound (RELIABILITY.md).
+    np.testing.assert_allclose(out.memory[1], rt.run(ids[1, :25]).memory[0], rtol=1e-5, atol=1e-5)
 
 
 def test_a_state_used_from_a_second_thread_meanwhile_is_an_error(rt):

@@ -4,12 +4,22 @@ Exporting (tracing with dynamo) is what the suite spends its time on, so each bu
 exported once per test run: under pytest-xdist the workers share one on-disk cache, and a
 file lock makes the first worker that needs a bundle export it while the others wait.
 
+Across runs (local reruns only; CI starts clean): with RMT_TEST_CACHE=DIR the tiny models'
+checkpoints and bundles (``ckpt/`` and ``bundles/``) are kept in DIR/<key>, where the key is
+the sha256 of the code that makes them (rmt_model/, export/, runtime/, the fixtures) and of the
+versions of the libraries that trace and run them; code that changes makes a new key, and the
+folders of other keys are removed.
+
 torch and the export stack are imported by the fixtures that use them, not here: the GPU
 tests (tests/gpu) run on a Jetson without torch from pre-exported bundles, and pytest loads
 this file for them too.
 """
+import hashlib
+import importlib.metadata
 import os
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 from filelock import FileLock
@@ -51,13 +61,55 @@ def shared_dir(tmp_path_factory, worker_id):
     return root
 
 
+ROOT = Path(__file__).resolve().parents[1]
+# What the cached checkpoints and bundles are made by: a change to any of these makes a new key.
+CACHE_SOURCES = ("rmt_model", "export", "runtime", "tests/conftest.py", "tests/rmt_model/test_armt.py",
+                 "tests/export/test_validator.py")
+CACHE_LIBRARIES = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "numpy", "safetensors")
+CACHED_PREFIXES = ("bundles/", "ckpt/")
+
+
+def bundle_code_key() -> str:
+    """The sha256 (16 hex digits) of the code and library versions the cached entries are made by."""
+    digest = hashlib.sha256()
+    for source in CACHE_SOURCES:
+        path = ROOT / source
+        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            digest.update(file.relative_to(ROOT).as_posix().encode() + b"\0" + file.read_bytes() + b"\0")
+    for library in CACHE_LIBRARIES:
+        try:
+            version = importlib.metadata.version(library)
+        except importlib.metadata.PackageNotFoundError:
+            version = "-"
+        digest.update(f"{library}=={version}\0".encode())
+    return digest.hexdigest()[:16]
+
+
+def persistent_cache() -> Path | None:
+    """DIR/<key> when RMT_TEST_CACHE=DIR is set (made, and other keys' folders removed), else None."""
+    setting = os.environ.get("RMT_TEST_CACHE")
+    if not setting:
+        return None
+    base = Path(setting).resolve()
+    key = bundle_code_key()
+    base.mkdir(parents=True, exist_ok=True)
+    for old in base.iterdir():  # only folders named as this function names them
+        if old.name != key and re.fullmatch(r"[0-9a-f]{16}", old.name) and old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+    (base / key).mkdir(exist_ok=True)
+    return base / key
+
+
 @pytest.fixture(scope="session")
 def shared_once(shared_dir):
     """shared_once(name, make) -> path: ``make(path)`` creates ``path`` (a file or a directory
     that does not exist yet) once per test run, whichever worker asks first; the others wait
-    for it and reuse it. A make that fails leaves nothing behind, so the next one retries."""
+    for it and reuse it. A make that fails leaves nothing behind, so the next one retries.
+    Checkpoints and bundles (``ckpt/``, ``bundles/``) go to the persistent cache when one is set."""
+    cache = persistent_cache()
+
     def once(name: str, make):
-        path = shared_dir / name
+        path = (cache if cache is not None and name.startswith(CACHED_PREFIXES) else shared_dir) / name
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock"):
             if not path.exists():

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from .atomic import as_path
+from .errors import BundleError  # noqa: F401 (rmt_runtime.bundle.BundleError, as before)
 from .onnx_refs import OnnxFormatError, external_data_files
 from .schema import (ARCHITECTURES, MANIFEST_LIMIT, MANIFEST_SCHEMA_VERSION, PRECISIONS,  # noqa: F401 (re-exported)
                      DocumentError, ManifestDoc, check_manifest_document, extra_positions, parse_json, read_document,
@@ -33,10 +34,6 @@ ENGINE_DIR = "engines"
 REPORT_FIELDS = ("created", "producer", "validation")
 # The largest initial-state file: far above any real memory (M x D float32).
 STATE_INIT_LIMIT = 1 << 30
-
-
-class BundleError(Exception):
-    """A bundle that cannot be used: missing, malformed, from a newer schema, or altered."""
 
 
 def manifest_paths(doc: ManifestDoc) -> list[str]:

@@ -1,7 +1,9 @@
 """Typed errors of rmt_runtime: each says what was wrong and what was expected."""
 import re
 
-from .bundle import BundleError
+
+class BundleError(Exception):
+    """A bundle that cannot be used: missing, malformed, from a newer schema, or altered."""
 
 
 class RuntimeInputError(ValueError):

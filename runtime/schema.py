@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
+from . import limits
 from .spec import (DECODE, GENERATION_GRAPHS, INGEST, PREFILL, SEGMENT_GRAPHS, SPEC_VERSION, STEP, CacheLayer,
                    GraphSpec, TensorSpec, cached_generation_specs)
 
@@ -39,12 +40,10 @@ MAX_TENSORS = 4096           # inputs or outputs of one graph
 MAX_DIMS = 8
 MAX_NAME = 256               # a tensor's, a file's name
 MAX_FILES = 4096
-# These three are rmt_runtime.limits' BATCH, THREADS and MAX_BATCH (limits imports the errors,
-# which import the bundle, which imports this module: the numbers are restated, and a test
-# checks that they agree).
-MAX_BATCH = 65536             # sequences in one state
-MAX_THREADS = 1024            # a backend's intra-op threads
-MAX_ENGINE_BATCH = 4096       # the largest batch of an engine's profile
+# One bound per number: rmt_runtime.limits declares them.
+MAX_BATCH = int(limits.BATCH.high)               # sequences in one state
+MAX_THREADS = int(limits.THREADS.high)           # a backend's intra-op threads
+MAX_ENGINE_BATCH = int(limits.MAX_BATCH.high)    # the largest batch of an engine's profile
 # Tokens one sequence may be fed over its life: far beyond any stream (2^53 tokens at 10^6
 # tokens/s is 285 years), and every sum of counters stays exact in int64 and in float64.
 MAX_TOKENS = 1 << 53
@@ -95,11 +94,9 @@ def read_document(path: str | os.PathLike, limit: int, what: str) -> bytes:
     """The bytes of a regular file of at most ``limit`` bytes, through rmt_runtime.limits'
     one reader (a FIFO, device or directory refused without blocking, a larger file refused
     before it is read). Raises DocumentError naming the file."""
-    from .limits import LimitError, read_regular  # limits -> errors -> bundle -> this module: at call time
-
     try:
-        return read_regular(path, limit, f"the {what}")
-    except LimitError as exc:
+        return limits.read_regular(path, limit, f"the {what}")
+    except limits.LimitError as exc:
         raise DocumentError(str(exc)) from None
     except OSError as exc:
         raise DocumentError(f"{path}: cannot read the {what} ({exc.strerror})") from None

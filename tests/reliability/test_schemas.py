@@ -355,8 +355,7 @@ def test_triton_parameters_are_typed_and_bounded(parameters, message):
 
 
 def test_the_schemas_bounds_are_the_limits_bounds():
-    """One bound per number: the schema restates three of rmt_runtime.limits' (an import cycle
-    keeps it from importing them); they must agree."""
+    """One bound per number: the schema takes these from rmt_runtime.limits."""
     from rmt_runtime import limits, schema
 
     assert (schema.MAX_BATCH, schema.MAX_THREADS, schema.MAX_ENGINE_BATCH) == (

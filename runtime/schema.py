@@ -143,6 +143,17 @@ def describe(exc: ValidationError, what: str, prefix: str = "") -> str:
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 
 
+def validated(model: type[BaseModel], document: Any, source: str, what: str, prefix: str = "") -> Any:
+    """``document`` checked by ``model``: the one place a schema is applied, so every document's
+    errors read alike (DocumentError naming the source, the field, what it got and expected)."""
+    try:
+        return model.model_validate(document)
+    except ValidationError as exc:
+        raise DocumentError(f"{source}: {describe(exc, what, prefix)}") from None
+    except RecursionError:
+        raise DocumentError(f"{source}: the {what} is nested too deeply") from None
+
+
 # ---- the manifest ---------------------------------------------------------------------------------
 class TensorDoc(BaseModel):
     model_config = _strict()
@@ -423,12 +434,7 @@ def check_manifest_document(document: Any, source: str) -> ManifestDoc:
     if isinstance(version, int) and not isinstance(version, bool) and version > MANIFEST_SCHEMA_VERSION:
         raise DocumentError(f"{source}: manifest schema_version {version} is newer than this rmt-edge reads "
                             f"({MANIFEST_SCHEMA_VERSION}); upgrade rmt-edge or re-export")
-    try:
-        return ManifestDoc.model_validate(document)
-    except ValidationError as exc:
-        raise DocumentError(f"{source}: {describe(exc, 'manifest')}") from None
-    except RecursionError:
-        raise DocumentError(f"{source}: the manifest is nested too deeply") from None
+    return validated(ManifestDoc, document, source, "manifest")
 
 
 # ---- the state file's header and counters --------------------------------------------------------
@@ -457,10 +463,7 @@ def check_state_header(document: Any, source: str) -> StateHeaderDoc:
     if version not in READABLE_STATE_VERSIONS or isinstance(version, bool):
         raise DocumentError(f"{source}: state version {version!r} is not supported (this rmt-edge reads "
                             f"{list(READABLE_STATE_VERSIONS)})")
-    try:
-        return StateHeaderDoc.model_validate(document)
-    except ValidationError as exc:
-        raise DocumentError(f"{source}: {describe(exc, 'state header')}") from None
+    return validated(StateHeaderDoc, document, source, "state header")
 
 
 def check_state_counters(source: str, lengths, seen, done, has_logits, segment_size: int | None) -> None:
@@ -518,10 +521,7 @@ class EngineMetadataDoc(BaseModel):
 
 
 def check_engine_metadata(document: Any, source: str) -> EngineMetadataDoc:
-    try:
-        return EngineMetadataDoc.model_validate(document)
-    except ValidationError as exc:
-        raise DocumentError(f"{source}: {describe(exc, 'engine metadata')}") from None
+    return validated(EngineMetadataDoc, document, source, "engine metadata")
 
 
 # ---- the Triton model's parameters ----------------------------------------------------------------
@@ -563,10 +563,7 @@ def check_triton_parameters(config: Any, source: str = "config.pbtxt") -> Triton
         if not isinstance(value, dict) or not isinstance(value.get("string_value", ""), str):
             raise DocumentError(f"{source}: parameter {key!r} must have a string_value")
         values[key[len("rmt."):]] = value.get("string_value", "")
-    try:
-        return TritonParametersDoc.model_validate(values)
-    except ValidationError as exc:
-        raise DocumentError(f"{source}: {describe(exc, 'the model config', prefix='rmt.')}") from None
+    return validated(TritonParametersDoc, values, source, "the model config", prefix="rmt.")
 
 
 __all__ = ["DocumentError", "ManifestDoc", "StateHeaderDoc", "EngineMetadataDoc", "TritonParametersDoc",

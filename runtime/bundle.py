@@ -23,7 +23,7 @@ from .errors import BundleError  # noqa: F401 (rmt_runtime.bundle.BundleError, a
 from .onnx_refs import OnnxFormatError, external_data_files
 from .schema import (ARCHITECTURES, MANIFEST_LIMIT, MANIFEST_SCHEMA_VERSION, PRECISIONS,  # noqa: F401 (re-exported)
                      DocumentError, ManifestDoc, check_manifest_document, extra_positions, parse_json, read_document,
-                     relative_path)
+                     relative_path, sink)
 from .spec import GENERATION_GRAPHS, PREFILL, SEGMENT_GRAPHS, SEQ, GraphSpec, resolve_dim
 
 MANIFEST_NAME = "manifest.json"
@@ -152,11 +152,6 @@ class Bundle:
             bundle.verify()
             bundle.check_references()
         return bundle
-
-    def check_geometry(self) -> None:
-        """The manifest's sizes agree with its graph specs (the schema rebuilds the graphs from
-        the geometry at load; kept for callers that check a hand-made Bundle)."""
-        check_manifest(self.manifest, str(self.path))
 
     def verify(self) -> None:
         """Raise BundleError naming each file that is missing, not a regular file, or differs
@@ -291,8 +286,6 @@ class Bundle:
     @property
     def sink(self) -> int:
         """An ARMT's sink token ahead of each segment (0 or 1; rmt_config says, 1 if it does not)."""
-        from .schema import sink
-
         return sink(self.doc)
 
     @property

@@ -503,15 +503,6 @@ def timing_cache_path(bundle: Bundle, builder: str, trt_version: str, device: De
     return engine_directory(bundle) / f"timing-{builder}-{version}-{gpu}-sm{device.compute_capability}.cache"
 
 
-def _regular_file(path: Path, limit: int) -> bool:
-    """A regular file (not a symlink) of at most ``limit`` bytes."""
-    try:
-        info = path.lstat()
-    except OSError:
-        return False
-    return os.path.isfile(path) and not path.is_symlink() and info.st_size <= limit
-
-
 def read_engine_metadata(meta: Path) -> EngineMetadataDoc:
     """An engine's metadata, checked by its schema, for the plan beside it: its name must be
     the key of its own fields, and the plan a regular file of the size the metadata records
@@ -523,7 +514,7 @@ def read_engine_metadata(meta: Path) -> EngineMetadataDoc:
     if meta.stem != f"{doc.graph}-{engine_key(doc.fields())}":
         raise DocumentError(f"{meta}: its fields do not hash to its name (edited, or written by something else)")
     plan = meta.with_suffix(".plan")
-    if not _regular_file(plan, PLAN_LIMIT) or plan.stat().st_size != doc.plan_bytes:
+    if plan.is_symlink() or not plan.is_file() or plan.stat().st_size != doc.plan_bytes:
         raise DocumentError(f"{plan}: missing, not a regular file, or not the {doc.plan_bytes} bytes its metadata "
                             "records")
     return doc
@@ -666,9 +657,9 @@ def _options_of(metadata: EngineMetadataDoc, builder: str) -> BuildOptions:
 
 
 def _timing_cache(path: Path) -> bytes:
-    """The timing cache's bytes (empty when there is none, or when it is not a regular file of
-    a sane size: TensorRT then starts a new one)."""
-    if not _regular_file(path, TIMING_CACHE_LIMIT):
+    """The timing cache's bytes (empty when there is none, or when it is a link or not a regular
+    file of a sane size: TensorRT then starts a new one)."""
+    if path.is_symlink():
         return b""
     try:
         return read_document(path, TIMING_CACHE_LIMIT, "timing cache")

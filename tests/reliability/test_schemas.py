@@ -354,14 +354,6 @@ def test_triton_parameters_are_typed_and_bounded(parameters, message):
         model_settings(triton_config(**parameters))
 
 
-def test_the_schemas_bounds_are_the_limits_bounds():
-    """One bound per number: the schema takes these from rmt_runtime.limits."""
-    from rmt_runtime import limits, schema
-
-    assert (schema.MAX_BATCH, schema.MAX_THREADS, schema.MAX_ENGINE_BATCH) == (
-        limits.BATCH.high, limits.THREADS.high, limits.MAX_BATCH.high)
-
-
 def test_triton_settings_refuse_a_swapped_bundle_and_odd_idle_times(bundle_factory):
     from rmt_runtime.triton_model import check_bundle_matches, model_settings
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from . import limits
 from .atomic import as_path
 from .errors import BundleError  # noqa: F401 (rmt_runtime.bundle.BundleError, as before)
 from .onnx_refs import OnnxFormatError, external_data_files
@@ -374,11 +375,12 @@ class Bundle:
                 initial[name] = np.zeros(shape, np.float32)
                 continue
             path = self.path / files[name]
+            try:  # a regular file, checked before it is opened (a FIFO would block the open)
+                limits.check_regular(path, STATE_INIT_LIMIT, f"the initial {name!r}")
+            except (limits.LimitError, OSError) as exc:
+                raise BundleError(f"{path}: {exc}" if isinstance(exc, OSError) else str(exc)) from None
             try:  # the header first: a header claiming 10^12 elements must not allocate them
                 with open(path, "rb") as handle:
-                    if not os.path.isfile(path) or os.fstat(handle.fileno()).st_size > STATE_INIT_LIMIT:
-                        raise BundleError(f"{path}: initial {name!r} is not a regular file of at most "
-                                          f"{STATE_INIT_LIMIT} bytes")
                     version = np.lib.format.read_magic(handle)
                     read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                             else np.lib.format.read_array_header_2_0)

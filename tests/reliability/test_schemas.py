@@ -370,3 +370,22 @@ def test_triton_settings_refuse_a_swapped_bundle_and_odd_idle_times(bundle_facto
     config = triton_config()
     config["parameters"]["mine"] = {"string_value": "anything"}  # the user's own parameters are theirs
     assert model_settings(config).threads == 1
+
+
+def test_an_initial_state_that_is_not_a_regular_file_is_refused_without_opening_it(bundle_factory, tmp_path):
+    """memory_init.npy replaced by a FIFO, read without hash checks: refused on stat, not a
+    blocked open (in a subprocess with a timeout, so a regression fails instead of hanging)."""
+    import subprocess
+    import sys
+
+    copy_ = tmp_path / "b"
+    shutil.copytree(bundle_factory("gpt2", "fp32")[1].path, copy_)
+    (copy_ / "memory_init.npy").unlink()
+    os.mkfifo(copy_ / "memory_init.npy")
+    code = ("from rmt_runtime import Bundle, BundleError\n"
+            f"try:\n    Bundle.load({str(copy_)!r}, verify_hashes=False).initial_state()\n"
+            "except BundleError as exc:\n    print(exc)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == (f"{copy_ / 'memory_init.npy'}: is a FIFO (named pipe), expected the initial "
+                                   "'memory' (a regular file)")

